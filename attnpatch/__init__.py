@@ -1,0 +1,30 @@
+"""attnpatch: swap the attention inside diffusers and transformers models, one call.
+
+The public surface is ``__all__``; everything else is private.
+"""
+
+from __future__ import annotations
+
+from . import backends as _backends  # noqa: F401  (registers the built-in backends)
+from ._errors import AttnPatchError, BackendUnavailableError
+from ._info import BackendInfo, list_backends
+from .call import AttentionCall
+from .dispatch import Explanation, attention, attention_backend, explain
+from .registry import Backend, register_backend, unregister_backend
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionCall",
+    "AttnPatchError",
+    "Backend",
+    "BackendInfo",
+    "BackendUnavailableError",
+    "Explanation",
+    "attention",
+    "attention_backend",
+    "explain",
+    "list_backends",
+    "register_backend",
+    "unregister_backend",
+]

@@ -1,0 +1,139 @@
+"""FlexAttention: masks as ``BlockMask``/``mask_mod``/``score_mod``, compiled per signature on CUDA.
+
+Tensor masks become a ``score_mod`` (no block sparsity to exploit), causal becomes a cached
+``BlockMask`` so fully masked blocks are skipped. On CPU the kernel runs eagerly by default:
+compiling it there takes tens of seconds per shape, and eager flex computes the same result.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+
+from .._errors import AttnPatchError
+from ..call import AttentionCall
+from ..registry import Backend, register_backend
+
+try:  # torch >= 2.5
+    from torch.nn.attention import flex_attention as _flex_module
+except ImportError:  # pragma: no cover - torch too old
+    _flex_module = None
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled_flex():
+    return torch.compile(_flex_module.flex_attention, dynamic=False)
+
+
+_BLOCK_MASKS: dict = {}
+
+
+def _causal(b, h, q_idx, kv_idx):
+    return q_idx >= kv_idx
+
+
+def _block_mask(mask_mod: Callable, batch: Optional[int], heads: Optional[int], seq_q: int,
+                seq_k: int, device: torch.device):
+    key = (mask_mod, batch, heads, seq_q, seq_k, device)
+    block_mask = _BLOCK_MASKS.get(key)
+    if block_mask is None:
+        if len(_BLOCK_MASKS) > 64:
+            _BLOCK_MASKS.clear()
+        block_mask = _flex_module.create_block_mask(mask_mod, batch, heads, seq_q, seq_k,
+                                                    device=device)
+        _BLOCK_MASKS[key] = block_mask
+    return block_mask
+
+
+def _and_causal(mask_mod: Callable) -> Callable:
+    def both(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx, kv_idx) & (q_idx >= kv_idx)
+    return both
+
+
+@register_backend
+class FlexBackend(Backend):
+    """``torch.nn.attention.flex_attention``.
+
+    Options: ``block_mask`` (a BlockMask), ``mask_mod`` (``fn(b, h, q_idx, kv_idx) -> bool``;
+    a BlockMask is built and cached per mask_mod and shape), ``score_mod``
+    (``fn(score, b, h, q_idx, kv_idx) -> score``), ``compile`` (default: True on CUDA, False on
+    CPU), ``kernel_options`` (passed to flex_attention).
+    """
+
+    name = "flex"
+    aliases = ("flex_attention",)
+    description = "torch FlexAttention (compiled on CUDA)"
+    priority = 400
+    supports_dropout = False
+    supports_lse = True
+    supports_value_head_dim = True
+    options = frozenset({"block_mask", "mask_mod", "score_mod", "compile", "kernel_options"})
+
+    def availability_reasons(self) -> list[str]:
+        reasons = super().availability_reasons()
+        if _flex_module is None:
+            reasons.append(f"torch {torch.__version__} has no FlexAttention (needs >= 2.5)")
+        return reasons
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        reasons = super().not_supported_reasons(call)
+        if call.device.type == "cpu" and call.requires_grad:
+            reasons.append("backward not supported on cpu (FlexAttention has no CPU backward)")
+        if call.head_dim < 16 and call.device.type == "cuda":
+            reasons.append(f"head_dim {call.head_dim} < 16")
+        return reasons
+
+    def forward(self, call: AttentionCall, block_mask=None, mask_mod=None, score_mod=None,
+                compile: Optional[bool] = None, kernel_options: Optional[dict] = None, **_: Any):
+        if block_mask is not None and mask_mod is not None:
+            raise AttnPatchError("flex: pass block_mask= or mask_mod=, not both")
+        if mask_mod is not None and call.is_causal:
+            mask_mod = _and_causal(mask_mod)
+        elif mask_mod is None and block_mask is None and call.is_causal:
+            mask_mod = _causal
+        if mask_mod is not None:
+            block_mask = _block_mask(mask_mod, None, None, call.seq_len_q, call.seq_len_kv,
+                                     call.device)
+        elif block_mask is not None and call.is_causal:
+            raise AttnPatchError("flex: is_causal=True with a prebuilt block_mask is ambiguous: "
+                                 "fold the causal pattern into the BlockMask, or pass mask_mod=")
+        score_mod = _with_tensor_mask(score_mod, call)
+        if compile is None:
+            compile = call.device.type == "cuda"
+        kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=call.scale,
+                      enable_gqa=call.is_gqa, kernel_options=kernel_options)
+        if call.return_lse:
+            kwargs["return_aux"] = _flex_module.AuxRequest(lse=True)
+        if compile:
+            result = _compiled_flex()(call.query, call.key, call.value, **kwargs)
+        else:
+            with warnings.catch_warnings():
+                # eager is our deliberate choice here; torch warns that it is unfused
+                warnings.filterwarnings("ignore", message="flex_attention called without")
+                result = _flex_module.flex_attention(call.query, call.key, call.value, **kwargs)
+        if call.return_lse:
+            return result[0], result[1].lse.float()
+        return result
+
+
+def _with_tensor_mask(score_mod: Optional[Callable], call: AttentionCall) -> Optional[Callable]:
+    mask = call.attn_mask
+    if mask is None:
+        return score_mod
+    mask = mask.expand(call.batch_size, call.num_heads, call.seq_len_q, call.seq_len_kv)
+    if mask.dtype == torch.bool:
+        def masked(score, b, h, q_idx, kv_idx):
+            return torch.where(mask[b, h, q_idx, kv_idx], score, float("-inf"))
+    else:
+        def masked(score, b, h, q_idx, kv_idx):
+            return score + mask[b, h, q_idx, kv_idx]
+    if score_mod is None:
+        return masked
+
+    def both(score, b, h, q_idx, kv_idx):
+        return masked(score_mod(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
+    return both

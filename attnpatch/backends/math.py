@@ -1,0 +1,56 @@
+"""The reference backend: explicit softmax(QKᵀ·scale + mask)·V with fp32 (or fp64) accumulation."""
+
+from __future__ import annotations
+
+import torch
+
+from ..call import AttentionCall
+from ..registry import Backend, register_backend
+
+
+def reference_attention(call: AttentionCall, accumulate: torch.dtype | None = None):
+    """Exact attention for ``call``; returns ``(out, lse)``.
+
+    ``out`` is (B, H, Sq, Dv) in the input dtype, ``lse`` (B, H, Sq) float32 (float64 for float64
+    inputs). A query row that sees no key gives 0 and lse = -inf (no NaN, also in gradients).
+    """
+    q, k, v = call.query, call.key, call.value
+    acc = accumulate or (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    if call.is_gqa:
+        group = call.num_heads // call.num_kv_heads
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * call.scale
+    mask = call.combined_mask()
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.to(acc)
+    # Shift by a detached row max: softmax is shift-invariant, so gradients stay exact, and rows
+    # with every key masked get a finite shift instead of (-inf) - (-inf) = NaN.
+    row_max = scores.detach().amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    weights = torch.exp(scores - row_max)
+    denom = weights.sum(dim=-1, keepdim=True)
+    probs = weights / torch.where(denom == 0, torch.ones_like(denom), denom)
+    lse = (torch.log(denom) + row_max).squeeze(-1)
+    if call.dropout_p > 0:
+        probs = torch.nn.functional.dropout(probs, p=call.dropout_p, training=True)
+    out = torch.matmul(probs, v.to(acc)).to(q.dtype)
+    return out, (lse if acc == torch.float64 else lse.float())
+
+
+@register_backend
+class MathBackend(Backend):
+    """Reference implementation: every feature, any device, slow and memory-hungry (S² scores)."""
+
+    name = "math"
+    aliases = ("reference",)
+    description = "reference softmax(QK^T)V, fp32 accumulation"
+    priority = 1000
+    supports_lse = True
+
+    def forward(self, call: AttentionCall, **options):
+        out, lse = reference_attention(call)
+        return (out, lse) if call.return_lse else out

@@ -1,0 +1,224 @@
+"""The normalized attention call: tensors in one layout, a resolved scale, a classified mask."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._errors import AttnPatchError
+
+__all__ = ["AttentionCall", "MASK_KINDS", "LAYOUTS"]
+
+LAYOUTS = ("bhsd", "bshd")
+# "key_padding" is a bool mask of shape (B|1, 1, 1, Sk): one visibility bit per key, shared by
+# every head and query. Kernels without arbitrary masks can still run it (varlen entry points).
+MASK_KINDS = ("none", "key_padding", "bool", "float")
+
+
+class AttentionCall:
+    """One attention call in (B, H, S, D) form.
+
+    ``query`` is (B, H, Sq, D), ``key`` (B, Hkv, Sk, D), ``value`` (B, Hkv, Sk, Dv), all views of
+    what the caller passed (``layout="bshd"`` inputs are transposed views, never copies).
+    ``attn_mask`` is None or a 4-D view broadcastable to (B, H, Sq, Sk): True/0 means "attend",
+    False/-inf means "skip". ``scale`` is resolved (default ``1/sqrt(D)``).
+    """
+
+    __slots__ = (
+        "query", "key", "value", "attn_mask", "mask_kind", "is_causal", "scale", "dropout_p",
+        "layout", "return_lse", "requires_grad",
+    )
+
+    def __init__(self, query, key, value, attn_mask, mask_kind, is_causal, scale, dropout_p,
+                 layout, return_lse, requires_grad):
+        self.query = query
+        self.key = key
+        self.value = value
+        self.attn_mask = attn_mask
+        self.mask_kind = mask_kind
+        self.is_causal = is_causal
+        self.scale = scale
+        self.dropout_p = dropout_p
+        self.layout = layout
+        self.return_lse = return_lse
+        self.requires_grad = requires_grad
+
+    # --- shapes -------------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.query.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.query.shape[1]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.key.shape[1]
+
+    @property
+    def seq_len_q(self) -> int:
+        return self.query.shape[2]
+
+    @property
+    def seq_len_kv(self) -> int:
+        return self.key.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.query.shape[3]
+
+    @property
+    def head_dim_v(self) -> int:
+        return self.value.shape[3]
+
+    @property
+    def is_gqa(self) -> bool:
+        return self.query.shape[1] != self.key.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.query.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.query.dtype
+
+    def bshd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(query, key, value) as (B, S, H, D) views."""
+        return self.query.transpose(1, 2), self.key.transpose(1, 2), self.value.transpose(1, 2)
+
+    def causal_mask(self) -> torch.Tensor:
+        """Bool (Sq, Sk) mask of the top-left-aligned causal pattern (SDPA's convention)."""
+        return _causal_mask(self.seq_len_q, self.seq_len_kv, self.device)
+
+    def combined_mask(self) -> Optional[torch.Tensor]:
+        """``attn_mask`` with the causal pattern folded in (bool stays bool, float gets -inf)."""
+        mask = self.attn_mask
+        if not self.is_causal:
+            return mask
+        causal = self.causal_mask()
+        if mask is None:
+            return causal
+        if mask.dtype == torch.bool:
+            return mask & causal
+        return mask.masked_fill(~causal, float("-inf"))
+
+    def __repr__(self) -> str:
+        return (f"AttentionCall(q={tuple(self.query.shape)}, k={tuple(self.key.shape)}, "
+                f"v={tuple(self.value.shape)}, dtype={self.dtype}, device={self.device}, "
+                f"mask={self.mask_kind}, is_causal={self.is_causal}, dropout_p={self.dropout_p})")
+
+
+_CAUSAL_CACHE: dict = {}
+
+
+def _causal_mask(seq_q: int, seq_k: int, device: torch.device) -> torch.Tensor:
+    key = (seq_q, seq_k, device)
+    mask = _CAUSAL_CACHE.get(key)
+    if mask is None:
+        if len(_CAUSAL_CACHE) > 64:
+            _CAUSAL_CACHE.clear()
+        mask = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device).tril()
+        _CAUSAL_CACHE[key] = mask
+    return mask
+
+
+def classify_mask(mask: Optional[torch.Tensor]) -> str:
+    """The mask kind of an already 4-D mask."""
+    if mask is None:
+        return "none"
+    if mask.dtype == torch.bool:
+        if mask.shape[1] == 1 and mask.shape[2] == 1:
+            return "key_padding"
+        return "bool"
+    return "float"
+
+
+def validate(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, return_lse) -> None:
+    """Raise :class:`AttnPatchError` naming the argument when the inputs are not a valid call."""
+    if layout not in LAYOUTS:
+        raise AttnPatchError(f"layout={layout!r} is not one of {LAYOUTS}: use 'bhsd' for "
+                             "(batch, heads, seq, head_dim) or 'bshd' for (batch, seq, heads, head_dim)")
+    dims = "(B, H, S, D)" if layout == "bhsd" else "(B, S, H, D)"
+    for arg, t in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(t, torch.Tensor):
+            raise AttnPatchError(f"{arg} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise AttnPatchError(f"{arg} must be 4-D {dims} for layout={layout!r}, got shape "
+                                 f"{tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise AttnPatchError(f"{arg} must be floating point, got {t.dtype}")
+    for arg, t in (("key", key), ("value", value)):
+        if t.dtype != query.dtype:
+            raise AttnPatchError(f"{arg} dtype {t.dtype} != query dtype {query.dtype}: cast all "
+                                 "three to one dtype")
+        if t.device != query.device:
+            raise AttnPatchError(f"{arg} is on {t.device} but query is on {query.device}")
+    h, s = (1, 2) if layout == "bhsd" else (2, 1)
+    b, hq, sq, d = query.shape[0], query.shape[h], query.shape[s], query.shape[3]
+    bk, hk, sk, dk = key.shape[0], key.shape[h], key.shape[s], key.shape[3]
+    bv, hv, sv = value.shape[0], value.shape[h], value.shape[s]
+    if bk != b or bv != b:
+        raise AttnPatchError(f"batch sizes differ: query {b}, key {bk}, value {bv}")
+    if hv != hk:
+        raise AttnPatchError(f"key has {hk} heads but value has {hv}: they must match")
+    if hk == 0 or hq % hk:
+        raise AttnPatchError(f"query has {hq} heads, not a multiple of key/value's {hk} "
+                             "(grouped-query attention needs num_heads % num_kv_heads == 0)")
+    if dk != d:
+        raise AttnPatchError(f"key head_dim {dk} != query head_dim {d}")
+    if sv != sk:
+        raise AttnPatchError(f"key has sequence length {sk} but value has {sv}")
+    if sk == 0 or sq == 0 or d == 0:
+        raise AttnPatchError(f"empty attention: Sq={sq}, Sk={sk}, head_dim={d}")
+    if not isinstance(is_causal, bool):
+        raise AttnPatchError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if not isinstance(return_lse, bool):
+        raise AttnPatchError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    if scale is not None and (not isinstance(scale, (int, float)) or isinstance(scale, bool)
+                              or not math.isfinite(scale)):
+        raise AttnPatchError(f"scale must be None or a finite number, got {scale!r}")
+    if (not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool)
+            or not math.isfinite(dropout_p) or not 0.0 <= dropout_p <= 1.0):
+        raise AttnPatchError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    if attn_mask is None:
+        return
+    if not isinstance(attn_mask, torch.Tensor):
+        raise AttnPatchError(f"attn_mask must be a torch.Tensor or None, got "
+                             f"{type(attn_mask).__name__} (pass BlockMask/mask_mod to the 'flex' "
+                             "backend as the block_mask=/mask_mod= option)")
+    if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
+        raise AttnPatchError(f"attn_mask dtype {attn_mask.dtype} is neither bool (True = attend) "
+                             "nor floating point (additive bias): convert it with .bool() or "
+                             ".to(query.dtype)")
+    if attn_mask.device != query.device:
+        raise AttnPatchError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+    if not 2 <= attn_mask.dim() <= 4:
+        raise AttnPatchError(f"attn_mask must be 2-D (Sq, Sk), 3-D or 4-D (B, H, Sq, Sk); got "
+                             f"shape {tuple(attn_mask.shape)}")
+    target = (b, hq, sq, sk)
+    mshape = (1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)
+    if any(m not in (1, t) for m, t in zip(mshape, target)):
+        raise AttnPatchError(
+            f"attn_mask shape {tuple(attn_mask.shape)} does not broadcast to (B, H, Sq, Sk) = "
+            f"{target}; a key-padding mask has shape (B, 1, 1, Sk) = ({b}, 1, 1, {sk})")
+
+
+def build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, return_lse,
+               requires_grad) -> AttentionCall:
+    """Normalize already-validated inputs into an :class:`AttentionCall` (views only)."""
+    if layout == "bshd":
+        query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if attn_mask is not None:
+        nd = attn_mask.dim()
+        if nd < 4:
+            attn_mask = attn_mask.view((1,) * (4 - nd) + tuple(attn_mask.shape))
+        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
+            attn_mask = attn_mask.to(query.dtype)
+    if scale is None:
+        scale = query.shape[-1] ** -0.5
+    return AttentionCall(query, key, value, attn_mask, classify_mask(attn_mask), is_causal,
+                         float(scale), float(dropout_p), layout, return_lse, requires_grad)

@@ -1,0 +1,193 @@
+"""``attention()``: resolve the backend (argument > context > patch default > env > auto),
+select it once per call signature, run it."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional
+
+import torch
+
+from . import registry
+from ._errors import AttnPatchError, BackendUnavailableError
+from .call import AttentionCall, build_call, validate
+
+__all__ = ["attention", "attention_backend", "explain", "current_backend", "Explanation"]
+
+logger = logging.getLogger(__name__)
+
+ENV_VAR = "ATTNPATCH_BACKEND"
+
+# (canonical backend name, options dict) set by `attention_backend(...)`; per thread and per task.
+_CONTEXT: contextvars.ContextVar[Optional[tuple[str, dict]]] = contextvars.ContextVar(
+    "attnpatch_backend", default=None)
+
+_CACHE: dict[tuple, registry.Selection] = {}
+_CACHE_LIMIT = 4096
+
+
+@contextlib.contextmanager
+def attention_backend(backend: str, **options: Any) -> Iterator[None]:
+    """Use ``backend`` (with ``options``) for every attnpatch call inside the block.
+
+    Scoped to the current thread / asyncio task (a ContextVar); nests. Raises
+    :class:`AttnPatchError` for an unknown name.
+    """
+    token = _CONTEXT.set((registry.canonical_name(backend), dict(options)))
+    try:
+        yield
+    finally:
+        _CONTEXT.reset(token)
+
+
+def current_backend() -> Optional[tuple[str, dict]]:
+    """The (name, options) of the innermost ``attention_backend`` block, or None."""
+    return _CONTEXT.get()
+
+
+def _env_backend() -> str:
+    name = os.environ.get(ENV_VAR)
+    if not name:
+        return "auto"
+    try:
+        return registry.canonical_name(name)
+    except AttnPatchError as err:
+        raise AttnPatchError(f"environment variable {ENV_VAR}={name!r}: {err}") from None
+
+
+def resolve(backend: Optional[str], options: dict, default: Optional[tuple[str, dict]] = None
+            ) -> tuple[str, dict]:
+    """The backend name and merged options for one call, by precedence."""
+    if backend is not None:
+        return registry.canonical_name(backend), options
+    ctx = _CONTEXT.get()
+    if ctx is None:
+        ctx = default
+    if ctx is not None:
+        name, ctx_options = ctx
+        return name, ({**ctx_options, **options} if options else ctx_options)
+    return _env_backend(), options
+
+
+def _signature(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, return_lse):
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                        or value.requires_grad)
+    mask = None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device)
+    return (query.shape, query.dtype, query.device, key.shape, key.dtype, key.device,
+            value.shape, value.dtype, value.device, mask, is_causal, scale, dropout_p, layout,
+            return_lse, grad)
+
+
+def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
+              backend=None, layout="bhsd", return_lse=False, options=None, default=None):
+    """Run one call; returns ``(result, Selection)``. Used by ``attention`` and the processors."""
+    options = options or {}
+    name, options = resolve(backend, options, default)
+    try:
+        sig = _signature(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
+                         return_lse)
+        key_ = (name, tuple(options), registry.registry_version(), sig)
+        selection = _CACHE.get(key_)
+    except (AttributeError, TypeError):  # not tensors / unhashable flags: let validate() say so
+        key_, selection = None, None
+    if selection is None:
+        validate(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, return_lse)
+        grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                            or value.requires_grad)
+        call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
+                          return_lse, grad)
+        selection = registry.select(name, call, options)
+        if selection.rejected:
+            logger.info("attnpatch auto chose %r for %s; passed over: %s", selection.backend.name,
+                        call, "; ".join(f"{n}: {', '.join(r)}" for n, r in
+                                        selection.rejected.items()))
+        if key_ is not None:
+            if len(_CACHE) >= _CACHE_LIMIT:
+                _CACHE.clear()
+            _CACHE[key_] = selection
+    else:
+        call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
+                          return_lse, sig[-1])
+    result = selection.backend.forward(call, **options)
+    if layout == "bshd":
+        if return_lse:
+            result = (result[0].transpose(1, 2), result[1])
+        else:
+            result = result.transpose(1, 2)
+    return result, selection
+
+
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+              scale: Optional[float] = None, dropout_p: float = 0.0,
+              backend: Optional[str] = None, layout: str = "bhsd", return_lse: bool = False,
+              **options: Any):
+    """Scaled dot-product attention through the selected backend.
+
+    Shapes (``layout="bhsd"``): query (B, H, Sq, D), key (B, Hkv, Sk, D), value (B, Hkv, Sk, Dv)
+    with H % Hkv == 0 (GQA/MQA); ``layout="bshd"`` swaps the S and H axes, in and out.
+    ``attn_mask``: bool (True = attend) or additive float, broadcastable to (B, H, Sq, Sk).
+    ``is_causal``: top-left aligned, as in ``F.scaled_dot_product_attention``.
+    ``backend``: a name or alias; None uses ``attention_backend(...)``, then
+    ``$ATTNPATCH_BACKEND``, then ``"auto"``. ``options`` go to the backend.
+
+    Returns the output (B, H, Sq, Dv) (or (B, Sq, H, Dv)), and with ``return_lse=True`` also the
+    log-sum-exp (B, H, Sq) in float32.
+    Raises :class:`AttnPatchError` for bad input, :class:`BackendUnavailableError` when the
+    requested backend (or every ``auto`` candidate) cannot run the call.
+    """
+    return _dispatch(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
+                     return_lse, options)[0]
+
+
+@dataclass
+class Explanation:
+    """Which backend ``attention`` would run for a call, and why every other one would not."""
+
+    requested: str
+    choice: Optional[str]
+    reasons: dict[str, list[str]] = field(default_factory=dict)
+    call: Optional[AttentionCall] = None
+
+    def __str__(self) -> str:
+        lines = [f"requested: {self.requested}", f"choice: {self.choice or 'none (error)'}"]
+        width = max((len(n) for n in self.reasons), default=8)
+        for name, why in self.reasons.items():
+            mark = "ok" if not why else "; ".join(why)
+            tag = " <- chosen" if name == self.choice else ""
+            lines.append(f"  {name:<{width}}  {mark}{tag}")
+        return "\n".join(lines)
+
+
+def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
+            scale: Optional[float] = None, dropout_p: float = 0.0,
+            backend: Optional[str] = None, layout: str = "bhsd", return_lse: bool = False,
+            **options: Any) -> Explanation:
+    """For the call ``attention(...)`` would get with these arguments: the backend it would run,
+    and the reasons of every registered backend (an empty list means it could run).
+
+    Raises :class:`AttnPatchError` for bad input, like ``attention``.
+    """
+    name, options = resolve(backend, options)
+    validate(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, return_lse)
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                        or value.requires_grad)
+    call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
+                      return_lse, grad)
+    reasons = {b.name: registry.candidate_reasons(b, call, options)
+               for b in registry.all_backends()}
+    try:
+        choice = registry.select(name, call, options).backend.name
+    except BackendUnavailableError:
+        choice = None
+    except AttnPatchError as err:
+        choice = None
+        reasons.setdefault(name, []).append(str(err))
+    if name != "auto":
+        reasons = {name: reasons[name], **{n: r for n, r in reasons.items() if n != name}}
+    return Explanation(name, choice, reasons, call)

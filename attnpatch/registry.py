@@ -1,0 +1,270 @@
+"""The backend registry: Backend classes declare what they support; selection explains refusals."""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional, Union
+
+import torch
+
+from . import constraints as C
+from ._errors import AttnPatchError, BackendUnavailableError
+from .call import AttentionCall
+
+__all__ = ["Backend", "register_backend", "get_backend", "canonical_name", "priority_list",
+           "all_backends", "Selection", "select", "candidate_reasons", "registry_version"]
+
+logger = logging.getLogger(__name__)
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class Backend:
+    """Base class of every attention backend, built-in or third-party.
+
+    Subclasses declare capabilities as class attributes and implement :meth:`forward`. The base
+    :meth:`not_supported_reasons` turns the attributes into specific reasons; override it to add
+    your own (call ``super()`` first, like xformers' operators do).
+    """
+
+    name: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+    #: position in ``auto``'s list (lower is tried first); None keeps the backend out of ``auto``
+    priority: ClassVar[Optional[int]] = 500
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    dtypes: ClassVar[tuple[torch.dtype, ...]] = _FLOATS
+    max_head_dim: ClassVar[Optional[int]] = None
+    min_compute_capability: ClassVar[Optional[tuple[int, int]]] = None
+    max_compute_capability: ClassVar[Optional[tuple[int, int]]] = None
+    mask_kinds: ClassVar[frozenset[str]] = frozenset({"none", "key_padding", "bool", "float"})
+    supports_causal: ClassVar[bool] = True
+    supports_causal_with_mask: ClassVar[bool] = True
+    supports_dropout: ClassVar[bool] = True
+    supports_gqa: ClassVar[bool] = True
+    supports_backward: ClassVar[bool] = True
+    supports_lse: ClassVar[bool] = False
+    supports_value_head_dim: ClassVar[bool] = True  # value head_dim may differ from query's
+    requires_package: ClassVar[Optional[str]] = None
+    requires_pip_name: ClassVar[Optional[str]] = None
+    #: names of the keyword options ``forward`` accepts; any other option is refused
+    options: ClassVar[frozenset[str]] = frozenset()
+
+    # --- environment ---------------------------------------------------------------------------
+    def availability_reasons(self) -> list[str]:
+        """Why this backend cannot run on this machine at all (package, hardware); [] if it can."""
+        reasons = []
+        missing = C.package_missing(self.requires_package, self.requires_pip_name)
+        if missing:
+            reasons.append(missing)
+        if "cpu" not in self.devices and "cuda" in self.devices and not torch.cuda.is_available():
+            reasons.append("no CUDA device (torch.cuda.is_available() is False)")
+        return reasons
+
+    # --- per call -------------------------------------------------------------------------------
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        """Why this backend cannot run ``call``; an empty list means it can."""
+        checks = (
+            C.device_type(call, self.devices),
+            C.dtype(call, self.dtypes),
+            C.max_head_dim(call, self.max_head_dim),
+            C.min_capability(call, self.min_compute_capability),
+            C.max_capability(call, self.max_compute_capability),
+            C.mask_kind(call, self.mask_kinds),
+        )
+        reasons = [r for r in checks if r]
+        if call.is_causal and not self.supports_causal:
+            reasons.append("is_causal=True not supported")
+        if call.is_causal and call.attn_mask is not None and not self.supports_causal_with_mask:
+            reasons.append("is_causal=True together with attn_mask not supported")
+        if call.dropout_p > 0 and not self.supports_dropout:
+            reasons.append(f"dropout_p={call.dropout_p} not supported (only 0.0)")
+        if call.is_gqa and not self.supports_gqa:
+            reasons.append(f"grouped-query attention ({call.num_heads} query heads, "
+                           f"{call.num_kv_heads} kv heads) not supported")
+        if call.requires_grad and not self.supports_backward:
+            reasons.append("backward not supported (inputs require grad)")
+        if call.return_lse and not self.supports_lse:
+            reasons.append("return_lse=True not supported")
+        if call.head_dim_v != call.head_dim and not self.supports_value_head_dim:
+            reasons.append(f"value head_dim {call.head_dim_v} != query head_dim {call.head_dim}")
+        return reasons
+
+    def forward(self, call: AttentionCall, **options: Any):
+        """Compute attention. Returns ``out`` as (B, H, Sq, Dv) (a view is fine), or
+        ``(out, lse)`` with ``lse`` (B, H, Sq) float32 when ``call.return_lse``."""
+        raise NotImplementedError(f"backend {self.name!r} does not implement forward()")
+
+    @classmethod
+    def capabilities(cls) -> dict[str, Any]:
+        return {
+            "devices": list(cls.devices),
+            "dtypes": C.dtype_names(cls.dtypes),
+            "max_head_dim": cls.max_head_dim,
+            "min_compute_capability": cls.min_compute_capability,
+            "mask_kinds": sorted(cls.mask_kinds),
+            "causal": cls.supports_causal,
+            "causal_with_mask": cls.supports_causal_with_mask,
+            "dropout": cls.supports_dropout,
+            "gqa": cls.supports_gqa,
+            "backward": cls.supports_backward,
+            "returns_lse": cls.supports_lse,
+            "requires_package": cls.requires_package,
+            "options": sorted(cls.options),
+        }
+
+    def __repr__(self) -> str:
+        return f"<attnpatch backend {self.name!r}>"
+
+
+_LOCK = threading.Lock()
+_BACKENDS: dict[str, Backend] = {}
+_ALIASES: dict[str, str] = {}
+_ORDER: list[str] = []
+_PRIORITY: list[Backend] = []
+_VERSION = [0]
+RESERVED = ("auto",)
+
+
+def registry_version() -> int:
+    return _VERSION[0]
+
+
+def register_backend(backend: Union[type[Backend], Backend, None] = None, *,
+                     replace: bool = False):
+    """Register a :class:`Backend` subclass (or instance); usable as a class decorator.
+
+    The backend joins ``auto`` at its ``priority``, and is reachable by name and aliases in
+    ``attention``, ``explain``, ``patch`` and ``set_attention_backend``.
+    Raises :class:`AttnPatchError` for a missing/clashing name unless ``replace=True``.
+    """
+    if backend is None:
+        return lambda b: register_backend(b, replace=replace)
+    instance = backend() if isinstance(backend, type) else backend
+    if not isinstance(instance, Backend):
+        raise AttnPatchError(f"register_backend expects a Backend subclass or instance, got "
+                             f"{backend!r}")
+    name = instance.name
+    if not name or not isinstance(name, str) or name != name.lower() or name in RESERVED:
+        raise AttnPatchError(f"backend name {name!r} must be a non-empty lowercase string other "
+                             f"than {RESERVED}: set the class attribute `name`")
+    if type(instance).forward is Backend.forward:
+        raise AttnPatchError(f"backend {name!r} must implement forward(self, call, **options)")
+    with _LOCK:
+        taken = {n for n in (name, *instance.aliases) if n in _BACKENDS or n in _ALIASES}
+        if name in _BACKENDS:
+            old = _BACKENDS[name]
+            taken -= {name, *old.aliases}
+        if (name in _BACKENDS or taken) and not replace:
+            raise AttnPatchError(f"backend name(s) {sorted(taken | ({name} & _BACKENDS.keys()))} "
+                                 "already registered: pass replace=True to override")
+        if name in _BACKENDS:
+            _unregister_locked(name)
+        _BACKENDS[name] = instance
+        _ORDER.append(name)
+        for alias in instance.aliases:
+            _ALIASES[alias] = name
+        _rebuild_priority_locked()
+    return backend
+
+
+def unregister_backend(name: str) -> None:
+    """Remove a registered backend (mainly for tests and plugins that unload)."""
+    with _LOCK:
+        _unregister_locked(canonical_name(name))
+        _rebuild_priority_locked()
+
+
+def _unregister_locked(name: str) -> None:
+    old = _BACKENDS.pop(name)
+    _ORDER.remove(name)
+    for alias in old.aliases:
+        _ALIASES.pop(alias, None)
+
+
+def _rebuild_priority_locked() -> None:
+    ranked = [(b.priority, i, b) for i, n in enumerate(_ORDER)
+              if (b := _BACKENDS[n]).priority is not None]
+    _PRIORITY[:] = [b for _, _, b in sorted(ranked, key=lambda t: (t[0], t[1]))]
+    _VERSION[0] += 1
+
+
+def canonical_name(name: str) -> str:
+    """The registered name for ``name`` or one of its aliases; 'auto' stays 'auto'.
+
+    Raises :class:`AttnPatchError` suggesting the closest names for an unknown one.
+    """
+    if name in _BACKENDS or name == "auto":
+        return name
+    target = _ALIASES.get(name)
+    if target is not None:
+        return target
+    if not isinstance(name, str):
+        raise AttnPatchError(f"backend must be a name (str), got {type(name).__name__}")
+    known = ["auto", *_BACKENDS, *_ALIASES]
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise AttnPatchError(f"unknown backend {name!r}{hint} (known: {', '.join(sorted(_BACKENDS))})")
+
+
+def get_backend(name: str) -> Backend:
+    return _BACKENDS[canonical_name(name)]
+
+
+def all_backends() -> list[Backend]:
+    """Every registered backend, ``auto``'s candidates first in priority order."""
+    rest = [_BACKENDS[n] for n in _ORDER if _BACKENDS[n] not in _PRIORITY]
+    return [*_PRIORITY, *rest]
+
+
+def priority_list() -> list[Backend]:
+    return list(_PRIORITY)
+
+
+@dataclass
+class Selection:
+    """The backend chosen for one call signature, and why the ones before it were passed over."""
+
+    backend: Backend
+    requested: str
+    rejected: dict[str, list[str]] = field(default_factory=dict)
+
+
+def candidate_reasons(backend: Backend, call: AttentionCall, option_names) -> list[str]:
+    reasons = backend.availability_reasons()
+    if reasons:
+        return reasons
+    reasons = list(backend.not_supported_reasons(call))
+    extra = sorted(set(option_names) - backend.options)
+    if extra:
+        reasons.append(f"does not take option(s) {extra} (takes {sorted(backend.options) or 'none'})")
+    return reasons
+
+
+def select(requested: str, call: AttentionCall, option_names=()) -> Selection:
+    """Pick the backend for ``call``: the named one, or the first of ``auto``'s list that fits.
+
+    Raises :class:`AttnPatchError` for options the named backend does not take and
+    :class:`BackendUnavailableError` (with every candidate's reasons) when nothing fits.
+    """
+    if requested != "auto":
+        backend = _BACKENDS[requested]
+        extra = sorted(set(option_names) - backend.options)
+        if extra:
+            raise AttnPatchError(f"backend {requested!r} does not take option(s) {extra}; it takes "
+                                 f"{sorted(backend.options) or 'no options'}")
+        reasons = candidate_reasons(backend, call, ())
+        if reasons:
+            raise BackendUnavailableError(f"backend {requested!r} cannot run {call}:",
+                                          {requested: reasons})
+        return Selection(backend, requested)
+    rejected: dict[str, list[str]] = {}
+    for backend in _PRIORITY:
+        reasons = candidate_reasons(backend, call, option_names)
+        if not reasons:
+            return Selection(backend, requested, rejected)
+        rejected[backend.name] = reasons
+    raise BackendUnavailableError(f"no backend can run {call}:", rejected)
