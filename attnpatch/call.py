@@ -28,7 +28,7 @@ class AttentionCall:
 
     __slots__ = (
         "query", "key", "value", "attn_mask", "mask_kind", "is_causal", "scale", "dropout_p",
-        "layout", "return_lse", "requires_grad",
+        "layout", "return_lse", "requires_grad", "device",
     )
 
     def __init__(self, query, key, value, attn_mask, mask_kind, is_causal, scale, dropout_p,
@@ -44,6 +44,7 @@ class AttentionCall:
         self.layout = layout
         self.return_lse = return_lse
         self.requires_grad = requires_grad
+        self.device = query.device
 
     # --- shapes -------------------------------------------------------------------------------
     @property
@@ -77,10 +78,6 @@ class AttentionCall:
     @property
     def is_gqa(self) -> bool:
         return self.query.shape[1] != self.key.shape[1]
-
-    @property
-    def device(self) -> torch.device:
-        return self.query.device
 
     @property
     def dtype(self) -> torch.dtype:
@@ -222,3 +219,16 @@ def build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout
         scale = query.shape[-1] ** -0.5
     return AttentionCall(query, key, value, attn_mask, classify_mask(attn_mask), is_causal,
                          float(scale), float(dropout_p), layout, return_lse, requires_grad)
+
+
+def metadata_call(sig: tuple, requires_grad: bool) -> AttentionCall:
+    """An :class:`AttentionCall` on meta tensors from a dispatch signature, for selection while
+    ``torch.compile`` traces (no real tensors to inspect then). ``device`` stays the real one."""
+    (qs, dt, dev, ks, _, _, vs, _, _, mask, is_causal, scale, dropout_p, layout, return_lse,
+     _) = sig
+    meta = [torch.empty(s, dtype=dt, device="meta") for s in (qs, ks, vs)]
+    mask_t = None if mask is None else torch.empty(mask[0], dtype=mask[1], device="meta")
+    call = build_call(*meta, mask_t, is_causal, scale, dropout_p, layout, return_lse,
+                      requires_grad)
+    call.device = dev
+    return call

@@ -14,7 +14,7 @@ import torch
 
 from . import registry
 from ._errors import AttnPatchError, BackendUnavailableError
-from .call import AttentionCall, build_call, validate
+from .call import AttentionCall, build_call, metadata_call, validate
 
 __all__ = ["attention", "attention_backend", "explain", "current_backend", "Explanation"]
 
@@ -86,6 +86,9 @@ def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dr
               backend=None, layout="bhsd", return_lse=False, options=None, default=None):
     """Run one call; returns ``(result, Selection)``. Used by ``attention`` and the processors."""
     options = options or {}
+    if torch.compiler.is_compiling():
+        return _dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p,
+                                backend, layout, return_lse, options, default)
     name, options = resolve(backend, options, default)
     try:
         sig = _signature(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
@@ -119,6 +122,46 @@ def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dr
         else:
             result = result.transpose(1, 2)
     return result, selection
+
+
+@torch.compiler.assume_constant_result
+def _resolve_traced(backend, option_names, default_name):
+    ctx = _CONTEXT.get()
+    if backend is not None:
+        return registry.canonical_name(backend)
+    if ctx is not None:
+        return ctx[0]
+    return default_name or _env_backend()
+
+
+@torch.compiler.assume_constant_result
+def _select_traced(name, option_names, sig):
+    key_ = (name, option_names, registry.registry_version(), sig)
+    selection = _CACHE.get(key_)
+    if selection is None:
+        selection = registry.select(name, metadata_call(sig, sig[-1]), option_names)
+        _CACHE[key_] = selection
+    return selection.backend.name
+
+
+def _dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
+                     return_lse, options, default):
+    """``_dispatch`` while torch.compile traces: the backend choice is made once, at trace time,
+    from metadata, and becomes a constant of the graph (the backend's kernel is what is traced).
+    A context block's options are not visible while tracing; pass them to ``patch``/``backend=``.
+    """
+    name = _resolve_traced(backend, tuple(options), None if default is None else default[0])
+    if default is not None and backend is None and name == default[0]:
+        options = {**default[1], **options}
+    sig = _signature(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
+                     return_lse)
+    chosen = registry.get_backend(_select_traced(name, tuple(options), sig))
+    call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
+                      return_lse, sig[-1])
+    result = chosen.forward(call, **options)
+    if layout == "bshd":
+        result = (result[0].transpose(1, 2), result[1]) if return_lse else result.transpose(1, 2)
+    return result, None
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -47,7 +47,8 @@ class _ForcedSDPA(Backend):
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
         reasons = super().not_supported_reasons(call)
-        if reasons or call.device.type != "cuda" or self.cuda_check is None:
+        if (reasons or call.device.type != "cuda" or self.cuda_check is None
+                or call.query.device.type == "meta"):  # traced by torch.compile: no tensors
             return reasons
         return _torch_reasons(self.cuda_check, call)
 
