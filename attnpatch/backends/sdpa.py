@@ -124,12 +124,12 @@ class SDPAFlashBackend(_ForcedSDPA):
         return reasons
 
     def forward_with_lse(self, call: AttentionCall):
-        if call.device.type == "cpu":
-            k, v = _expand_kv(call)
-            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                call.query, k, v, call.dropout_p, call.is_causal, attn_mask=call.attn_mask,
-                scale=call.scale)
         k, v = _expand_kv(call)
+        if call.device.type == "cpu":  # the CPU kernel takes only a float bias of q's dtype
+            bias = _float_bias(call)
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                call.query, k, v, call.dropout_p, call.is_causal and bias is None,
+                attn_mask=bias, scale=call.scale)
         d = call.head_dim
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             _pad_head_dim(call.query, 8), _pad_head_dim(k, 8), _pad_head_dim(v, 8),

@@ -1,0 +1,128 @@
+"""Every backend that runs on CPU against an independent float64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnpatch
+
+from ..conftest import CPU_BACKENDS, make_inputs, reference, rel_error
+
+# (Sq, Sk, head_dim) with every S in {1, 77, 113, 1023} and every head_dim in {40, 64, 72, 128}
+SHAPES = [(1, 1, 40), (77, 77, 64), (113, 113, 72), (1023, 1023, 128), (77, 113, 40),
+          (113, 1, 64), (1, 77, 72), (1023, 77, 40)]
+STRUCTURES = {
+    "plain": dict(),
+    "gqa": dict(heads=4, kv_heads=2),
+    "mqa": dict(heads=4, kv_heads=1),
+    "bool": dict(mask="bool"),
+    "float": dict(mask="float"),
+    "key_padding": dict(mask="key_padding"),
+    "causal": dict(is_causal=True),
+    "causal+bool": dict(is_causal=True, mask="bool"),
+}
+LOW = (torch.bfloat16, torch.float16)
+
+
+def _case(shape, structure, dtype, seed=0):
+    sq, sk, d = shape
+    opts = dict(STRUCTURES[structure])
+    is_causal = opts.pop("is_causal", False)
+    heads = opts.pop("heads", 2)
+    batch = 1 if sq * sk > 100_000 else 2
+    q, k, v, mask = make_inputs(batch=batch, heads=heads, seq_q=sq, seq_k=sk, head_dim=d,
+                                dtype=dtype, seed=seed, **opts)
+    return q, k, v, mask, is_causal
+
+
+@pytest.mark.parametrize("structure", list(STRUCTURES))
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_fp32_matches_float64_reference(backend, shape, structure):
+    q, k, v, mask, is_causal = _case(shape, structure, torch.float32)
+    ref, _ = reference(q, k, v, mask, is_causal)
+    out = attnpatch.attention(q, k, v, attn_mask=mask, is_causal=is_causal, backend=backend)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert rel_error(out, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", LOW, ids=str)
+@pytest.mark.parametrize("structure", ["plain", "gqa", "bool", "float", "key_padding", "causal"])
+@pytest.mark.parametrize("shape", [(77, 77, 64), (113, 77, 72), (1023, 1023, 40)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", [b for b in CPU_BACKENDS if b != "math"])
+def test_low_precision_within_twice_math_error(backend, shape, structure, dtype):
+    q, k, v, mask, is_causal = _case(shape, structure, dtype)
+    ref, _ = reference(q, k, v, mask, is_causal)
+    math_err = rel_error(attnpatch.attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                             backend="math"), ref)
+    out = attnpatch.attention(q, k, v, attn_mask=mask, is_causal=is_causal, backend=backend)
+    assert out.dtype == dtype
+    assert rel_error(out, ref) <= 2 * math_err + 1e-3
+
+
+@pytest.mark.parametrize("structure", ["plain", "gqa", "bool", "float", "key_padding", "causal",
+                                       "causal+bool"])
+@pytest.mark.parametrize("backend", ["math", "sdpa_flash", "flex"])
+def test_lse_matches_reference(backend, structure):
+    q, k, v, mask, is_causal = _case((77, 113, 64), structure, torch.float32)
+    _, ref_lse = reference(q, k, v, mask, is_causal)
+    out, lse = attnpatch.attention(q, k, v, attn_mask=mask, is_causal=is_causal, backend=backend,
+                                   return_lse=True)
+    assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("structure", ["plain", "gqa", "bool", "float", "key_padding", "causal",
+                                       "causal+bool"])
+@pytest.mark.parametrize("backend", ["math", "sdpa", "sdpa_flash", "sdpa_math"])
+def test_gradients_match_reference(backend, structure):
+    q, k, v, mask, is_causal = _case((33, 47, 40), structure, torch.float32)
+    grads = []
+    for fn in (lambda q, k, v: reference(q, k, v, mask, is_causal)[0],
+               lambda q, k, v: attnpatch.attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                                   backend=backend)):
+        leaves = [t.detach().double().requires_grad_() if not grads else
+                  t.detach().requires_grad_() for t in (q, k, v)]
+        out = fn(*leaves)
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                             dtype=torch.float64).to(out.dtype)
+        (out * weight).sum().backward()
+        grads.append([t.grad for t in leaves])
+    for name, ours, ref in zip("qkv", grads[1], grads[0]):
+        assert rel_error(ours, ref) <= 1e-5, name
+
+
+def test_math_gradcheck_float64():
+    q, k, v, mask = make_inputs(batch=1, heads=2, kv_heads=1, seq_q=5, seq_k=7, head_dim=4,
+                                dtype=torch.float64, mask="float", requires_grad=True)
+    fn = lambda q, k, v: attnpatch.attention(q, k, v, attn_mask=mask, is_causal=True,
+                                             backend="math")
+    assert torch.autograd.gradcheck(fn, (q, k, v))
+    fn_lse = lambda q, k, v: attnpatch.attention(q, k, v, attn_mask=mask, backend="math",
+                                                 return_lse=True)[1]
+    assert torch.autograd.gradcheck(fn_lse, (q, k, v))
+
+
+def test_math_row_without_keys_is_zero_without_nan_gradients():
+    q, k, v, _ = make_inputs(batch=1, heads=1, seq_q=3, seq_k=4, head_dim=8, requires_grad=True)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    mask[1] = False
+    out, lse = attnpatch.attention(q, k, v, attn_mask=mask, backend="math", return_lse=True)
+    assert torch.equal(out[0, 0, 1], torch.zeros(8)) and lse[0, 0, 1] == float("-inf")
+    out.sum().backward()
+    assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+def test_dropout_is_applied_not_ignored():
+    q, k, v, _ = make_inputs(batch=1, heads=2, seq_q=64, head_dim=16)
+    torch.manual_seed(0)
+    dropped = attnpatch.attention(q, k, v, dropout_p=0.5, backend="math")
+    plain = attnpatch.attention(q, k, v, backend="math")
+    assert not torch.allclose(dropped, plain)
+    assert torch.equal(attnpatch.attention(q, k, v, dropout_p=1.0, backend="math"),
+                       torch.zeros_like(plain))
+    # sdpa applies the same dropout semantics (torch's RNG): with p=1 everything is dropped
+    assert torch.equal(attnpatch.attention(q, k, v, dropout_p=1.0, backend="sdpa"),
+                       torch.zeros_like(plain))

@@ -1,0 +1,83 @@
+"""Shared fixtures: random attention inputs and an independent float64 reference."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.pop("ATTNPATCH_BACKEND", None)
+
+CPU_BACKENDS = ("math", "sdpa", "sdpa_flash", "sdpa_math", "flex")
+
+
+def make_inputs(batch=2, heads=4, kv_heads=None, seq_q=16, seq_k=None, head_dim=32,
+                head_dim_v=None, dtype=torch.float32, device="cpu", mask=None, seed=0,
+                requires_grad=False):
+    """Random q, k, v (B, H, S, D) and an optional mask.
+
+    ``mask``: None, "bool" (B, 1, Sq, Sk), "float" (Sq, Sk additive, some -inf), "key_padding"
+    (B, 1, 1, Sk, True = keep). Key 0 is always visible so no query row is empty.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    kv_heads = kv_heads or heads
+    seq_k = seq_k or seq_q
+    head_dim_v = head_dim_v or head_dim
+
+    def rnd(*shape):
+        t = torch.randn(*shape, generator=gen, dtype=torch.float64).to(device=device, dtype=dtype)
+        return t.requires_grad_(requires_grad)
+
+    q = rnd(batch, heads, seq_q, head_dim)
+    k = rnd(batch, kv_heads, seq_k, head_dim)
+    v = rnd(batch, kv_heads, seq_k, head_dim_v)
+    attn_mask = None
+    if mask == "bool":
+        attn_mask = torch.rand(batch, 1, seq_q, seq_k, generator=gen) > 0.3
+        attn_mask[..., 0] = True
+    elif mask == "float":
+        attn_mask = torch.randn(seq_q, seq_k, generator=gen, dtype=torch.float64)
+        attn_mask[torch.rand(seq_q, seq_k, generator=gen) > 0.8] = float("-inf")
+        attn_mask[..., 0] = 0.0
+        attn_mask = attn_mask.to(dtype)
+    elif mask == "key_padding":
+        lengths = torch.randint(1, seq_k + 1, (batch,), generator=gen)
+        attn_mask = (torch.arange(seq_k)[None, :] < lengths[:, None])[:, None, None, :]
+    elif mask is not None:
+        raise ValueError(mask)
+    if attn_mask is not None:
+        attn_mask = attn_mask.to(device)
+    return q, k, v, attn_mask
+
+
+def reference(q, k, v, attn_mask=None, is_causal=False, scale=None):
+    """Float64 attention written out independently of attnpatch (top-left causal)."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.double()
+    if is_causal:
+        sq, sk = scores.shape[-2:]
+        keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    return torch.softmax(scores, dim=-1) @ v, lse
+
+
+def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.fixture
+def inputs():
+    return make_inputs

@@ -1,0 +1,176 @@
+"""The dispatcher: precedence, ContextVar isolation, explain == attention, auto for every case."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import hypothesis.strategies as st
+import pytest
+import torch
+from hypothesis import given, settings
+
+import attnpatch
+from attnpatch.dispatch import _dispatch
+
+from .conftest import make_inputs, reference, rel_error
+
+
+def chosen(q, k, v, **kw):
+    return _dispatch(q, k, v, **kw)[1].backend.name
+
+
+def test_precedence_argument_context_env(monkeypatch):
+    q, k, v, _ = make_inputs()
+    assert chosen(q, k, v) == "sdpa"
+    monkeypatch.setenv("ATTNPATCH_BACKEND", "math")
+    assert chosen(q, k, v) == "math"
+    assert chosen(q, k, v, default=("sdpa_math", {})) == "sdpa_math"  # patch default > env
+    with attnpatch.attention_backend("sdpa_flash"):
+        assert chosen(q, k, v, default=("sdpa_math", {})) == "sdpa_flash"
+        assert chosen(q, k, v, backend="math") == "math"
+        with attnpatch.attention_backend("native"):
+            assert chosen(q, k, v) == "sdpa"
+        assert chosen(q, k, v) == "sdpa_flash"
+    assert attnpatch.dispatch.current_backend() is None
+
+
+def test_context_options_reach_the_backend():
+    q, k, v, _ = make_inputs(seq_q=8)
+
+    def shift(score, b, h, q_idx, kv_idx):
+        return score + (q_idx == kv_idx) * 2.0
+
+    with attnpatch.attention_backend("flex", score_mod=shift):
+        out = attnpatch.attention(q, k, v)
+    bias = torch.eye(8) * 2.0
+    torch.testing.assert_close(out, reference(q, k, v, bias)[0].float())
+
+
+def test_threads_do_not_interfere():
+    q, k, v, _ = make_inputs()
+    barrier = threading.Barrier(2)
+    seen = {}
+
+    def worker(name):
+        with attnpatch.attention_backend(name):
+            barrier.wait()
+            for _ in range(20):
+                seen.setdefault(name, set()).add(chosen(q, k, v))
+            barrier.wait()
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in ("math", "sdpa_flash")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == {"math": {"math"}, "sdpa_flash": {"sdpa_flash"}}
+
+
+def test_asyncio_tasks_do_not_interfere():
+    q, k, v, _ = make_inputs()
+
+    async def task(name):
+        with attnpatch.attention_backend(name):
+            await asyncio.sleep(0)
+            first = chosen(q, k, v)
+            await asyncio.sleep(0)
+            return first, chosen(q, k, v)
+
+    async def main():
+        return await asyncio.gather(task("math"), task("sdpa_math"))
+
+    assert asyncio.run(main()) == [("math", "math"), ("sdpa_math", "sdpa_math")]
+
+
+def test_selection_is_cached_per_signature():
+    q, k, v, _ = make_inputs(seq_q=23)
+    attnpatch.dispatch._CACHE.clear()
+    attnpatch.attention(q, k, v)
+    attnpatch.attention(q, k, v)
+    assert len(attnpatch.dispatch._CACHE) == 1
+    attnpatch.attention(q[:, :, :5], k, v)                 # new shape: new entry
+    with torch.enable_grad():
+        attnpatch.attention(q.clone().requires_grad_(), k, v)  # grad mode is part of the key
+    assert len(attnpatch.dispatch._CACHE) == 3
+
+
+def test_grad_requirement_changes_the_choice():
+    q, k, v, _ = make_inputs()
+    with attnpatch.attention_backend("flex"):
+        attnpatch.attention(q, k, v)
+        with pytest.raises(attnpatch.BackendUnavailableError, match="no CPU backward"):
+            attnpatch.attention(q.requires_grad_(), k, v)
+
+
+CASES = st.fixed_dictionaries({
+    "batch": st.integers(1, 3),
+    "kv_heads": st.integers(1, 3),
+    "group": st.integers(1, 3),
+    "seq_q": st.integers(1, 70),
+    "seq_k": st.integers(1, 70),
+    "head_dim": st.sampled_from([8, 16, 40, 64, 72, 80, 128]),
+    "mask": st.sampled_from([None, "bool", "float", "key_padding"]),
+    "is_causal": st.booleans(),
+    "dtype": st.sampled_from([torch.float32, torch.float64]),
+    "layout": st.sampled_from(["bhsd", "bshd"]),
+    "seed": st.integers(0, 2**16),
+})
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=CASES)
+def test_auto_picks_a_working_backend_and_explain_agrees(case):
+    heads = case["kv_heads"] * case["group"]
+    q, k, v, mask = make_inputs(batch=case["batch"], heads=heads, kv_heads=case["kv_heads"],
+                                seq_q=case["seq_q"], seq_k=case["seq_k"],
+                                head_dim=case["head_dim"], dtype=case["dtype"],
+                                mask=case["mask"], seed=case["seed"])
+    ref, _ = reference(q, k, v, mask, case["is_causal"])
+    args = (q, k, v) if case["layout"] == "bhsd" else tuple(t.transpose(1, 2) for t in (q, k, v))
+    kw = dict(attn_mask=mask, is_causal=case["is_causal"], layout=case["layout"])
+    out, selection = _dispatch(*args, **kw)
+    if case["layout"] == "bshd":
+        out = out.transpose(1, 2)
+    assert attnpatch.explain(*args, **kw).choice == selection.backend.name
+    assert rel_error(out, ref) <= 1e-5
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=CASES, backend=st.sampled_from(["math", "sdpa", "sdpa_flash", "sdpa_math", "flex",
+                                            "sdpa_cudnn"]))
+def test_named_backend_runs_or_raises_with_reasons(case, backend):
+    heads = case["kv_heads"] * case["group"]
+    q, k, v, mask = make_inputs(heads=heads, kv_heads=case["kv_heads"], seq_q=case["seq_q"],
+                                seq_k=case["seq_k"], head_dim=case["head_dim"],
+                                dtype=case["dtype"], mask=case["mask"], seed=case["seed"])
+    explanation = attnpatch.explain(q, k, v, attn_mask=mask, is_causal=case["is_causal"],
+                                    backend=backend)
+    if explanation.choice is None:
+        assert explanation.reasons[backend]
+        with pytest.raises(attnpatch.BackendUnavailableError) as err:
+            attnpatch.attention(q, k, v, attn_mask=mask, is_causal=case["is_causal"],
+                                backend=backend)
+        assert err.value.reasons[backend] == explanation.reasons[backend]
+    else:
+        out = attnpatch.attention(q, k, v, attn_mask=mask, is_causal=case["is_causal"],
+                                  backend=backend)
+        assert rel_error(out, reference(q, k, v, mask, case["is_causal"])[0]) <= 1e-5
+
+
+def test_explain_prints_every_backend():
+    q, k, v, _ = make_inputs(dtype=torch.float16)
+    text = str(attnpatch.explain(q, k, v, dropout_p=0.1))
+    assert "choice: sdpa" in text and "flex" in text and "dropout_p=0.1 not supported" in text
+
+
+def test_compiled_fullgraph_uses_the_context_backend():
+    q, k, v, _ = make_inputs(seq_q=8, head_dim=16)
+
+    def fn(q, k, v):
+        return attnpatch.attention(q, k, v, layout="bhsd") * 2
+
+    compiled = torch.compile(fn, fullgraph=True)
+    with attnpatch.attention_backend("math"):
+        out = compiled(q, k, v)
+    torch.testing.assert_close(out, 2 * reference(q, k, v)[0].float())
