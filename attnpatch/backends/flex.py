@@ -7,7 +7,7 @@ compiling it there takes tens of seconds per shape, and eager flex computes the 
 
 from __future__ import annotations
 
-import functools
+import types
 import warnings
 from typing import Any, Callable, Optional
 
@@ -23,9 +23,26 @@ except ImportError:  # pragma: no cover - torch too old
     _flex_module = None
 
 
-@functools.lru_cache(maxsize=None)
-def _compiled_flex():
-    return torch.compile(_flex_module.flex_attention, dynamic=False)
+def _trampoline(query, key, value, **kwargs):
+    return _flex_module.flex_attention(query, key, value, **kwargs)
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_flex(signature: tuple):
+    """A compiled flex_attention for one call signature.
+
+    Each signature gets its own code object, hence its own dynamo cache and recompile budget:
+    a UNet's many resolutions and cross-attention shapes never exhaust one shared limit and
+    silently fall back to the unfused eager path.
+    """
+    fn = _COMPILED.get(signature)
+    if fn is None:
+        code = _trampoline.__code__.replace(co_name=f"_flex_{len(_COMPILED)}")
+        fresh = types.FunctionType(code, _trampoline.__globals__, code.co_name)
+        fn = _COMPILED[signature] = torch.compile(fresh, dynamic=False, fullgraph=True)
+    return fn
 
 
 _BLOCK_MASKS: dict = {}
@@ -109,7 +126,10 @@ class FlexBackend(Backend):
         if call.return_lse:
             kwargs["return_aux"] = _flex_module.AuxRequest(lse=True)
         if compile:
-            result = _compiled_flex()(call.query, call.key, call.value, **kwargs)
+            signature = (call.query.shape, call.key.shape, call.value.shape, call.dtype,
+                         call.device, call.mask_kind, score_mod is not None,
+                         block_mask is not None, call.return_lse)
+            result = _compiled_flex(signature)(call.query, call.key, call.value, **kwargs)
         else:
             with warnings.catch_warnings():
                 # eager is our deliberate choice here; torch warns that it is unfused
