@@ -1,3 +1,3 @@
 """Built-in backends. Importing this package registers them."""
 
-from . import flex, math, sdpa  # noqa: F401
+from . import flash, flex, math, sdpa, xformers  # noqa: F401

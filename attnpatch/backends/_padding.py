@@ -146,7 +146,7 @@ def dense_cu_seqlens(batch: int, seq: int, device) -> torch.Tensor:
 
 
 def lse_from_varlen(lse: torch.Tensor, batch: int, seq_q: int) -> torch.Tensor:
-    """A varlen kernel's lse for dense queries as (B, H, Sq) float32.
+    """A varlen kernel's lse for dense queries as (B, H, Sq).
 
     Accepts the packed layout (H, B*Sq) of flash-attn >= 2.4 / FA3 / FA4, and the older padded
     (B, H, >= Sq). Rows that saw no key come back as -inf (FA2 writes +inf there).
@@ -155,7 +155,6 @@ def lse_from_varlen(lse: torch.Tensor, batch: int, seq_q: int) -> torch.Tensor:
         lse = lse.view(lse.shape[0], batch, seq_q).permute(1, 0, 2)
     else:
         lse = lse[..., :seq_q]
-    lse = lse.float()
     return torch.where(lse == float("inf"), torch.full_like(lse, float("-inf")), lse)
 
 
@@ -178,7 +177,9 @@ def run_key_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: tor
         out = q.new_zeros(batch, seq_q, heads, v.shape[-1])
         if q.requires_grad or k.requires_grad or v.requires_grad:
             out = out + 0 * (q.sum() + k.sum() + v.sum())
-        return out, torch.full((batch, heads, seq_q), float("-inf"), device=q.device)
+        lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        return out, torch.full((batch, heads, seq_q), float("-inf"), dtype=lse_dtype,
+                               device=q.device)
     cu_q = dense_cu_seqlens(batch, seq_q, q.device)
     out, lse = varlen(q.reshape(batch * seq_q, heads, q.shape[-1]), k_packed, v_packed, cu_q,
                       cu_k, seq_q, max_k)

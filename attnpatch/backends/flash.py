@@ -1,0 +1,431 @@
+"""FlashAttention 2, 3 and 4 as backends, and ``flash``: the best of those installed.
+
+Every version is optional: a missing package, a build that does not import (made for another
+torch), no CUDA device, are *reasons*, never import errors. Nothing here imports a flash
+package until a backend is asked whether it can run (``list_backends``, ``explain``, selection)
+or runs; presence is checked on the file system without importing anything.
+
+The three versions share one class, :class:`_FlashAttention`; each subclass names its module
+and adapts two entry points (dense ``flash_attn_func``, packed ``flash_attn_varlen_func``) to
+one signature. What they have in common is done once, with exact pure-torch helpers
+(:mod:`._padding`):
+
+* a key-padding mask runs through the varlen entry point: keys/values unpadded per batch
+  element, queries kept dense (``cu_seqlens_q = arange * Sq``), out and lse padded back;
+* SDPA's top-left ``is_causal`` is rewritten for flash's bottom-right alignment, so results
+  equal SDPA's for ``Sq != Sk`` (see :func:`._padding.causal_plan`);
+* head dims are zero-padded to a multiple of 8 (exact; the output is sliced back).
+
+Any other mask is refused (no arbitrary masks in these kernels), as is ``is_causal`` together
+with a key-padding mask (unpadding moves keys, so the causal diagonal would move with them).
+Selecting the key-padding path synchronizes with the GPU (packed lengths), like flash-attn's own
+``unpad_input``.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.machinery
+import importlib.util
+import inspect
+import os
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from .. import constraints as C
+from .._errors import AttnPatchError, BackendUnavailableError
+from ..call import AttentionCall
+from ..registry import Backend, candidate_reasons, get_backend, register_backend, registry_version
+from . import _padding as P
+
+__all__ = ["Flash2Backend", "Flash3Backend", "Flash4Backend", "FlashBackend", "module_present"]
+
+_HALF = (torch.float16, torch.bfloat16)
+_NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
+
+
+@functools.lru_cache(maxsize=None)
+def module_present(dotted: str) -> bool:
+    """Whether module ``dotted`` is installed, found without importing it or its parents
+    (``find_spec("a.b")`` would import ``a``, and flash-attn's ``__init__`` loads CUDA code)."""
+    top, *rest = dotted.split(".")
+    try:
+        spec = importlib.util.find_spec(top)
+    except (ImportError, ValueError):
+        return False
+    if spec is None:
+        return False
+    locations = list(spec.submodule_search_locations or ())
+    for i, part in enumerate(rest):
+        last = i == len(rest) - 1
+        found = []
+        for loc in locations:
+            path = os.path.join(loc, part)
+            if os.path.isdir(path):
+                found.append(path)
+            elif last and any(os.path.isfile(path + suffix)
+                              for suffix in importlib.machinery.all_suffixes()):
+                return True
+        if not found:
+            return False
+        locations = found
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def _import(module: str):
+    """(module, None) or (None, "why it does not import"), once per process."""
+    try:
+        return importlib.import_module(module), None
+    except Exception as err:  # ImportError, OSError (undefined symbol), RuntimeError...
+        text = " ".join(str(err).split())
+        if len(text) > 300:
+            text = text[:297] + "..."
+        return None, f"{type(err).__name__}: {text}"
+
+
+@functools.lru_cache(maxsize=None)
+def _takes(fn, param: str) -> bool:
+    try:
+        return param in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _fa2_window(window: P.Window) -> tuple[int, int]:
+    """flash-attn 2/3 spell "unbounded" as -1."""
+    return tuple(-1 if w is None else w for w in window)
+
+
+def _split_result(result, seq_q: int, want_lse: bool, who: str):
+    """(out, lse | None) from an entry point that returns ``out`` or a tuple starting with it."""
+    if isinstance(result, (tuple, list)):
+        out, lse = result[0], (result[1] if len(result) > 1 else None)
+    else:
+        out, lse = result, None
+    if not want_lse:
+        return out, None
+    if lse is None:
+        raise AttnPatchError(f"{who} returned no log-sum-exp although it was asked for one")
+    return out, (lse[..., :seq_q] if lse.dim() == 3 else lse)
+
+
+class _FlashAttention(Backend):
+    """What FlashAttention 2, 3 and 4 share; subclasses name their package and adapt the two
+    entry points (:meth:`_dense`, :meth:`_varlen`)."""
+
+    devices = ("cuda",)
+    dtypes = _HALF
+    max_head_dim = 256
+    mask_kinds = frozenset({"none", "key_padding"})
+    supports_causal_with_mask = False
+    supports_dropout = False
+    supports_gqa = True
+    supports_lse = True
+    supports_value_head_dim = False
+
+    #: importable module found without importing (presence) ...
+    probe: ClassVar[str]
+    #: ... and the module whose flash_attn_func / flash_attn_varlen_func run
+    module: ClassVar[str]
+    #: the package name and how to install it, for reasons
+    package: ClassVar[str]
+    install: ClassVar[str]
+    #: the kernel keeps any right window as given (else top-left causal with Sq > Sk splits rows)
+    any_right_window: ClassVar[bool] = False
+    #: the lse it returns carries gradients
+    lse_has_grad: ClassVar[bool] = False
+    #: head dims are zero-padded to this multiple before the call
+    head_dim_multiple: ClassVar[int] = 8
+
+    # --- environment ---------------------------------------------------------------------------
+    def missing_reason(self) -> str:
+        return f"package {self.package} not installed ({self.install})"
+
+    def availability_reasons(self) -> list[str]:
+        reasons = []
+        if not module_present(self.probe):
+            reasons.append(self.missing_reason())
+        else:
+            _, err = _import(self.module)
+            if err:
+                reasons.append(f"{self.package} is installed but does not import ({err}); it "
+                               f"may be built for another torch: reinstall it for torch "
+                               f"{torch.__version__} (CUDA {torch.version.cuda})")
+        if not torch.cuda.is_available():
+            reasons.append(_NO_CUDA)
+        return reasons
+
+    # --- per call ------------------------------------------------------------------------------
+    def padded_head_dims(self, call: AttentionCall) -> tuple[int, int]:
+        m = self.head_dim_multiple
+        return -(-call.head_dim // m) * m, -(-call.head_dim_v // m) * m
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        reasons = super().not_supported_reasons(call)
+        if call.return_lse and call.requires_grad and not self.lse_has_grad:
+            reasons.append(f"return_lse=True with backward not supported ({self.package} gives "
+                           "no gradient through the lse)")
+        if call.device.type == "cuda":
+            reasons += self.device_reasons(call, C.compute_capability(call.device))
+        return reasons
+
+    def device_reasons(self, call: AttentionCall, capability: tuple[int, int]) -> list[str]:
+        """Limits that depend on the GPU generation (beyond ``min_compute_capability``)."""
+        return []
+
+    # --- running -------------------------------------------------------------------------------
+    def entry_points(self):
+        mod, err = _import(self.module)
+        if mod is None:
+            raise BackendUnavailableError(f"backend {self.name!r} cannot import {self.module}:",
+                                          {self.name: [err]})
+        return mod
+
+    def forward(self, call: AttentionCall, **options: Any):
+        mod = self.entry_points()
+        q, k, v = call.bshd()
+        dv = v.shape[-1]
+        q, k, v = (P.pad_head_dim(t, self.head_dim_multiple) for t in (q, k, v))
+        if call.mask_kind == "key_padding":
+            keep = P.key_padding_keep(call.attn_mask, call.batch_size)
+            out, lse = P.run_key_padding(q, k, v, keep,
+                                         functools.partial(self._varlen, mod, call))
+        else:
+            plan = P.causal_plan(call.seq_len_q, call.seq_len_kv, call.is_causal,
+                                 self.any_right_window)
+            out, lse = P.run_causal_plan(plan, q, k, v, functools.partial(self._dense, mod, call))
+        out = out[..., :dv].transpose(1, 2)
+        return (out, lse.float()) if call.return_lse else out
+
+    def _dense(self, mod, call, q, k, v, causal, window):
+        """``flash_attn_func`` on (B, S, H, D): returns (out, lse (B, H, Sq) | None)."""
+        raise NotImplementedError
+
+    def _varlen(self, mod, call, q, k, v, cu_q, cu_k, max_q, max_k):
+        """``flash_attn_varlen_func`` on packed (T, H, D), non-causal: (out, lse | None)."""
+        raise NotImplementedError
+
+
+# Priorities: `auto` ranks backends by speed measured on the GPU machine, not by reputation
+# (on H100, cuDNN SDPA beats FlashAttention-2 by ~1.8x). Until the flash/xformers rows of the
+# kernel benchmark are in, sdpa (100) stays ahead of all of these; the GPU measurement may
+# reorder flash4 (150), flash3 (160), flash2 (250) and xformers (300).
+@register_backend
+class Flash4Backend(_FlashAttention):
+    """FlashAttention-4 (package flash-attn-4, module ``flash_attn.cute``; CuTe DSL, JIT-compiled
+    per configuration): Hopper and Blackwell; forward, backward, lse with gradients."""
+
+    name = "flash4"
+    aliases = ("fa4", "flash_4")
+    description = "FlashAttention-4 (flash_attn.cute), sm90/sm100"
+    priority = 150
+    min_compute_capability = (9, 0)
+    supports_value_head_dim = True
+    probe = "flash_attn.cute"
+    module = "flash_attn.cute"
+    package = "flash_attn.cute"
+    install = "pip install flash-attn-4"
+    any_right_window = True
+    lse_has_grad = True
+
+    def device_reasons(self, call, capability):
+        d, dv = self.padded_head_dims(call)
+        reasons = []
+        if d != dv and (d, dv) != (192, 128):
+            reasons.append(f"value head_dim {call.head_dim_v} != query head_dim {call.head_dim} "
+                           "(flash4 takes equal head dims, or 192 with value 128)")
+        major = capability[0]
+        if major in (10, 11) and not ((d <= 128 and dv <= 128) or (d, dv) in ((192, 128),
+                                                                           (256, 256))):
+            reasons.append(f"head_dim {max(d, dv)} not supported on compute capability "
+                           f"{major}.{capability[1]} (flash4 takes <= 128, 192 with value 128, "
+                           "or 256)")
+        elif major == 12 and max(d, dv) > 128:
+            reasons.append(f"head_dim {max(d, dv)} > 128 on compute capability "
+                           f"{major}.{capability[1]}")
+        return reasons
+
+    def _dense(self, mod, call, q, k, v, causal, window):
+        out, lse = mod.flash_attn_func(q, k, v, softmax_scale=call.scale, causal=causal,
+                                       window_size=window, return_lse=call.return_lse)
+        return out, (lse if call.return_lse else None)
+
+    def _varlen(self, mod, call, q, k, v, cu_q, cu_k, max_q, max_k):
+        out, lse = mod.flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+            max_seqlen_k=max_k, softmax_scale=call.scale, causal=False,
+            return_lse=call.return_lse)
+        return out, (lse if call.return_lse else None)
+
+
+@register_backend
+class Flash3Backend(_FlashAttention):
+    """FlashAttention-3 (module ``flash_attn_interface``, built from flash-attention's
+    ``hopper/``): Hopper only, no dropout; its lse carries no gradient."""
+
+    name = "flash3"
+    aliases = ("fa3", "_flash_3", "_flash_varlen_3")
+    description = "FlashAttention-3 (flash_attn_interface), Hopper"
+    priority = 160
+    min_compute_capability = (9, 0)
+    max_compute_capability = (9, 0)
+    probe = "flash_attn_interface"
+    module = "flash_attn_interface"
+    package = "flash_attn_interface"
+    install = "build FlashAttention-3: flash-attention/hopper, python setup.py install"
+
+    def _lse_kwargs(self, fn, call) -> dict:
+        # newer builds return (out, lse) only with return_attn_probs=True, older ones always
+        return {"return_attn_probs": True} if call.return_lse and _takes(
+            fn, "return_attn_probs") else {}
+
+    def _dense(self, mod, call, q, k, v, causal, window):
+        fn = mod.flash_attn_func
+        kw = self._lse_kwargs(fn, call)
+        if window != P.NO_WINDOW:
+            kw["window_size"] = _fa2_window(window)
+        result = fn(q, k, v, softmax_scale=call.scale, causal=causal, **kw)
+        return _split_result(result, q.shape[1], call.return_lse, "flash_attn_interface")
+
+    def _varlen(self, mod, call, q, k, v, cu_q, cu_k, max_q, max_k):
+        fn = mod.flash_attn_varlen_func
+        result = fn(q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+                    max_seqlen_k=max_k, softmax_scale=call.scale, causal=False,
+                    **self._lse_kwargs(fn, call))
+        return _split_result(result, max_q, call.return_lse, "flash_attn_interface")
+
+
+@register_backend
+class Flash2Backend(_FlashAttention):
+    """FlashAttention-2 (package flash-attn, module ``flash_attn``): Ampere and newer, dropout;
+    its lse carries no gradient."""
+
+    name = "flash2"
+    aliases = ("fa2", "flash_varlen")
+    description = "FlashAttention-2 (flash_attn), sm80+"
+    priority = 250
+    min_compute_capability = (8, 0)
+    supports_dropout = True
+    probe = "flash_attn.flash_attn_interface"  # flash-attn-4 alone leaves a bare flash_attn/
+    module = "flash_attn"
+    package = "flash_attn"
+    install = "pip install flash-attn"
+
+    def missing_reason(self) -> str:
+        reason = super().missing_reason()
+        if module_present("flash_attn.cute"):
+            reason += "; only flash-attn-4's flash_attn.cute is there (backend flash4)"
+        return reason
+
+    def not_supported_reasons(self, call):
+        reasons = super().not_supported_reasons(call)
+        if call.return_lse and call.dropout_p > 0:
+            reasons.append("return_lse=True with dropout_p > 0 not supported (flash_attn would "
+                           "materialize the attention probabilities)")
+        return reasons
+
+    def _dense(self, mod, call, q, k, v, causal, window):
+        kw = dict(dropout_p=call.dropout_p, softmax_scale=call.scale, causal=causal)
+        if window != P.NO_WINDOW:
+            kw["window_size"] = _fa2_window(window)
+        if call.return_lse:
+            kw["return_attn_probs"] = True
+        return _split_result(mod.flash_attn_func(q, k, v, **kw), q.shape[1], call.return_lse,
+                             "flash_attn")
+
+    def _varlen(self, mod, call, q, k, v, cu_q, cu_k, max_q, max_k):
+        kw = {"return_attn_probs": True} if call.return_lse else {}
+        result = mod.flash_attn_varlen_func(
+            q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
+            max_seqlen_k=max_k, dropout_p=call.dropout_p, softmax_scale=call.scale,
+            causal=False, **kw)
+        return _split_result(result, max_q, call.return_lse, "flash_attn")
+
+
+def _call_key(call: AttentionCall) -> tuple:
+    mask = None if call.attn_mask is None else tuple(call.attn_mask.shape)
+    return (call.device, call.dtype, tuple(call.query.shape), tuple(call.key.shape),
+            tuple(call.value.shape), call.mask_kind, mask, call.is_causal, call.dropout_p > 0,
+            call.requires_grad, call.return_lse, registry_version())
+
+
+@register_backend
+class FlashBackend(Backend):
+    """``flash``: the first of flash4, flash3, flash2 that is installed and takes the call.
+
+    Not in ``auto``'s list (its members are, each at its measured place). When none fits, its
+    reasons are the union of theirs, each prefixed with the member(s) it comes from.
+    """
+
+    name = "flash"
+    description = "best FlashAttention installed: flash4 > flash3 > flash2"
+    priority = None
+    members: ClassVar[tuple[str, ...]] = ("flash4", "flash3", "flash2")
+    # the union of the members' capabilities (for the table; checks are the members')
+    devices = ("cuda",)
+    dtypes = _HALF
+    max_head_dim = 256
+    min_compute_capability = (8, 0)
+    mask_kinds = frozenset({"none", "key_padding"})
+    supports_causal_with_mask = False
+    supports_dropout = True
+    supports_lse = True
+
+    def __init__(self):
+        self._chosen: dict[tuple, Backend] = {}
+
+    def _member_backends(self) -> list[Backend]:
+        out = []
+        for name in self.members:
+            try:
+                out.append(get_backend(name))
+            except AttnPatchError:  # unregistered by someone: skip it
+                pass
+        return out
+
+    @staticmethod
+    def _union(per_member: list[tuple[str, list[str]]]) -> list[str]:
+        """Reasons of several members, identical ones merged: "flash4, flash2: why"."""
+        merged: dict[str, list[str]] = {}
+        for name, reasons in per_member:
+            for r in reasons:
+                merged.setdefault(r, []).append(name)
+        return [f"{', '.join(names)}: {r}" for r, names in merged.items()]
+
+    def availability_reasons(self) -> list[str]:
+        per_member = []
+        for member in self._member_backends():
+            reasons = member.availability_reasons()
+            if not reasons:
+                return []
+            per_member.append((member.name, reasons))
+        return self._union(per_member) or ["no FlashAttention backend registered"]
+
+    def choose(self, call: AttentionCall) -> tuple[Optional[Backend], list[str]]:
+        """The member that runs ``call``, or None and every member's reasons."""
+        per_member = []
+        for member in self._member_backends():
+            reasons = candidate_reasons(member, call, ())
+            if not reasons:
+                return member, []
+            per_member.append((member.name, reasons))
+        return None, self._union(per_member) or ["no FlashAttention backend registered"]
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        return self.choose(call)[1]
+
+    def forward(self, call: AttentionCall, **options: Any):
+        key = _call_key(call)
+        member = self._chosen.get(key)
+        if member is None:
+            member, reasons = self.choose(call)
+            if member is None:
+                raise BackendUnavailableError(f"backend 'flash' cannot run {call}:",
+                                              {self.name: reasons})
+            if len(self._chosen) > 256:
+                self._chosen.clear()
+            self._chosen[key] = member
+        return member.forward(call, **options)

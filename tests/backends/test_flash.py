@@ -1,0 +1,266 @@
+"""FlashAttention backends on a machine without them: every refusal is a specific reason.
+
+Numerics run on the GPU machine (tests/backends/test_flash_gpu.py); the exact helpers they
+rely on are proven on CPU in test_padding.py.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import attnpatch
+from attnpatch import registry
+from attnpatch.backends import flash as F
+from attnpatch.backends.flash import Flash2Backend, Flash3Backend, Flash4Backend, FlashBackend
+
+from ..conftest import make_inputs
+
+NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
+VERSIONS = (Flash4Backend, Flash3Backend, Flash2Backend)
+needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="asserts the CPU reasons")
+
+
+@pytest.fixture
+def fresh_lookups(monkeypatch, tmp_path):
+    """A temporary sys.path entry; presence/import caches cleared before and after."""
+    monkeypatch.syspath_prepend(str(tmp_path))
+    F.module_present.cache_clear()
+    F._import.cache_clear()
+    importlib.invalidate_caches()
+    yield tmp_path
+    F.module_present.cache_clear()
+    F._import.cache_clear()
+    for name in [m for m in sys.modules if m.split(".")[0] in ("flash_attn", "attnpatch_broken")]:
+        del sys.modules[name]
+
+
+def call_for(**kw):
+    """The normalized call attnpatch builds for these inputs (no backend runs)."""
+    mask_kind = kw.pop("mask", None)
+    is_causal = kw.pop("is_causal", False)
+    dropout_p = kw.pop("dropout_p", 0.0)
+    return_lse = kw.pop("return_lse", False)
+    kw.setdefault("dtype", torch.float16)
+    q, k, v, mask = make_inputs(mask=mask_kind, **kw)
+    return attnpatch.explain(q, k, v, attn_mask=mask, is_causal=is_causal, dropout_p=dropout_p,
+                             return_lse=return_lse).call
+
+
+# --- environment: package, import, device -------------------------------------------------------
+class AbsentFlash4(Flash4Backend):  # test doubles: a package that is certainly not installed
+    name = "test_absent_flash4"
+    probe = "attnpatch_absent_pkg.cute"
+
+
+class AbsentFlash3(Flash3Backend):
+    name = "test_absent_flash3"
+    probe = "attnpatch_absent_pkg_interface"
+
+
+class AbsentFlash2(Flash2Backend):
+    name = "test_absent_flash2"
+    probe = "attnpatch_absent_pkg.flash_attn_interface"
+
+
+@needs_no_cuda
+def test_missing_package_reasons_are_exact():
+    assert AbsentFlash4().availability_reasons() == [
+        "package flash_attn.cute not installed (pip install flash-attn-4)", NO_CUDA]
+    assert AbsentFlash3().availability_reasons() == [
+        "package flash_attn_interface not installed (build FlashAttention-3: "
+        "flash-attention/hopper, python setup.py install)", NO_CUDA]
+    assert AbsentFlash2().availability_reasons()[0] == (
+        "package flash_attn not installed (pip install flash-attn)")
+
+
+@needs_no_cuda
+def test_registered_backends_on_this_machine():
+    for cls in VERSIONS:
+        backend = registry.get_backend(cls.name)
+        if F.module_present(cls.probe):
+            pytest.skip(f"{cls.package} is installed here")
+        assert backend.availability_reasons() == [backend.missing_reason(), NO_CUDA]
+    info = {i.name: i for i in attnpatch.list_backends()}
+    for name in ("flash", "flash2", "flash3", "flash4"):
+        assert not info[name].available and info[name].reasons
+
+
+def test_flash2_reason_says_only_flash4_is_there(fresh_lookups):
+    cute = fresh_lookups / "flash_attn" / "cute"  # what flash-attn-4 installs: no flash_attn/__init__
+    cute.mkdir(parents=True)
+    (cute / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    assert F.module_present("flash_attn.cute")
+    assert not F.module_present("flash_attn.flash_attn_interface")
+    assert Flash2Backend().availability_reasons()[0] == (
+        "package flash_attn not installed (pip install flash-attn); only flash-attn-4's "
+        "flash_attn.cute is there (backend flash4)")
+    assert "flash_attn" not in sys.modules  # presence is checked without importing
+
+
+def test_installed_but_broken_package(fresh_lookups):
+    pkg = fresh_lookups / "attnpatch_broken"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(
+        "raise ImportError('attnpatch_broken_C.so: undefined symbol: _ZN3c104cuda9SetDevice')\n")
+
+    class Broken(Flash4Backend):
+        name = "test_broken"
+        probe = module = package = "attnpatch_broken"
+
+    reasons = Broken().availability_reasons()
+    assert reasons[0] == (
+        "attnpatch_broken is installed but does not import (ImportError: attnpatch_broken_C.so: "
+        "undefined symbol: _ZN3c104cuda9SetDevice); it may be built for another torch: "
+        f"reinstall it for torch {torch.__version__} (CUDA {torch.version.cuda})")
+
+
+def test_module_present_finds_modules_files_and_packages(fresh_lookups):
+    (fresh_lookups / "attnpatch_broken").mkdir()
+    (fresh_lookups / "attnpatch_broken" / "__init__.py").write_text("raise ImportError\n")
+    (fresh_lookups / "attnpatch_broken" / "iface.py").write_text("raise ImportError\n")
+    assert F.module_present("attnpatch_broken")
+    assert F.module_present("attnpatch_broken.iface")
+    assert not F.module_present("attnpatch_broken.nope")
+    assert not F.module_present("attnpatch_broken.iface.deeper")
+    assert F.module_present("torch.nn.functional") and not F.module_present("torch.nope")
+    assert "attnpatch_broken" not in sys.modules
+
+
+def test_importing_attnpatch_loads_no_kernel_package():
+    code = textwrap.dedent("""
+        import sys, torch, attnpatch
+        attnpatch.list_backends()
+        q = torch.randn(1, 2, 8, 16)
+        print(attnpatch.explain(q, q, q))
+        loaded = [m for m in sys.modules if m.split('.')[0] in ('flash_attn', 'xformers',
+                  'flash_attn_interface', 'flash_attn_2_cuda')]
+        assert not loaded, loaded
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
+# --- per call: the capabilities, as reasons ------------------------------------------------------
+@pytest.mark.parametrize("cls", VERSIONS, ids=lambda c: c.name)
+def test_call_reasons_are_exact(cls):
+    backend = cls()
+    cpu = "device cpu not supported (needs cuda)"
+    assert backend.not_supported_reasons(call_for()) == [cpu]
+    assert backend.not_supported_reasons(call_for(dtype=torch.float32)) == [
+        cpu, "dtype torch.float32 not in (float16, bfloat16)"]
+    assert backend.not_supported_reasons(call_for(head_dim=320)) == [cpu, "head_dim 320 > 256"]
+    assert backend.not_supported_reasons(call_for(mask="bool")) == [
+        cpu, "bool attn_mask not supported (supports: key_padding, none)"]
+    assert backend.not_supported_reasons(call_for(mask="float")) == [
+        cpu, "float attn_mask not supported (supports: key_padding, none)"]
+    assert backend.not_supported_reasons(call_for(mask="key_padding", is_causal=True)) == [
+        cpu, "is_causal=True together with attn_mask not supported"]
+    # accepted: key padding (varlen), GQA, cross-attention, causal with Sq != Sk, lse
+    for kw in (dict(mask="key_padding"), dict(heads=8, kv_heads=2), dict(seq_q=5, seq_k=9),
+               dict(is_causal=True, seq_q=9, seq_k=5), dict(return_lse=True)):
+        assert backend.not_supported_reasons(call_for(**kw)) == [cpu], kw
+
+
+def test_version_specific_reasons():
+    cpu = "device cpu not supported (needs cuda)"
+    dropout = call_for(dropout_p=0.1)
+    assert Flash4Backend().not_supported_reasons(dropout) == [
+        cpu, "dropout_p=0.1 not supported (only 0.0)"]
+    assert Flash3Backend().not_supported_reasons(dropout) == [
+        cpu, "dropout_p=0.1 not supported (only 0.0)"]
+    assert Flash2Backend().not_supported_reasons(dropout) == [cpu]
+
+    lse_grad = call_for(return_lse=True, requires_grad=True)
+    assert Flash4Backend().not_supported_reasons(lse_grad) == [cpu]  # FA4's lse has gradients
+    assert Flash2Backend().not_supported_reasons(lse_grad) == [
+        cpu, "return_lse=True with backward not supported (flash_attn gives no gradient "
+             "through the lse)"]
+    assert Flash3Backend().not_supported_reasons(lse_grad)[1].startswith(
+        "return_lse=True with backward not supported (flash_attn_interface")
+    assert Flash2Backend().not_supported_reasons(call_for(return_lse=True, dropout_p=0.1)) == [
+        cpu, "return_lse=True with dropout_p > 0 not supported (flash_attn would materialize "
+             "the attention probabilities)"]
+
+    other_dv = call_for(head_dim=64, head_dim_v=128)
+    assert Flash2Backend().not_supported_reasons(other_dv) == [
+        cpu, "value head_dim 128 != query head_dim 64"]
+    assert Flash4Backend().not_supported_reasons(other_dv) == [cpu]  # checked per GPU generation
+
+
+def test_flash4_limits_per_gpu_generation():
+    fa4 = Flash4Backend()
+    hopper, blackwell, sm120 = (9, 0), (10, 0), (12, 0)
+    for d in (8, 64, 72, 100, 128, 160, 256):
+        assert fa4.device_reasons(call_for(head_dim=d), hopper) == [], d
+    assert fa4.device_reasons(call_for(head_dim=256), blackwell) == []
+    assert fa4.device_reasons(call_for(head_dim=192, head_dim_v=128), blackwell) == []
+    assert fa4.device_reasons(call_for(head_dim=160), blackwell) == [
+        "head_dim 160 not supported on compute capability 10.0 (flash4 takes <= 128, 192 with "
+        "value 128, or 256)"]
+    assert fa4.device_reasons(call_for(head_dim=192), sm120) == [
+        "head_dim 192 > 128 on compute capability 12.0"]
+    assert fa4.device_reasons(call_for(head_dim=100), blackwell) == []  # padded to 104
+    assert fa4.device_reasons(call_for(head_dim=64, head_dim_v=128), hopper) == [
+        "value head_dim 128 != query head_dim 64 (flash4 takes equal head dims, or 192 with "
+        "value 128)"]
+    assert fa4.padded_head_dims(call_for(head_dim=3, head_dim_v=17)) == (8, 24)
+
+
+# --- selection -----------------------------------------------------------------------------------
+def test_flash_requested_on_cpu_raises_with_every_members_reasons():
+    q, k, v, _ = make_inputs(dtype=torch.float16)
+    with pytest.raises(attnpatch.BackendUnavailableError) as err:
+        attnpatch.attention(q, k, v, backend="flash")
+    reasons = err.value.reasons["flash"]
+    if not torch.cuda.is_available():
+        assert "flash4, flash3, flash2: " + NO_CUDA in reasons
+    for member in ("flash4", "flash3", "flash2"):
+        assert any(member in r for r in reasons)
+    for name in ("flash4", "fa3", "flash2", "flash_varlen"):
+        with pytest.raises(attnpatch.BackendUnavailableError):
+            attnpatch.attention(q, k, v, backend=name)
+
+
+def test_flash_union_merges_identical_reasons():
+    assert FlashBackend._union([("flash4", ["a", "b"]), ("flash3", ["b"]), ("flash2", ["c"])]) \
+        == ["flash4: a", "flash4, flash3: b", "flash2: c"]
+
+
+def test_priorities_and_aliases():
+    prio = {b.name: b.priority for b in registry.all_backends()}
+    assert prio["sdpa"] < prio["flash4"] < prio["flash3"] < prio["flash2"] < prio["xformers"]
+    assert (prio["flash4"], prio["flash3"], prio["flash2"], prio["xformers"]) == (150, 160, 250,
+                                                                                  300)
+    assert prio["flash"] is None and "flash" not in [b.name for b in registry.priority_list()]
+    for alias, name in (("fa4", "flash4"), ("flash_4", "flash4"), ("fa3", "flash3"),
+                        ("_flash_3", "flash3"), ("_flash_varlen_3", "flash3"), ("fa2", "flash2"),
+                        ("flash_varlen", "flash2"), ("flash", "flash")):
+        assert registry.canonical_name(alias) == name
+    caps = registry.get_backend("flash4").capabilities()
+    assert caps["dtypes"] == "float16, bfloat16" and caps["devices"] == ["cuda"]
+    assert caps["mask_kinds"] == ["key_padding", "none"] and not caps["dropout"]
+
+
+@needs_no_cuda
+def test_auto_passes_over_flash_on_cpu_with_reasons():
+    q, k, v, mask = make_inputs(dtype=torch.float16, mask="key_padding")
+    ex = attnpatch.explain(q, k, v, attn_mask=mask)
+    assert ex.choice == "sdpa"
+    for name in ("flash4", "flash3", "flash2", "xformers", "flash"):
+        assert NO_CUDA in " ".join(ex.reasons[name]), name
+
+
+def test_split_result():
+    out, lse = torch.zeros(1, 5, 2, 8), torch.zeros(1, 2, 7)
+    assert F._split_result(out, 5, False, "x") == (out, None)
+    got_out, got_lse = F._split_result((out, lse, None), 5, True, "x")
+    assert got_out is out and got_lse.shape == (1, 2, 5)
+    packed = torch.zeros(2, 10)
+    assert F._split_result((out, packed), 5, True, "x")[1] is packed
+    with pytest.raises(attnpatch.AttnPatchError, match="returned no log-sum-exp"):
+        F._split_result(out, 5, True, "x")
