@@ -11,6 +11,9 @@ from ._info import BackendInfo, list_backends
 from .call import AttentionCall
 from .dispatch import Explanation, attention, attention_backend, explain
 from .registry import Backend, register_backend, unregister_backend
+from ._layout import TokenLayout, current_token_layout
+from ._record import ModuleReport, PatchReport
+from .patcher import PatchHandle, patch, set_attention_backend, unpatch
 
 __version__ = "0.1.0"
 
@@ -27,4 +30,12 @@ __all__ = [
     "list_backends",
     "register_backend",
     "unregister_backend",
+    "patch",
+    "unpatch",
+    "set_attention_backend",
+    "PatchHandle",
+    "PatchReport",
+    "ModuleReport",
+    "TokenLayout",
+    "current_token_layout",
 ]

@@ -1,0 +1,230 @@
+"""``TokenLayout``: which tokens of an attention call are text and which are image, and the grid.
+
+Captured per forward by a hook on each patched denoiser (UNet, transformer, VAE) and refined per
+attention call by the patched processor (which knows the call's query/key lengths and whether its
+model puts the text first or last in joint attention). Strategies read it during a call with
+:func:`current_token_layout`; nothing is computed unless someone asks (a Flux grid read from
+``img_ids`` costs a device sync, so it is done lazily and at most once per forward).
+
+This module imports nothing from the rest of attnpatch: the patcher writes, strategies read.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["TokenLayout", "current_token_layout"]
+
+#: where the text tokens of one attention call are
+TEXT_POSITIONS = ("none", "first", "last", "key", "unknown")
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """The token structure of one attention call (or, outside a call, of one model forward).
+
+    ``text_position``:
+
+    - ``"none"``: every query and key token is an image token (self-attention over the latent
+      grid: UNet ``attn1``, Wan self-attention, a VAE mid-block);
+    - ``"first"``: joint attention, the sequence is ``[text | image]`` (Flux, QwenImage);
+    - ``"last"``: joint attention, the sequence is ``[image | text]`` (SD3);
+    - ``"key"``: cross-attention, queries are image tokens and every key is a text (context)
+      token (UNet ``attn2``, PixArt, Wan cross-attention);
+    - ``"unknown"``: joint attention whose text position this model does not declare.
+
+    ``frames``/``height``/``width`` are the image grid in tokens at this call's resolution
+    (after patchification; per resolution level in a UNet); ``None`` where it can't be known
+    (e.g. a VAE decode, which has no forward hook, or packed latents without ids).
+    """
+
+    text_tokens: int = 0
+    text_position: str = "none"
+    frames: int = 1
+    height: Optional[int] = None
+    width: Optional[int] = None
+    seq_len_q: Optional[int] = None
+    seq_len_kv: Optional[int] = None
+    model: Optional[str] = None
+
+    @property
+    def grid(self) -> Optional[tuple[int, int, int]]:
+        """(frames, height, width) in tokens, or None when unknown."""
+        if self.height is None or self.width is None:
+            return None
+        return (self.frames, self.height, self.width)
+
+    @property
+    def image_tokens(self) -> Optional[int]:
+        """The number of image tokens in the query sequence."""
+        if self.grid is not None:
+            return self.frames * self.height * self.width
+        if self.seq_len_q is None:
+            return None
+        if self.text_position in ("first", "last"):
+            return self.seq_len_q - self.text_tokens
+        return self.seq_len_q
+
+    @property
+    def image_slice(self) -> Optional[slice]:
+        """Where the image tokens are in the query (and, except for ``"key"``, key) sequence."""
+        n = self.image_tokens
+        if n is None:
+            return None
+        if self.text_position == "first":
+            return slice(self.text_tokens, self.text_tokens + n)
+        return slice(0, n)
+
+    @property
+    def text_slice(self) -> Optional[slice]:
+        """Where the text tokens are: in the joint sequence, or (``"key"``) in the keys."""
+        if self.text_position == "first":
+            return slice(0, self.text_tokens)
+        if self.text_position == "last":
+            n = self.image_tokens
+            return None if n is None else slice(n, n + self.text_tokens)
+        if self.text_position == "key":
+            return slice(0, self.text_tokens)
+        if self.text_position == "none":
+            return slice(0, 0)
+        return None
+
+
+class ForwardInfo:
+    """What a denoiser's forward pre-hook saw: the model, its latent grid and text length.
+
+    ``grid`` is resolved lazily (``img_ids`` live on the device: reading them syncs).
+    """
+
+    __slots__ = ("model", "image_tokens", "text_tokens", "_grid", "_ids", "_cache", "previous")
+
+    def __init__(self, model: str, image_tokens: Optional[int], text_tokens: int,
+                 grid: Optional[tuple[int, int, int]] = None, ids: Any = None):
+        self.model = model
+        self.image_tokens = image_tokens
+        self.text_tokens = text_tokens
+        self._grid = grid
+        self._ids = ids
+        self._cache: dict = {}
+        self.previous: Optional[ForwardInfo] = None
+
+    def grid(self) -> Optional[tuple[int, int, int]]:
+        if self._grid is None and self._ids is not None:
+            self._grid = _grid_from_ids(self._ids, self.image_tokens)
+            self._ids = None
+        return self._grid
+
+    def layout(self) -> TokenLayout:
+        grid = self.grid()
+        f, h, w = grid if grid is not None else (1, None, None)
+        return TokenLayout(self.text_tokens, "unknown" if self.text_tokens else "none", f, h, w,
+                           model=self.model)
+
+
+_ID_GRIDS: dict = {}
+
+
+def _grid_from_ids(ids: torch.Tensor, image_tokens: Optional[int]):
+    """Flux-style position ids (S, 3) or (B, S, 3|4): [.., row, col] in the last two columns."""
+    try:
+        key = (ids.data_ptr(), tuple(ids.shape), ids._version, ids.device)
+        if key in _ID_GRIDS:
+            return _ID_GRIDS[key]
+        flat = ids.reshape(-1, ids.shape[-1])
+        if image_tokens is not None and ids.dim() == 3:
+            flat = ids[0]
+        rows = int(flat[:, -2].max().item() - flat[:, -2].min().item()) + 1
+        cols = int(flat[:, -1].max().item() - flat[:, -1].min().item()) + 1
+        frames = 1
+        if flat.shape[-1] >= 4:  # Flux2: (t, h, w, l) or similar: frames from the first axis
+            frames = int(flat[:, 0].max().item() - flat[:, 0].min().item()) + 1
+        grid = (frames, rows, cols)
+        if image_tokens is not None and frames * rows * cols != image_tokens:
+            grid = None
+    except Exception:  # ids in an unexpected format: leave the grid unknown
+        return None
+    if len(_ID_GRIDS) > 64:
+        _ID_GRIDS.clear()
+    _ID_GRIDS[key] = grid
+    return grid
+
+
+# The innermost running patched denoiser forward, and the attention call in flight.
+_FORWARD: contextvars.ContextVar[Optional[ForwardInfo]] = contextvars.ContextVar(
+    "attnpatch_forward", default=None)
+_CALL: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar(
+    "attnpatch_call", default=None)
+
+
+def enter_forward(info: ForwardInfo) -> None:
+    info.previous = _FORWARD.get()
+    _FORWARD.set(info)
+
+
+def exit_forward() -> None:
+    info = _FORWARD.get()
+    _FORWARD.set(None if info is None else info.previous)
+
+
+def enter_call(joint_text: Optional[str], seq_q: int, seq_kv: int):
+    """Mark an attention call in flight; returns the token for :func:`exit_call`."""
+    return _CALL.set((joint_text, seq_q, seq_kv))
+
+
+def exit_call(token) -> None:
+    _CALL.reset(token)
+
+
+def current_token_layout() -> Optional[TokenLayout]:
+    """The :class:`TokenLayout` of the attention call in flight (inside a patched model), or of
+    the innermost running patched model's forward between calls; None outside both.
+
+    Call it from a backend's ``forward`` to learn which tokens are text and the image grid.
+    """
+    info = _FORWARD.get()
+    call = _CALL.get()
+    if call is None:
+        return None if info is None else info.layout()
+    if info is None:
+        joint_text, sq, sk = call
+        return TokenLayout(sk if sq != sk else 0, "key" if sq != sk else "none",
+                           seq_len_q=sq, seq_len_kv=sk)
+    layout = info._cache.get(call)
+    if layout is None:
+        layout = _call_layout(info, *call)
+        info._cache[call] = layout
+    return layout
+
+
+def _call_layout(info: ForwardInfo, joint_text: Optional[str], sq: int, sk: int) -> TokenLayout:
+    grid = info.grid()
+    level = _level_grid(grid, sq) if grid is not None else None
+    if level is None and grid is None and info.image_tokens == sq:
+        level = (1, None, None)
+    if sq == sk:
+        if level is not None:
+            return TokenLayout(0, "none", *level, sq, sk, info.model)
+        if info.image_tokens is not None and sq > info.image_tokens:
+            f, h, w = grid if grid is not None else (1, None, None)
+            return TokenLayout(sq - info.image_tokens, joint_text or "unknown", f, h, w, sq, sk,
+                               info.model)
+        return TokenLayout(0, "none", 1, None, None, sq, sk, info.model)
+    f, h, w = level if level is not None else (1, None, None)
+    return TokenLayout(sk, "key", f, h, w, sq, sk, info.model)
+
+
+def _level_grid(grid: tuple[int, int, int], tokens: int) -> Optional[tuple[int, int, int]]:
+    """The grid at the resolution level with ``tokens`` tokens: the input grid halved (rounding
+    up, like a stride-2 conv with padding 1) until it matches; None if no level matches."""
+    f, h, w = grid
+    for _ in range(10):
+        if f * h * w == tokens:
+            return (f, h, w)
+        if h <= 1 and w <= 1:
+            break
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return None

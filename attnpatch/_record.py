@@ -1,0 +1,153 @@
+"""Per attention module state of a patch: what was there, what is requested, what actually ran."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+__all__ = ["ModuleRecord", "ModuleReport", "PatchReport"]
+
+
+class ModuleRecord:
+    """One patched attention module.
+
+    ``default`` is the patch-level backend handed to the dispatcher, ``(name, options)`` or None
+    (None: the ``$ATTNPATCH_BACKEND`` / ``auto`` default). The processor (diffusers) or the
+    AttentionInterface function (transformers) calls :meth:`note` after every eager call.
+    """
+
+    __slots__ = ("name", "kind", "module", "module_type", "processor", "default", "patch_default",
+                 "routed", "note_text", "calls", "backend", "backends", "fallbacks",
+                 "_last_selection", "scale", "joint_text", "original", "installed", "refs",
+                 "extra")
+
+    def __init__(self, name: str, kind: str, module: Any, processor: str):
+        self.name = name
+        self.kind = kind                  # "diffusers" | "transformers"
+        self.module = module
+        self.module_type = type(module).__name__
+        self.processor = processor        # original processor class name / "AttentionInterface"
+        self.default: Optional[tuple[str, dict]] = None
+        self.patch_default: Optional[tuple[str, dict]] = None
+        self.routed = False
+        self.note_text: Optional[str] = None
+        self.calls = 0
+        self.backend: Optional[str] = None
+        self.backends: Counter = Counter()
+        self.fallbacks: dict[str, list[str]] = {}
+        self._last_selection = None
+        self.scale: Optional[float] = None   # scale for processors that ignore it (legacy swap)
+        self.joint_text: Optional[str] = None  # "first"/"last": text position in joint attention
+        self.original: Any = None         # the processor / implementation to restore
+        self.installed: Any = None        # what we installed (to detect later replacement)
+        self.refs = 0                     # handles that hold this record
+        self.extra: dict = {}
+
+    def note(self, selection) -> None:
+        """Book one eager call that ran through the dispatcher's ``selection``."""
+        self.calls += 1
+        if selection is not self._last_selection:
+            self._last_selection = selection
+            self.backend = selection.backend.name
+            for name, reasons in selection.rejected.items():
+                known = self.fallbacks.setdefault(name, [])
+                known.extend(r for r in reasons if r not in known)
+        self.backends[self.backend] += 1
+
+    def note_external(self, name: str) -> None:
+        """Book one call that attnpatch handed to another library's kernel (named ``name``)."""
+        self.calls += 1
+        self.backend = name
+        self._last_selection = None
+        self.backends[name] += 1
+
+    def requested(self) -> str:
+        if self.default is None:
+            return "auto"
+        name, options = self.default
+        if not options:
+            return name
+        return f"{name}(" + ", ".join(f"{k}={v!r}" for k, v in options.items()) + ")"
+
+    def replaced(self) -> bool:
+        """True when someone swapped our diffusers processor out after patching."""
+        return (self.kind == "diffusers" and self.installed is not None
+                and getattr(self.module, "processor", None) is not self.installed)
+
+    def report(self) -> "ModuleReport":
+        note, routed = self.note_text, self.routed
+        if routed and self.replaced():
+            routed = False
+            note = ("processor replaced after patch() (set_attn_processor, "
+                    "fuse_qkv_projections, ...): not routed now; call patch() again")
+        return ModuleReport(name=self.name, backend=self.backend, calls=self.calls,
+                            fallbacks={k: list(v) for k, v in self.fallbacks.items()},
+                            requested=self.requested(), backends=dict(self.backends),
+                            routed=routed, kind=self.kind, module_type=self.module_type,
+                            processor=self.processor, note=note)
+
+    def __repr__(self) -> str:
+        return f"<ModuleRecord {self.name} {self.kind} routed={self.routed} calls={self.calls}>"
+
+
+@dataclass
+class ModuleReport:
+    """What happened in one attention module since it was patched.
+
+    ``backend`` is the backend that ran the last call (None before the first call, and while
+    compiled: calls inside a ``torch.compile`` graph are not counted), ``backends`` counts calls
+    per backend, ``fallbacks`` maps every backend ``auto`` passed over to its reasons.
+    ``routed`` is False for a module attnpatch could not route; ``note`` says why.
+    """
+
+    name: str
+    backend: Optional[str]
+    calls: int
+    fallbacks: dict[str, list[str]] = field(default_factory=dict)
+    requested: str = "auto"
+    backends: dict[str, int] = field(default_factory=dict)
+    routed: bool = True
+    kind: str = "diffusers"
+    module_type: str = ""
+    processor: str = ""
+    note: Optional[str] = None
+
+
+class PatchReport(list):
+    """A list of :class:`ModuleReport`, one per attention module; prints as a table."""
+
+    @property
+    def routed(self) -> list[ModuleReport]:
+        return [r for r in self if r.routed]
+
+    @property
+    def not_routed(self) -> list[ModuleReport]:
+        return [r for r in self if not r.routed]
+
+    def by_name(self) -> dict[str, ModuleReport]:
+        return {r.name: r for r in self}
+
+    def __str__(self) -> str:
+        head = ("module", "type / processor", "requested", "ran", "calls", "fallbacks / notes")
+        rows = [head]
+        for r in self:
+            fb = "; ".join(f"{n}: {', '.join(why)}" for n, why in r.fallbacks.items())
+            if len(fb) > 100:
+                fb = fb[:97] + "..."
+            notes = r.note if r.note else fb or "-"
+            ran = r.backend or "-"
+            if len(r.backends) > 1:
+                ran = ",".join(f"{n}x{c}" for n, c in r.backends.items())
+            rows.append((r.name or "<root>", f"{r.module_type}/{r.processor}", r.requested,
+                         ran if r.routed else "NOT ROUTED", str(r.calls), notes))
+        widths = [max(len(row[i]) for row in rows) for i in range(5)]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5]
+                 for row in rows]
+        routed = len(self.routed)
+        lines.append(f"{routed}/{len(self)} attention modules routed through attnpatch, "
+                     f"{sum(r.calls for r in self)} calls")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return str(self)

@@ -1,0 +1,1 @@
+"""Library integrations: diffusers (processors), transformers (AttentionInterface)."""

@@ -1,0 +1,251 @@
+"""diffusers: find attention modules, install routed processors, capture the token layout.
+
+Every module with a ``processor`` and ``set_processor`` (legacy ``Attention``,
+``AttentionModuleMixin`` models such as Flux/Wan/QwenImage, ``MochiAttention``...) gets a copy
+of its processor whose core attention call goes to attnpatch (:mod:`attnpatch.processors`).
+Legacy processors that never call SDPA (bmm ``AttnProcessor``, sliced, xformers, IP-adapter,
+custom diffusion) are swapped for diffusers' own SDPA equivalent where that is numerically the
+same computation (with ``attn.scale`` passed through), else reported as not routed.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+import torch
+
+from .._layout import ForwardInfo, enter_forward, exit_forward
+from .._record import ModuleRecord
+from ..processors.rebind import NotRoutable, route_processor
+
+__all__ = ["is_attention_module", "is_pipeline", "is_model_mixin", "pipeline_components",
+           "patch_module", "restore_module", "LayoutHooks", "diffusers_backend_names"]
+
+
+def _diffusers():
+    return sys.modules.get("diffusers")
+
+
+def is_attention_module(module: Any) -> bool:
+    return (isinstance(module, torch.nn.Module) and hasattr(module, "processor")
+            and callable(getattr(module, "set_processor", None)))
+
+
+def is_pipeline(obj: Any) -> bool:
+    d = _diffusers()
+    if d is None or isinstance(obj, torch.nn.Module):
+        return False
+    return isinstance(obj, d.DiffusionPipeline)
+
+
+def is_model_mixin(obj: Any) -> bool:
+    d = _diffusers()
+    return d is not None and isinstance(obj, d.ModelMixin)
+
+
+def pipeline_components(pipe) -> list[tuple[str, Any]]:
+    """(name, component) for every component of a pipeline, modules or not."""
+    return list(pipe.components.items())
+
+
+def diffusers_backend_names() -> set[str]:
+    d = _diffusers()
+    if d is None:
+        return set()
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+    except Exception:  # pragma: no cover
+        return set()
+    return {m.value for m in AttentionBackendName}
+
+
+# --- legacy processors ------------------------------------------------------------------------
+# original class -> (diffusers SDPA equivalent, attention attributes that must be None for the
+# two to compute the same thing: the legacy class ignores them, the SDPA one applies them)
+_LEGACY = {
+    "AttnProcessor": ("AttnProcessor2_0", ("norm_q", "norm_k")),
+    "SlicedAttnProcessor": ("AttnProcessor2_0", ("norm_q", "norm_k", "spatial_norm")),
+    "XFormersAttnProcessor": ("AttnProcessor2_0", ("norm_q", "norm_k")),
+    "AttnAddedKVProcessor": ("AttnAddedKVProcessor2_0", ()),
+    "SlicedAttnAddedKVProcessor": ("AttnAddedKVProcessor2_0", ("spatial_norm",)),
+    "XFormersAttnAddedKVProcessor": ("AttnAddedKVProcessor2_0", ()),
+    "XFormersJointAttnProcessor": ("JointAttnProcessor2_0", ()),
+    "IPAdapterAttnProcessor": ("IPAdapterAttnProcessor2_0", ()),
+    "IPAdapterXFormersAttnProcessor": ("IPAdapterAttnProcessor2_0", ()),
+    "CustomDiffusionAttnProcessor": ("CustomDiffusionAttnProcessor2_0", ()),
+    "CustomDiffusionXFormersAttnProcessor": ("CustomDiffusionAttnProcessor2_0", ()),
+}
+
+
+def _legacy_target(module, processor) -> tuple[Optional[type], Optional[str]]:
+    """(SDPA class to use instead, None) for a convertible legacy processor; (None, reason) for
+    one that is not equivalent; (None, None) when the processor is not a legacy one."""
+    try:
+        from diffusers.models import attention_processor as ap
+    except Exception:  # pragma: no cover
+        return None, None
+    name = type(processor).__name__
+    if name not in _LEGACY or type(processor) is not getattr(ap, name, None):
+        return None, None
+    target_name, must_be_none = _LEGACY[name]
+    bad = [a for a in must_be_none if getattr(module, a, None) is not None]
+    if bad:
+        return None, (f"{name} ignores attn.{', attn.'.join(bad)} but {target_name} applies "
+                      "it: no numerically equivalent SDPA processor")
+    return getattr(ap, target_name), None
+
+
+def _joint_text_position(cls_name: str) -> Optional[str]:
+    """Where joint attention puts the text tokens, for the processor families we know."""
+    if cls_name.startswith(("Flux", "Qwen", "Bria", "Chroma")):
+        return "first"
+    if "Joint" in cls_name or cls_name.startswith("Hunyuan"):
+        return "last"
+    return None
+
+
+def patch_module(record: ModuleRecord) -> None:
+    """Install a routed processor on ``record.module``; sets ``record.routed``/``note_text``."""
+    module = record.module
+    processor = module.processor
+    record.original = processor
+    record.processor = type(processor).__name__
+    if processor is None:
+        record.note_text = "module has no processor"
+        return
+    base = getattr(type(processor), "_attnpatch_base", None)
+    source = processor
+    if base is not None:  # someone copied a routed processor from another patched model here
+        record.processor = base.__name__
+    else:
+        base = type(processor)
+        target, why_not = _legacy_target(module, processor)
+        if why_not is not None:
+            record.note_text = why_not
+            return
+        if target is not None:
+            source = _convert(processor, target)
+            record.scale = getattr(module, "scale", None)
+            record.extra["replaced_by"] = target.__name__
+            record.note_text = None
+            base = target
+    try:
+        new = route_processor(source, record, base)
+    except NotRoutable as err:
+        record.note_text = str(err)
+        return
+    record.joint_text = _joint_text_position(base.__name__)
+    module.set_processor(new)
+    record.installed = new
+    record.routed = True
+
+
+def _convert(processor, target: type):
+    """A ``target`` processor carrying ``processor``'s state (weights of nn.Module processors:
+    the same tensors, under the same names)."""
+    if isinstance(processor, torch.nn.Module):
+        new = object.__new__(target)
+        new.__dict__.update(processor.__dict__)
+        return new
+    return target()
+
+
+def restore_module(record: ModuleRecord) -> bool:
+    """Put the original processor back; False if someone replaced ours meanwhile (then theirs
+    stays)."""
+    module = record.module
+    if record.installed is None:
+        return True
+    if getattr(module, "processor", None) is not record.installed:
+        return False
+    module.set_processor(record.original)
+    return True
+
+
+# --- token layout -----------------------------------------------------------------------------
+
+def _patch_sizes(config) -> tuple[int, int, int]:
+    get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
+    p = get("patch_size", None) or 1
+    pt = get("patch_size_t", None) or 1
+    if isinstance(p, (tuple, list)):
+        if len(p) == 3:
+            return int(p[0] or 1), int(p[1] or 1), int(p[2] or 1)
+        if len(p) == 2:
+            return int(pt), int(p[0] or 1), int(p[1] or 1)
+        p = p[0]
+    return int(pt), int(p), int(p)
+
+
+def forward_info(model, args: tuple, kwargs: dict) -> Optional[ForwardInfo]:
+    """The latent grid (in tokens) and text length of one denoiser forward, from its inputs."""
+    hs = kwargs.get("hidden_states", kwargs.get("sample"))
+    if hs is None and args:
+        hs = args[0]
+    if not isinstance(hs, torch.Tensor):
+        return None
+    name = type(model).__name__
+    ehs = kwargs.get("encoder_hidden_states")
+    if ehs is None and len(args) > 2 and isinstance(args[2], torch.Tensor):
+        ehs = args[2]  # UNet2DConditionModel(sample, timestep, encoder_hidden_states)
+    text = ehs.shape[1] if isinstance(ehs, torch.Tensor) and ehs.dim() == 3 else 0
+    pt, ph, pw = _patch_sizes(getattr(model, "config", {}))
+    if hs.dim() == 5:  # (B, C, F, H, W)
+        grid = (hs.shape[2] // pt, hs.shape[3] // ph, hs.shape[4] // pw)
+        return ForwardInfo(name, grid[0] * grid[1] * grid[2], text, grid)
+    if hs.dim() == 4:  # (B, C, H, W)
+        grid = (1, hs.shape[2] // ph, hs.shape[3] // pw)
+        return ForwardInfo(name, grid[1] * grid[2], text, grid)
+    if hs.dim() == 3:  # packed tokens (B, S, C): Flux-style ids or QwenImage img_shapes
+        tokens = hs.shape[1]
+        shapes = kwargs.get("img_shapes")
+        if shapes:
+            try:
+                first = shapes[0][0] if isinstance(shapes[0], (list, tuple)) and isinstance(
+                    shapes[0][0], (list, tuple)) else shapes[0]
+                grid = tuple(int(x) for x in first)
+                if len(grid) == 3 and grid[0] * grid[1] * grid[2] == tokens:
+                    return ForwardInfo(name, tokens, text, grid)
+            except (TypeError, ValueError, IndexError):
+                pass
+        ids = kwargs.get("img_ids")
+        return ForwardInfo(name, tokens, text, None, ids if isinstance(ids, torch.Tensor)
+                           else None)
+    return None
+
+
+class LayoutHooks:
+    """Forward pre/post hooks on one denoiser that publish its :class:`ForwardInfo`."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.refs = 0
+        self._handles = [
+            model.register_forward_pre_hook(self._pre, with_kwargs=True),
+            model.register_forward_hook(self._post, always_call=True),
+        ]
+
+    def _pre(self, module, args, kwargs):
+        if torch.compiler.is_compiling():
+            return None
+        info = None
+        try:
+            info = forward_info(module, args, kwargs)
+        except Exception:  # never break a forward for bookkeeping
+            info = None
+        if info is None:
+            info = ForwardInfo(type(module).__name__, None, 0)
+        enter_forward(info)
+        return None
+
+    def _post(self, module, args, output):
+        if torch.compiler.is_compiling():
+            return None
+        exit_forward()
+        return None
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

@@ -1,0 +1,246 @@
+"""transformers: one ``AttentionInterface`` function and its mask function, under one name.
+
+``ATTN_NAME`` is registered in ``AttentionInterface`` (the attention call) and in
+``AttentionMaskInterface`` (``sdpa_mask``: models then build a 4-D bool mask, True = attend;
+without it transformers silently drops padding masks for unknown implementations). A patched
+model's configs are switched to ``ATTN_NAME`` with ``set_attn_implementation``; each config's
+previous ``_attn_implementation`` is restored exactly on unpatch, and the global registrations
+are removed again when the last patched model is restored.
+
+The function gets ``module``, so records (and backends) are per attention module. It follows
+``sdpa_attention_forward``'s conventions: ``is_causal`` from the call or ``module.is_causal``
+(only when there is no mask and more than one query), T5's ``position_bias`` folded into the
+mask, ``scaling`` as the scale (T5: 1.0), ``dropout`` as the model passes it (0.0 in eval), GQA
+(fewer key/value heads), output (B, S, H, D) and no weights.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Optional
+
+import torch
+
+from .._errors import AttnPatchError
+from .._record import ModuleRecord
+from ..dispatch import _dispatch
+
+__all__ = ["ATTN_NAME", "is_pretrained_model", "is_attention_module", "TransformersSite",
+           "attnpatch_attention"]
+
+#: the implementation name; avoids the substrings (flash, sdpa, flex_attention) and the
+#: org/repo pattern that make transformers take special code paths
+ATTN_NAME = "attnpatch"
+
+
+def _transformers():
+    return sys.modules.get("transformers")
+
+
+def is_pretrained_model(obj: Any) -> bool:
+    t = _transformers()
+    return t is not None and isinstance(obj, t.PreTrainedModel)
+
+
+def is_attention_module(module: Any) -> bool:
+    """A module whose forward looks its attention function up in ``ALL_ATTENTION_FUNCTIONS``."""
+    forward = getattr(type(module), "forward", None)
+    code = getattr(forward, "__code__", None)
+    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+
+
+# --- the attention function -------------------------------------------------------------------
+
+def _passthrough(module, query, key, value, attention_mask, impl: str, **kwargs):
+    """A module inside a switched model that was excluded from the patch: run what it ran
+    before (eager or sdpa), with the mask in the form that implementation expects."""
+    if impl == "eager":
+        eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+        if eager is None:
+            raise AttnPatchError(f"{type(module).__name__}: no eager_attention_forward to fall "
+                                 "back to for an excluded module")
+        if attention_mask is not None and attention_mask.dtype == torch.bool:
+            attention_mask = torch.where(attention_mask, 0.0, torch.finfo(query.dtype).min).to(
+                query.dtype)
+        return eager(module, query, key, value, attention_mask, **kwargs)
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def attnpatch_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                        is_causal=None, position_bias=None, cache=None, **kwargs):
+    """The ``AttentionInterface`` function: q/k/v (B, H, S, D) in, ((B, S, H, D), None) out."""
+    record: Optional[ModuleRecord] = getattr(module, "_attnpatch_record", None)
+    if record is None:
+        impl = getattr(module, "_attnpatch_passthrough", "sdpa")
+        return _passthrough(module, query, key, value, attention_mask, impl, dropout=dropout,
+                            scaling=scaling, is_causal=is_causal, position_bias=position_bias,
+                            cache=cache, **kwargs)
+    if kwargs.get("softcap") is not None:
+        raise AttnPatchError(f"{record.name}: attention logit softcapping (softcap="
+                             f"{kwargs['softcap']}) is not supported by attnpatch backends; "
+                             "exclude this model from the patch")
+    if kwargs.get("s_aux") is not None:
+        raise AttnPatchError(f"{record.name}: attention sinks (s_aux) are not supported by "
+                             "attnpatch backends; exclude this model from the patch")
+    if cache is not None:
+        from transformers.generation.continuous_batching.cache import PagedAttentionCache
+        if isinstance(cache, PagedAttentionCache):
+            key, value = cache.update(key_states=key, value_states=value,
+                                      layer_idx=module.layer_idx, kwargs=kwargs)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", True)
+    is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
+    if is_causal and kv_len > q_len:  # empty static cache prefill: the keys after q_len are unused
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+        if position_bias is not None:
+            position_bias = position_bias[..., :q_len]
+    if position_bias is not None:
+        from transformers.integrations.sdpa_attention import create_position_bias_mask
+        attention_mask = create_position_bias_mask(position_bias, attention_mask, is_causal,
+                                                   query, key)
+        is_causal = False
+    if torch.compiler.is_compiling():
+        out = _dispatch(query, key, value, attention_mask, is_causal, scaling, dropout, None,
+                        "bhsd", False, None, record.default)[0]
+    else:
+        out, selection = _dispatch(query, key, value, attention_mask, is_causal, scaling,
+                                   dropout, None, "bhsd", False, None, record.default)
+        record.note(selection)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# --- global registration (reference counted) ------------------------------------------------
+
+_MISSING = object()
+_REG = {"users": 0, "saved": None}
+
+
+def _acquire() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+    if _REG["users"] == 0:
+        _REG["saved"] = (AttentionInterface._global_mapping.get(ATTN_NAME, _MISSING),
+                         AttentionMaskInterface._global_mapping.get(ATTN_NAME, _MISSING))
+        AttentionInterface.register(ATTN_NAME, attnpatch_attention)
+        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+    _REG["users"] += 1
+
+
+def _release() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    _REG["users"] -= 1
+    if _REG["users"] > 0:
+        return
+    saved_attn, saved_mask = _REG["saved"] or (_MISSING, _MISSING)
+    for mapping, saved in ((AttentionInterface._global_mapping, saved_attn),
+                           (AttentionMaskInterface._global_mapping, saved_mask)):
+        if saved is _MISSING:
+            mapping.pop(ATTN_NAME, None)
+        else:
+            mapping[ATTN_NAME] = saved
+    _REG["saved"] = None
+
+
+def registered() -> bool:
+    """Whether attnpatch's AttentionInterface entry is currently registered (for tests)."""
+    return _REG["users"] > 0
+
+
+# --- one patched model ------------------------------------------------------------------------
+
+def _configs(model) -> list:
+    """Every config object of ``model``: its own, its submodels', and nested sub-configs."""
+    t = _transformers()
+    config_cls = getattr(t, "PreTrainedConfig", None) or t.PretrainedConfig
+    seen: dict[int, Any] = {}
+    todo = [model.config]
+    for m in model.modules():
+        cfg = getattr(m, "config", None)
+        if cfg is not None and isinstance(cfg, config_cls):
+            todo.append(cfg)
+    while todo:
+        cfg = todo.pop()
+        if cfg is None or id(cfg) in seen:
+            continue
+        seen[id(cfg)] = cfg
+        for key in getattr(cfg, "sub_configs", {}) or {}:
+            todo.append(getattr(cfg, key, None))
+    return list(seen.values())
+
+
+class TransformersSite:
+    """One transformers model switched to ``ATTN_NAME``: the configs' previous implementations
+    and the records/passthrough markers set on its attention modules."""
+
+    def __init__(self, model, records: list[ModuleRecord], excluded: list):
+        self.model = model
+        self.records = records
+        self.excluded = excluded
+        self.refs = 0
+        self.saved: list[tuple[Any, Any]] = []
+        self.applied = False
+
+    def apply(self) -> None:
+        model = self.model
+        if not model._can_set_attn_implementation():
+            for r in self.records:
+                r.note_text = (f"{type(model).__name__} does not use transformers' "
+                               "AttentionInterface (cannot switch its attention implementation)")
+            return
+        original = model.config._attn_implementation
+        if self.excluded and original not in ("eager", "sdpa"):
+            raise AttnPatchError(
+                f"{type(model).__name__}: excluding only some of its attention modules needs its "
+                f"current implementation to be 'eager' or 'sdpa' (it is {original!r}); include or "
+                "exclude the whole model")
+        self.saved = [(cfg, cfg.__dict__.get("_attn_implementation_internal", _MISSING))
+                      for cfg in _configs(model)]
+        _acquire()
+        try:
+            model.set_attn_implementation(ATTN_NAME)
+        except Exception as err:
+            self._restore_configs()
+            _release()
+            raise AttnPatchError(f"{type(model).__name__}: could not switch to the attnpatch "
+                                 f"attention implementation: {err}") from err
+        self.applied = True
+        for r in self.records:
+            cfg = getattr(r.module, "config", None)
+            impl = getattr(cfg, "_attn_implementation", None)
+            if impl != ATTN_NAME:
+                r.note_text = (f"its config's attention implementation stayed {impl!r} "
+                               "(submodel refused set_attn_implementation)")
+                continue
+            r.original = self._saved_impl(cfg)
+            r.module._attnpatch_record = r
+            r.routed = True
+        for module in self.excluded:
+            module._attnpatch_passthrough = self._saved_impl(getattr(module, "config", None))
+
+    def _saved_impl(self, cfg) -> str:
+        for c, value in self.saved:
+            if c is cfg:
+                return value if isinstance(value, str) else "sdpa"
+        return "sdpa"
+
+    def _restore_configs(self) -> None:
+        for cfg, value in self.saved:
+            if value is _MISSING:
+                cfg.__dict__.pop("_attn_implementation_internal", None)
+            else:
+                cfg.__dict__["_attn_implementation_internal"] = value
+
+    def restore(self) -> None:
+        if not self.applied:
+            return
+        for r in self.records:
+            if r.module.__dict__.get("_attnpatch_record") is r:
+                del r.module._attnpatch_record
+        for module in self.excluded:
+            module.__dict__.pop("_attnpatch_passthrough", None)
+        self._restore_configs()
+        self.applied = False
+        _release()

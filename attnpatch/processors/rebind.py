@@ -1,0 +1,287 @@
+"""Route a diffusers processor's core attention call through attnpatch, keeping everything else.
+
+A processor's ``__call__`` (projections, RoPE, norms, concatenation) stays the model's own code.
+We give the module a processor of a generated subclass of the original class whose methods are
+the original functions *cloned with rebound globals*: the same code object, but a globals dict
+where ``F`` (``torch.nn.functional``), ``nn``, a bare ``scaled_dot_product_attention`` or
+``dispatch_attention_fn`` resolve to this module's attnpatch entry points.
+
+- No per-op cost: only the attention call changes; every other ``F.xxx`` resolves to the real
+  function (the proxy module holds the same function objects).
+- Nothing global is touched: diffusers' module globals stay as they are, other instances of the
+  processor class are unaffected.
+- The signature is the original one (same code object), so diffusers' kwarg filtering with
+  ``inspect.signature(processor.__call__)`` sees the real parameters.
+- ``torch.compile(fullgraph=True)`` traces straight through (a module object and a closure).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn.functional as _F
+
+from .._errors import AttnPatchError
+from .._layout import enter_call, exit_call
+from ..dispatch import _dispatch
+
+__all__ = ["intercept_plan", "clone_function", "route_processor", "NotRoutable"]
+
+_SDPA = _F.scaled_dot_product_attention
+
+
+class NotRoutable(Exception):
+    """The processor has no attention call attnpatch can redirect; ``str()`` says why."""
+
+
+def _dispatch_fn():
+    try:
+        from diffusers.models import attention_dispatch
+    except Exception:  # pragma: no cover - diffusers not installed / broken
+        return None
+    return attention_dispatch.dispatch_attention_fn
+
+
+def _all_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _all_names(const)
+    return names
+
+
+def intercept_plan(fn: types.FunctionType) -> dict[str, str]:
+    """Which globals of ``fn`` lead to a core attention call, and of which kind:
+    ``"F"`` (torch.nn.functional), ``"nn"`` (torch.nn), ``"sdpa"`` (the function itself),
+    ``"dispatch"`` (diffusers' ``dispatch_attention_fn``)."""
+    names = _all_names(fn.__code__)
+    glb = fn.__globals__
+    dispatch = _dispatch_fn()
+    plan = {}
+    uses_sdpa_attr = "scaled_dot_product_attention" in names
+    for name in names:
+        if name not in glb:
+            continue
+        value = glb[name]
+        if value is _F and uses_sdpa_attr:
+            plan[name] = "F"
+        elif value is torch.nn and uses_sdpa_attr and "functional" in names:
+            plan[name] = "nn"
+        elif value is _SDPA:
+            plan[name] = "sdpa"
+        elif dispatch is not None and value is dispatch:
+            plan[name] = "dispatch"
+    return plan
+
+
+def clone_function(fn: types.FunctionType, overrides: dict[str, Any]) -> types.FunctionType:
+    """``fn`` with the same code, defaults, closure and attributes, and globals
+    ``{**fn.__globals__, **overrides}``.
+
+    ``__name__`` is left out of the new globals: torch.compile would otherwise guard the
+    overridden names against the *original* module's attributes (and recompile every call).
+    """
+    glb = dict(fn.__globals__)
+    glb.update(overrides)
+    glb.pop("__name__", None)
+    new = types.FunctionType(fn.__code__, glb, fn.__name__, fn.__defaults__, fn.__closure__)
+    new.__kwdefaults__ = None if fn.__kwdefaults__ is None else dict(fn.__kwdefaults__)
+    new.__dict__.update(fn.__dict__)
+    new.__module__ = fn.__module__
+    new.__qualname__ = fn.__qualname__
+    new.__doc__ = fn.__doc__
+    new.__annotations__ = dict(getattr(fn, "__annotations__", {}) or {})
+    new.__wrapped__ = fn  # for tools that look for the original; signature is the same anyway
+    return new
+
+
+def _functional_proxy(sdpa: Callable) -> types.ModuleType:
+    """A module that is ``torch.nn.functional`` except for ``scaled_dot_product_attention``."""
+    proxy = types.ModuleType(_F.__name__, _F.__doc__)
+    proxy.__dict__.update({k: v for k, v in vars(_F).items()
+                           if not (k.startswith("__") and k.endswith("__"))})
+    proxy.scaled_dot_product_attention = sdpa
+    # PEP 562: anything added to torch.nn.functional later still resolves
+    proxy.__getattr__ = lambda name: getattr(_F, name)
+    return proxy
+
+
+def _nn_proxy(functional: types.ModuleType) -> types.ModuleType:
+    proxy = types.ModuleType(torch.nn.__name__, torch.nn.__doc__)
+    proxy.__dict__.update({k: v for k, v in vars(torch.nn).items()
+                           if not (k.startswith("__") and k.endswith("__"))})
+    proxy.functional = functional
+    proxy.__getattr__ = lambda name: getattr(torch.nn, name)
+    return proxy
+
+
+def make_sdpa(record) -> Callable:
+    """``F.scaled_dot_product_attention`` for one module: (B, H, S, D) in and out."""
+
+    def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
+                                     is_causal=False, scale=None, enable_gqa=False):
+        if scale is None:
+            scale = record.scale
+        if torch.compiler.is_compiling():
+            return _dispatch(query, key, value, attn_mask, is_causal, scale, dropout_p, None,
+                             "bhsd", False, None, record.default)[0]
+        token = enter_call(record.joint_text, query.shape[-2], key.shape[-2])
+        try:
+            out, selection = _dispatch(query, key, value, attn_mask, is_causal, scale,
+                                       dropout_p, None, "bhsd", False, None, record.default)
+        finally:
+            exit_call(token)
+        record.note(selection)
+        return out
+
+    return scaled_dot_product_attention
+
+
+def _diffusers_backend_name(backend) -> str:
+    value = getattr(backend, "value", backend)
+    return str(value)
+
+
+def make_dispatch(record, original: Callable) -> Callable:
+    """diffusers' ``dispatch_attention_fn`` for one module: (B, S, H, D) in and out.
+
+    ``backend`` is what the processor's ``_attention_backend`` says (set with diffusers' own
+    ``set_attention_backend``). attnpatch's own choice for the module wins; without one, a
+    diffusers name that attnpatch knows maps to its backend, and one it doesn't (``sage``, ...)
+    runs diffusers' own kernel, booked as ``diffusers:<name>``. diffusers' process-global active
+    backend is not consulted.
+    """
+    from .. import registry
+
+    mapped: dict[str, Optional[str]] = {}
+
+    def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
+                              scale=None, enable_gqa=False, attention_kwargs=None, *,
+                              backend=None, parallel_config=None):
+        if parallel_config is not None:
+            raise AttnPatchError(
+                f"{record.name}: diffusers context parallelism (parallel_config) is enabled on "
+                "this module; attnpatch does not route it. Disable it, or unpatch the model.")
+        default = record.default
+        if backend is not None and default is None:
+            name = _diffusers_backend_name(backend)
+            if name not in mapped:
+                try:
+                    mapped[name] = registry.canonical_name(name)
+                except AttnPatchError:
+                    mapped[name] = None
+            if mapped[name] is None:
+                out = original(query, key, value, attn_mask, dropout_p, is_causal, scale,
+                               enable_gqa, attention_kwargs, backend=backend)
+                if not torch.compiler.is_compiling():
+                    record.note_external(f"diffusers:{name}")
+                return out
+            default = (mapped[name], {})
+        if (attn_mask is not None and attn_mask.dim() == 2
+                and attn_mask.shape[0] == query.shape[0] and attn_mask.shape[1] == key.shape[1]):
+            attn_mask = attn_mask[:, None, None, :]  # (B, Sk) key padding -> (B, 1, 1, Sk)
+        if scale is None:
+            scale = record.scale
+        options = dict(attention_kwargs) if attention_kwargs else None
+        if torch.compiler.is_compiling():
+            return _dispatch(query, key, value, attn_mask, is_causal, scale, dropout_p, None,
+                             "bshd", False, options, default)[0]
+        token = enter_call(record.joint_text, query.shape[1], key.shape[1])
+        try:
+            out, selection = _dispatch(query, key, value, attn_mask, is_causal, scale,
+                                       dropout_p, None, "bshd", False, options, default)
+        finally:
+            exit_call(token)
+        record.note(selection)
+        return out
+
+    return dispatch_attention_fn
+
+
+_STOP = (object,)
+
+
+def _class_functions(cls: type):
+    """(name, wrapper, function) for every plain/static/class method visible on ``cls``,
+    first definition in the MRO wins; torch.nn.Module's own methods are skipped."""
+    seen = set()
+    for klass in cls.__mro__:
+        if klass is object or klass.__module__.startswith("torch."):
+            continue
+        for name, attr in vars(klass).items():
+            if name in seen:
+                continue
+            seen.add(name)
+            if isinstance(attr, staticmethod):
+                yield name, staticmethod, attr.__func__
+            elif isinstance(attr, classmethod):
+                yield name, classmethod, attr.__func__
+            elif isinstance(attr, types.FunctionType):
+                yield name, None, attr
+
+
+def route_processor(processor: Any, record, base_class: Optional[type] = None) -> Any:
+    """A copy of ``processor`` whose class is a generated subclass of ``base_class`` (default:
+    its own class) with every method that calls attention cloned to call attnpatch.
+
+    The copy shares the original's ``__dict__`` entries (weights of processors that are
+    nn.Modules stay the same tensors, and state_dict keys do not change).
+    Raises :class:`NotRoutable` when no method of the class calls attention.
+    """
+    cls = base_class or type(processor)
+    overrides: dict[str, Any] = {}
+    namespace: dict[str, Any] = {}
+    for name, wrapper, fn in _class_functions(cls):
+        plan = intercept_plan(fn)
+        if not plan:
+            continue
+        bindings = {}
+        for glob, kind in plan.items():
+            if kind not in overrides:
+                overrides[kind] = _make_override(kind, record, overrides)
+            bindings[glob] = overrides[kind]
+        clone = clone_function(fn, bindings)
+        namespace[name] = wrapper(clone) if wrapper is not None else clone
+    if not namespace:
+        raise NotRoutable(_why_not(cls))
+    namespace.update(__module__=cls.__module__, __qualname__=cls.__qualname__,
+                     __doc__=cls.__doc__, _attnpatch_routed=True, _attnpatch_base=cls)
+    sub = type(cls.__name__, (cls,), namespace)
+    new = object.__new__(sub)
+    if hasattr(processor, "__dict__"):
+        new.__dict__.update(processor.__dict__)
+    record.extra["interception"] = sorted(overrides)
+    return new
+
+
+def _make_override(kind: str, record, made: dict) -> Any:
+    if kind == "sdpa":
+        return make_sdpa(record)
+    if kind == "F":
+        sdpa = made.get("sdpa") or make_sdpa(record)
+        made.setdefault("sdpa", sdpa)
+        return _functional_proxy(sdpa)
+    if kind == "nn":
+        functional = made.get("F") or _make_override("F", record, made)
+        made.setdefault("F", functional)
+        return _nn_proxy(functional)
+    if kind == "dispatch":
+        return make_dispatch(record, _dispatch_fn())
+    raise AssertionError(kind)
+
+
+def _why_not(cls: type) -> str:
+    names = set()
+    for _, _, fn in _class_functions(cls):
+        names |= _all_names(fn.__code__)
+    if "get_attention_scores" in names or "baddbmm" in names:
+        return (f"{cls.__name__} computes attention with bmm (no SDPA/dispatch call) and has no "
+                "numerically equivalent SDPA processor here")
+    if "xformers" in names or "memory_efficient_attention" in names:
+        return f"{cls.__name__} calls xformers directly"
+    if "torch" in names and "scaled_dot_product_attention" in names:
+        return (f"{cls.__name__} calls torch.nn.functional.scaled_dot_product_attention through "
+                "the `torch` global, which attnpatch does not rebind")
+    return f"{cls.__name__} has no F.scaled_dot_product_attention / dispatch_attention_fn call"
