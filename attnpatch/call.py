@@ -28,11 +28,11 @@ class AttentionCall:
 
     __slots__ = (
         "query", "key", "value", "attn_mask", "mask_kind", "is_causal", "scale", "dropout_p",
-        "layout", "return_lse", "requires_grad", "device",
+        "layout", "return_lse", "requires_grad", "device", "default_scale",
     )
 
     def __init__(self, query, key, value, attn_mask, mask_kind, is_causal, scale, dropout_p,
-                 layout, return_lse, requires_grad):
+                 layout, return_lse, requires_grad, default_scale=False):
         self.query = query
         self.key = key
         self.value = value
@@ -45,6 +45,8 @@ class AttentionCall:
         self.return_lse = return_lse
         self.requires_grad = requires_grad
         self.device = query.device
+        #: True when ``scale`` is the default 1/sqrt(head_dim) (the caller passed None)
+        self.default_scale = default_scale
 
     # --- shapes -------------------------------------------------------------------------------
     @property
@@ -215,20 +217,20 @@ def build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout
             attn_mask = attn_mask.view((1,) * (4 - nd) + tuple(attn_mask.shape))
         if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
             attn_mask = attn_mask.to(query.dtype)
-    if scale is None:
+    default_scale = scale is None
+    if default_scale:
         scale = query.shape[-1] ** -0.5
     return AttentionCall(query, key, value, attn_mask, classify_mask(attn_mask), is_causal,
-                         float(scale), float(dropout_p), layout, return_lse, requires_grad)
+                         float(scale), float(dropout_p), layout, return_lse, requires_grad,
+                         default_scale)
 
 
-def metadata_call(sig: tuple, requires_grad: bool) -> AttentionCall:
+def metadata_call(sig: tuple) -> AttentionCall:
     """An :class:`AttentionCall` on meta tensors from a dispatch signature, for selection while
     ``torch.compile`` traces (no real tensors to inspect then). ``device`` stays the real one."""
-    (qs, dt, dev, ks, _, _, vs, _, _, mask, is_causal, scale, dropout_p, layout, return_lse,
-     _) = sig
+    qs, ks, vs, dt, dev, mask, is_causal, scale, dropout_p, layout, return_lse, grad = sig
     meta = [torch.empty(s, dtype=dt, device="meta") for s in (qs, ks, vs)]
     mask_t = None if mask is None else torch.empty(mask[0], dtype=mask[1], device="meta")
-    call = build_call(*meta, mask_t, is_causal, scale, dropout_p, layout, return_lse,
-                      requires_grad)
+    call = build_call(*meta, mask_t, is_causal, scale, dropout_p, layout, return_lse, grad)
     call.device = dev
     return call

@@ -49,8 +49,18 @@ def current_backend() -> Optional[tuple[str, dict]]:
     return _CONTEXT.get()
 
 
+# os.environ.get costs ~2 µs for a missing key (it raises and catches KeyError); reading the
+# mapping behind os.environ directly sees every change made through os.environ as well.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else ENV_VAR
+
+
 def _env_backend() -> str:
-    name = os.environ.get(ENV_VAR)
+    if _ENV_DATA is not None:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        name = None if raw is None else os.environ.decodevalue(raw)
+    else:  # pragma: no cover - non-CPython environ
+        name = os.environ.get(ENV_VAR)
     if not name:
         return "auto"
     try:
@@ -74,30 +84,37 @@ def resolve(backend: Optional[str], options: dict, default: Optional[tuple[str, 
 
 
 def _signature(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, return_lse):
+    """What selection depends on. k/v dtype and device are not in it: a mismatch there makes
+    torch's kernels raise, and ``validate`` reports it on the first call of a signature."""
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
                                         or value.requires_grad)
-    mask = None if attn_mask is None else (attn_mask.shape, attn_mask.dtype, attn_mask.device)
-    return (query.shape, query.dtype, query.device, key.shape, key.dtype, key.device,
-            value.shape, value.dtype, value.device, mask, is_causal, scale, dropout_p, layout,
-            return_lse, grad)
+    return (query.shape, key.shape, value.shape, query.dtype, query.device,
+            None if attn_mask is None else (attn_mask.shape, attn_mask.dtype), is_causal, scale,
+            dropout_p, layout, return_lse, grad)
+
+
+_is_compiling = torch.compiler.is_compiling
 
 
 def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
               backend=None, layout="bhsd", return_lse=False, options=None, default=None):
-    """Run one call; returns ``(result, Selection)``. Used by ``attention`` and the processors."""
-    options = options or {}
-    if torch.compiler.is_compiling():
+    """Run one call; returns ``(result, Selection)``. Used by ``attention`` and the processors.
+
+    The hot path (selection cached) only builds the signature, looks it up and wraps the
+    tensors in an :class:`AttentionCall`; validation and selection run once per signature.
+    """
+    if _is_compiling():
         return _dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p,
-                                backend, layout, return_lse, options, default)
-    name, options = resolve(backend, options, default)
+                                backend, layout, return_lse, options or {}, default)
+    name, options = resolve(backend, options or _NO_OPTIONS, default)
     try:
-        sig = _signature(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
-                         return_lse)
-        key_ = (name, tuple(options), registry.registry_version(), sig)
-        selection = _CACHE.get(key_)
+        key_ = (name, tuple(options) if options else (), registry._VERSION[0],
+                *_signature(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
+                            return_lse))
+        entry = _CACHE.get(key_)
     except (AttributeError, TypeError):  # not tensors / unhashable flags: let validate() say so
-        key_, selection = None, None
-    if selection is None:
+        key_, entry = None, None
+    if entry is None:
         validate(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, return_lse)
         grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
                                             or value.requires_grad)
@@ -111,10 +128,15 @@ def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dr
         if key_ is not None:
             if len(_CACHE) >= _CACHE_LIMIT:
                 _CACHE.clear()
-            _CACHE[key_] = selection
+            _CACHE[key_] = (selection, call.scale)
     else:
-        call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
-                          return_lse, sig[-1])
+        selection, resolved_scale = entry
+        if attn_mask is None and layout == "bhsd":
+            call = AttentionCall(query, key, value, None, "none", is_causal, resolved_scale,
+                                 dropout_p, layout, return_lse, key_[-1], scale is None)
+        else:
+            call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
+                              return_lse, key_[-1])
     result = selection.backend.forward(call, **options)
     if layout == "bshd":
         if return_lse:
@@ -122,6 +144,9 @@ def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dr
         else:
             result = result.transpose(1, 2)
     return result, selection
+
+
+_NO_OPTIONS: dict = {}
 
 
 @torch.compiler.assume_constant_result
@@ -136,12 +161,12 @@ def _resolve_traced(backend, option_names, default_name):
 
 @torch.compiler.assume_constant_result
 def _select_traced(name, option_names, sig):
-    key_ = (name, option_names, registry.registry_version(), sig)
-    selection = _CACHE.get(key_)
-    if selection is None:
-        selection = registry.select(name, metadata_call(sig, sig[-1]), option_names)
-        _CACHE[key_] = selection
-    return selection.backend.name
+    key_ = (name, option_names, registry._VERSION[0], *sig)
+    entry = _CACHE.get(key_)
+    if entry is None:
+        call = metadata_call(sig)
+        entry = _CACHE[key_] = (registry.select(name, call, option_names), call.scale)
+    return entry[0].backend.name
 
 
 def _dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
