@@ -158,7 +158,8 @@ def lse_from_varlen(lse: torch.Tensor, batch: int, seq_q: int) -> torch.Tensor:
     return torch.where(lse == float("inf"), torch.full_like(lse, float("-inf")), lse)
 
 
-VarlenFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, int],
+VarlenFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int,
+                     int],
                     tuple[torch.Tensor, Optional[torch.Tensor]]]
 
 

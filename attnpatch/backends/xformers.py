@@ -27,9 +27,11 @@ from typing import Any, Optional
 import torch
 
 from .. import constraints as C
+from .._errors import BackendUnavailableError
 from ..call import AttentionCall
 from ..registry import Backend, register_backend
 from . import _padding as P
+from .flash import module_present
 
 __all__ = ["XFormersBackend", "parse_xformers_reasons"]
 
@@ -108,7 +110,6 @@ class XFormersBackend(Backend):
     """``xformers.ops.memory_efficient_attention`` (CUDA)."""
 
     name = "xformers"
-    description = "xFormers memory_efficient_attention"
     # placed by speed measured on the GPU machine, not by reputation; see flash.py's note
     priority = 300
     devices = ("cuda",)
@@ -117,12 +118,28 @@ class XFormersBackend(Backend):
     requires_package = "xformers"
     requires_pip_name = "xformers"
 
+    @property
+    def description(self) -> str:  # what `attnpatch backends` shows when it is available
+        text = "xFormers memory_efficient_attention"
+        if C.package_missing(self.requires_package) or _load()[1]:
+            return text
+        why = _extension_error()
+        if why:
+            text += (f"; its C++/CUDA extension did not load ({why}): only the operators that "
+                     "don't need it can run, explain() says per call")
+        return text
+
     def availability_reasons(self) -> list[str]:
         reasons = super().availability_reasons()
-        if not reasons:
+        if not C.package_missing(self.requires_package):
             _, err = _load()
             if err:
-                reasons.append(f"xformers is installed but xformers.ops does not import ({err})")
+                why = f"xformers is installed but xformers.ops does not import ({err})"
+                if "flash_attn" in err and module_present("flash_attn.cute") and not \
+                        module_present("flash_attn.flash_attn_interface"):
+                    why += ("; xformers imports flash-attn 2 whenever a flash_attn package "
+                            "exists, and flash-attn-4 installs only flash_attn.cute")
+                reasons.insert(0, why)
         return reasons
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
@@ -170,6 +187,9 @@ class XFormersBackend(Backend):
 
     def forward(self, call: AttentionCall, **options: Any):
         fmha, err = _load()
+        if fmha is None:
+            raise BackendUnavailableError("backend 'xformers' cannot import xformers.ops:",
+                                          {self.name: [err]})
         q, k, v, bias, finish = _prepare(fmha, call, check=False)
         out = fmha.memory_efficient_attention(q, k, v, attn_bias=bias, p=call.dropout_p,
                                               scale=call.scale)

@@ -7,6 +7,7 @@ rely on are proven on CPU in test_padding.py.
 from __future__ import annotations
 
 import importlib
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -92,7 +93,7 @@ def test_registered_backends_on_this_machine():
 
 
 def test_flash2_reason_says_only_flash4_is_there(fresh_lookups):
-    cute = fresh_lookups / "flash_attn" / "cute"  # what flash-attn-4 installs: no flash_attn/__init__
+    cute = fresh_lookups / "flash_attn" / "cute"  # flash-attn-4 has no flash_attn/__init__.py
     cute.mkdir(parents=True)
     (cute / "__init__.py").write_text("raise ImportError('must not be imported')\n")
     assert F.module_present("flash_attn.cute")
@@ -133,16 +134,22 @@ def test_module_present_finds_modules_files_and_packages(fresh_lookups):
 
 
 def test_importing_attnpatch_loads_no_kernel_package():
+    """Nor do list_backends/explain on a machine without them, nor the benchmark's helper."""
     code = textwrap.dedent("""
         import sys, torch, attnpatch
+        from benchmarks._flash_direct import flash4_available, flash4_direct
         attnpatch.list_backends()
         q = torch.randn(1, 2, 8, 16)
         print(attnpatch.explain(q, q, q))
         loaded = [m for m in sys.modules if m.split('.')[0] in ('flash_attn', 'xformers',
                   'flash_attn_interface', 'flash_attn_2_cuda')]
         assert not loaded, loaded
+        if not torch.cuda.is_available():
+            assert flash4_available() is False
     """)
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=str(pathlib.Path(__file__).resolve().parents[2]))
+    assert result.returncode == 0, result.stderr
 
 
 # --- per call: the capabilities, as reasons ------------------------------------------------------
@@ -264,3 +271,15 @@ def test_split_result():
     assert F._split_result((out, packed), 5, True, "x")[1] is packed
     with pytest.raises(attnpatch.AttnPatchError, match="returned no log-sum-exp"):
         F._split_result(out, 5, True, "x")
+
+
+
+def test_cli_lists_them_with_reasons(capsys):
+    from attnpatch.cli import main
+
+    assert main(["backends"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()[1:] if line}
+    for name in ("flash", "flash4", "flash3", "flash2", "xformers"):
+        assert name in lines, name
+        if not torch.cuda.is_available():
+            assert " no " in lines[name] and NO_CUDA in lines[name], lines[name]

@@ -1,4 +1,4 @@
-"""The pure-torch helpers that let flash kernels run SDPA semantics (attnpatch/backends/_padding.py).
+"""The pure-torch helpers that let flash kernels run SDPA semantics (backends/_padding.py).
 
 Flash's kernels are emulated here by the math backend with flash's own masking rule
 (:func:`flash_visible`, pinned below to flash-attn's documented examples): a dense kernel is

@@ -7,6 +7,8 @@ a matching build loads, the numerics against the math backend.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -49,6 +51,36 @@ def test_call_reasons_are_exact():
                dict(mask="key_padding", is_causal=True), dict(heads=8, kv_heads=2),
                dict(dtype=torch.float32), dict(seq_q=7, seq_k=12, is_causal=True)):
         assert backend.not_supported_reasons(call_for(**kw)) == [CPU], kw
+
+
+def test_installed_but_ops_do_not_import(monkeypatch, tmp_path):
+    """What the GPU machine shows with xformers next to flash-attn-4: xformers.ops imports
+    flash_attn.flash_attn_interface whenever a flash_attn package exists."""
+    from attnpatch.backends import flash, xformers
+
+    (tmp_path / "xformers" / "ops").mkdir(parents=True)
+    (tmp_path / "xformers" / "__init__.py").write_text("")
+    (tmp_path / "xformers" / "ops" / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'flash_attn.flash_attn_interface'\")\n")
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    caches = (C.package_installed, xformers._load, flash.module_present)
+    for cache in caches:
+        cache.cache_clear()
+    try:
+        reasons = XFormersBackend().availability_reasons()
+        assert reasons[0] == (
+            "xformers is installed but xformers.ops does not import (ModuleNotFoundError: No "
+            "module named 'flash_attn.flash_attn_interface'); xformers imports flash-attn 2 "
+            "whenever a flash_attn package exists, and flash-attn-4 installs only "
+            "flash_attn.cute")
+        assert XFormersBackend().description == "xFormers memory_efficient_attention"
+    finally:
+        for cache in caches:
+            cache.cache_clear()
+        for name in [m for m in sys.modules if m.split(".")[0] in ("xformers", "flash_attn")]:
+            del sys.modules[name]
 
 
 # The shape of xFormers' dispatcher error (xformers/ops/fmha/dispatch.py, _run_priority_list).
@@ -114,7 +146,14 @@ def test_gpu_xformers_rejects_with_its_own_reasons_or_matches_math(case, grad):
                                 seq_k=case.pop("seq_k", None), head_dim=64,
                                 requires_grad=grad, **case)
     backend = XFormersBackend()
-    assert backend.availability_reasons() == []
+    unavailable = backend.availability_reasons()
+    if unavailable:  # e.g. xformers.ops does not import next to flash-attn-4
+        assert unavailable[0].startswith("xformers is installed but xformers.ops does not "
+                                         "import ("), unavailable
+        with pytest.raises(attnpatch.BackendUnavailableError) as err:
+            attnpatch.attention(q, k, v, attn_mask=mask, is_causal=is_causal, backend="xformers")
+        assert err.value.reasons["xformers"] == unavailable
+        return
     call = attnpatch.explain(q, k, v, attn_mask=mask, is_causal=is_causal).call
     reasons = backend.not_supported_reasons(call)
     if reasons:  # e.g. xformers' C++/CUDA operators were built for another torch

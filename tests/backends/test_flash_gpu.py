@@ -1,0 +1,246 @@
+"""FlashAttention-4 (``flash4``) on the GPU machine: forward, lse and gradients against an fp32
+reference, on the correctness matrix of the issue.
+
+Run there (after ``bash .gpu-wheels/b/install.sh``, which installs flash-attn-4):
+
+    python3 -m pytest -m gpu tests/backends/test_flash_gpu.py -q
+
+FlashAttention-4 JIT-compiles one kernel per configuration (dtype, head dim, causal/window,
+varlen, forward/backward...): the first run of this file spends most of its time compiling.
+``FLASH_ATTENTION_CUTE_DSL_CACHE_ENABLED=1`` keeps the compiled kernels on disk for later runs
+on the same machine.
+
+Tolerance, as in flash-attn's own tests: the error of flash4 against the fp32 reference may be
+at most twice the error of the same attention computed naively in the low precision (scores and
+probabilities rounded to fp16/bf16), plus one ulp of slack at the reference's magnitude.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnpatch
+from attnpatch.backends.flash import Flash4Backend, FlashBackend, module_present
+
+from ..conftest import make_inputs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif(not module_present("flash_attn.cute"),
+                       reason="flash_attn.cute (pip install flash-attn-4) not installed"),
+]
+
+DTYPES = [torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_flash4():
+    reasons = Flash4Backend().availability_reasons()
+    if reasons:
+        pytest.skip("flash4 unavailable: " + "; ".join(reasons))
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("flash4 needs compute capability >= 9.0")
+
+
+def lowp_attention(q, k, v, mask, is_causal, scale):
+    """Naive attention in the inputs' low precision: scores and probabilities rounded to the
+    dtype, as a flash kernel's inputs to its second matmul are. Returns (out, lse)."""
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * scale
+    keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)
+    if is_causal:
+        keep = keep.tril()
+    if mask is not None:
+        keep = keep & mask
+    scores = scores.float().masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    return probs @ v, torch.logsumexp(scores, dim=-1)
+
+
+def within(got, ref, naive, factor, dtype, what):
+    """max|got - ref| <= factor * max|naive - ref| + one ``dtype`` ulp at ref's magnitude."""
+    err = (got.float() - ref.float()).abs().max().item()
+    naive_err = (naive.float() - ref.float()).abs().max().item()
+    slack = torch.finfo(dtype).eps * max(1.0, ref.float().abs().max().item())
+    assert err <= factor * naive_err + slack, (
+        f"{what}: max error {err:.3g} vs naive low-precision {naive_err:.3g} (+{slack:.3g})")
+
+
+def check(q, k, v, mask=None, is_causal=False, return_lse=False, grad=True, backend="flash4"):
+    """flash4 vs the fp32 math reference (and the naive low-precision one), out/lse/grads."""
+    scale = q.shape[-1] ** -0.5
+    ex = attnpatch.explain(q, k, v, attn_mask=mask, is_causal=is_causal, return_lse=return_lse,
+                           backend=backend)
+    assert ex.choice == backend, ex
+
+    def run(fn, tensors):
+        leaves = [t.detach().clone().requires_grad_(grad) for t in tensors]
+        result = fn(*leaves)
+        out, lse = result if isinstance(result, tuple) else (result, None)
+        grads = None
+        if grad:
+            gen = torch.Generator(device=q.device).manual_seed(1)
+            dout = torch.randn(out.shape, generator=gen, device=q.device)
+            loss = (out.float() * dout).sum()
+            if return_lse:
+                dlse = torch.randn(lse.shape, generator=gen, device=q.device)
+                loss = loss + (lse.float() * dlse).sum()
+            grads = torch.autograd.grad(loss, leaves)
+        return out.detach(), (None if lse is None else lse.detach()), grads
+
+    got = run(lambda a, b, c: attnpatch.attention(a, b, c, attn_mask=mask, is_causal=is_causal,
+                                                  return_lse=return_lse, backend=backend),
+              (q, k, v))
+    ref = run(lambda a, b, c: attnpatch.attention(a, b, c, attn_mask=mask, is_causal=is_causal,
+                                                  return_lse=True, backend="math"),
+              (q.float(), k.float(), v.float()))
+    naive = run(lambda a, b, c: lowp_attention(a, b, c, mask, is_causal, scale), (q, k, v))
+    assert got[0].dtype == q.dtype and got[0].shape == ref[0].shape
+    assert torch.isfinite(got[0]).all()
+    within(got[0], ref[0], naive[0], 2, q.dtype, "out")
+    if return_lse:
+        assert got[1].dtype == torch.float32 and got[1].shape == ref[1].shape
+        within(got[1], ref[1], naive[1], 2, q.dtype, "lse")
+    if grad:
+        for name, g, r, n in zip("qkv", got[2], ref[2], naive[2]):
+            assert g.shape == r.shape and torch.isfinite(g).all(), name
+            within(g, r, n, 3, q.dtype, f"d{name}")
+    return got
+
+
+def inputs(dtype, **kw):
+    q, k, v, mask = make_inputs(dtype=dtype, device="cuda", **kw)
+    return q, k, v, mask
+
+
+# --- the matrix ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("seq", [1, 77, 113, 1023])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_backward_matrix(dtype, seq, head_dim):
+    q, k, v, _ = inputs(dtype, batch=2, heads=4, seq_q=seq, head_dim=head_dim)
+    check(q, k, v)
+
+
+@pytest.mark.parametrize("head_dim", [32, 96, 100, 256])
+def test_other_head_dims(head_dim):
+    """Other head dims flash4 takes (100 is zero-padded to 104 by the backend)."""
+    q, k, v, _ = inputs(torch.bfloat16, batch=2, heads=4, seq_q=113, head_dim=head_dim)
+    call = attnpatch.explain(q, k, v).call
+    reasons = Flash4Backend().not_supported_reasons(call)
+    if reasons:  # e.g. 96 or 100 on Blackwell: then the refusal must say so
+        assert "not supported on compute capability" in reasons[0]
+        pytest.skip("; ".join(reasons))
+    check(q, k, v)
+
+
+@pytest.mark.parametrize("seq_q,seq_k", [(77, 1023), (1023, 77), (1, 113), (113, 1)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cross_attention(dtype, seq_q, seq_k):
+    q, k, v, _ = inputs(dtype, batch=2, heads=4, seq_q=seq_q, seq_k=seq_k, head_dim=64)
+    check(q, k, v)
+
+
+@pytest.mark.parametrize("kv_heads", [1, 2])
+@pytest.mark.parametrize("seq_q,seq_k", [(113, 113), (77, 1023)])
+def test_gqa(kv_heads, seq_q, seq_k):
+    q, k, v, _ = inputs(torch.bfloat16, batch=2, heads=8, kv_heads=kv_heads, seq_q=seq_q,
+                        seq_k=seq_k, head_dim=128)
+    check(q, k, v)
+
+
+@pytest.mark.parametrize("seq_q,seq_k", [(77, 113), (113, 1023), (1, 77)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_key_padding_through_varlen(dtype, seq_q, seq_k):
+    q, k, v, _ = inputs(dtype, batch=3, heads=4, seq_q=seq_q, seq_k=seq_k, head_dim=64)
+    lengths = torch.tensor([seq_k, max(1, seq_k // 3), max(1, seq_k - 5)], device="cuda")
+    mask = (torch.arange(seq_k, device="cuda")[None] < lengths[:, None])[:, None, None, :]
+    mask[1, ..., 0] = False  # not only right padding: a hole at the start too
+    mask[1, ..., -1] = True
+    check(q, k, v, mask=mask)
+    check(q, k, v, mask=mask[1:2], return_lse=True)  # (1, 1, 1, Sk): one mask for all
+
+
+def test_key_padding_gqa_with_lse():
+    q, k, v, _ = inputs(torch.bfloat16, batch=2, heads=8, kv_heads=2, seq_q=113, seq_k=77,
+                        head_dim=128)
+    mask = torch.rand(2, 1, 1, 77, device="cuda") > 0.3
+    mask[..., 0] = True
+    check(q, k, v, mask=mask, return_lse=True)
+
+
+@pytest.mark.parametrize("seq_q,seq_k", [(113, 113), (77, 1023), (1023, 77), (1, 77), (77, 1),
+                                         (113, 40)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_causal_is_top_left_like_sdpa(dtype, seq_q, seq_k):
+    """attnpatch's is_causal is SDPA's (top-left); flash's own is bottom-right. Sq > Sk runs
+    through a right window, Sq < Sk through a key slice (see _padding.causal_plan)."""
+    q, k, v, _ = inputs(dtype, batch=2, heads=4, seq_q=seq_q, seq_k=seq_k, head_dim=64)
+    got = check(q, k, v, is_causal=True, return_lse=True)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    torch.testing.assert_close(got[0], sdpa, atol=2e-2, rtol=2e-2)
+
+
+def test_lse_and_its_gradient():
+    q, k, v, _ = inputs(torch.bfloat16, batch=2, heads=4, seq_q=113, seq_k=300, head_dim=128)
+    check(q, k, v, return_lse=True)
+
+
+def test_batch_element_without_keys():
+    q, k, v, _ = inputs(torch.bfloat16, batch=2, heads=4, seq_q=33, seq_k=77, head_dim=64,
+                        requires_grad=True)
+    mask = torch.ones(2, 1, 1, 77, dtype=torch.bool, device="cuda")
+    mask[1] = False
+    out, lse = attnpatch.attention(q, k, v, attn_mask=mask, return_lse=True, backend="flash4")
+    assert (out[1] == 0).all() and (lse[1] == float("-inf")).all()
+    ref = attnpatch.attention(q.float(), k.float(), v.float(), attn_mask=mask[:1],
+                              backend="math")
+    torch.testing.assert_close(out[0].float(), ref[0], atol=2e-2, rtol=2e-2)
+    out.float().sum().backward()
+    assert torch.isfinite(q.grad).all() and (q.grad[1] == 0).all()
+
+
+def test_bshd_layout_and_direct_call_agree():
+    from benchmarks._flash_direct import flash4_direct
+
+    q, k, v, _ = inputs(torch.bfloat16, batch=2, heads=4, seq_q=256, head_dim=128)
+    qb, kb, vb = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    out = attnpatch.attention(qb, kb, vb, layout="bshd", backend="flash4")
+    direct = flash4_direct(qb, kb, vb)
+    torch.testing.assert_close(out, direct, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(attnpatch.attention(q, k, v, backend="flash4").transpose(1, 2),
+                               direct, atol=1e-2, rtol=1e-2)
+
+
+# --- selection and refusals on the GPU -----------------------------------------------------------
+def test_flash_meta_backend_runs_flash4():
+    q, k, v, _ = inputs(torch.float16, batch=1, heads=2, seq_q=77, head_dim=64)
+    call = attnpatch.explain(q, k, v, backend="flash").call
+    member, reasons = FlashBackend().choose(call)
+    assert member is not None and member.name == "flash4", reasons
+    torch.testing.assert_close(attnpatch.attention(q, k, v, backend="flash"),
+                               attnpatch.attention(q, k, v, backend="flash4"), atol=0, rtol=0)
+
+
+def test_refusals_on_the_gpu():
+    fa4 = Flash4Backend()
+    assert fa4.availability_reasons() == []
+    q, k, v, mask = inputs(torch.float32, seq_q=16, head_dim=64, mask="bool")
+    reasons = attnpatch.explain(q, k, v, attn_mask=mask, dropout_p=0.1,
+                                backend="flash4").reasons["flash4"]
+    assert reasons == ["dtype torch.float32 not in (float16, bfloat16)",
+                       "bool attn_mask not supported (supports: key_padding, none)",
+                       "dropout_p=0.1 not supported (only 0.0)"]
+    q, k, v, _ = inputs(torch.float16, seq_q=16, head_dim=320)
+    assert attnpatch.explain(q, k, v).reasons["flash4"][0] == "head_dim 320 > 256"
+    with pytest.raises(attnpatch.BackendUnavailableError):
+        attnpatch.attention(q, k, v, backend="flash4")
+    q, k, v, _ = inputs(torch.float16, seq_q=64, head_dim=64)
+    assert attnpatch.explain(q, k, v).choice == "sdpa"  # auto: measured order, sdpa first
+    flash2 = attnpatch.explain(q, k, v).reasons["flash2"]
+    if not module_present("flash_attn.flash_attn_interface"):
+        assert flash2 == ["package flash_attn not installed (pip install flash-attn); only "
+                          "flash-attn-4's flash_attn.cute is there (backend flash4)"]
