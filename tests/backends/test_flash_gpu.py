@@ -152,6 +152,13 @@ def test_gqa(kv_heads, seq_q, seq_k):
     check(q, k, v)
 
 
+@pytest.mark.parametrize("seq_q,seq_k", [(113, 40), (40, 113)])
+def test_gqa_causal(seq_q, seq_k):
+    q, k, v, _ = inputs(torch.bfloat16, batch=2, heads=8, kv_heads=2, seq_q=seq_q, seq_k=seq_k,
+                        head_dim=128)
+    check(q, k, v, is_causal=True, return_lse=True)
+
+
 @pytest.mark.parametrize("seq_q,seq_k", [(77, 113), (113, 1023), (1, 77)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_key_padding_through_varlen(dtype, seq_q, seq_k):
