@@ -436,13 +436,13 @@ class PatchHandle:
         # token layout hooks on the diffusers models that hold routed modules
         routed_names = [r.name for r in self._diffusers if r.routed]
         for name, model in found.denoisers:
-            if any(_inside(n, [name]) for n in routed_names) and not any(
+            if any(_inside(n, [name]) is not None for n in routed_names) and not any(
                     model is m for m, _ in self._hook_sites):
                 site = _acquire_site(model, "_attnpatch_layout", lambda: dif.LayoutHooks(model))
                 self._hook_sites.append((model, site))
         # set_attention_backend / reset_attention_backend
         holders = [target] + [m for n, m in found.models
-                              if any(_inside(r.name, [n]) for r in self._records if r.routed)]
+                              if any(_inside(r.name, [n]) is not None for r in self._records if r.routed)]
         for obj in holders:
             if any(obj is o for o, _ in self._method_sites):
                 continue
