@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib.machinery
 import importlib.util
+import os
 from typing import Optional
 
 import torch
@@ -21,15 +23,35 @@ def dtype_names(dtypes) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def package_installed(module: str) -> bool:
+def module_present(dotted: str) -> bool:
+    """Whether module ``dotted`` is installed, found without importing it or its parents
+    (``find_spec("a.b")`` would import ``a``, and flash-attn's ``__init__`` loads CUDA code)."""
+    top, *rest = dotted.split(".")
     try:
-        return importlib.util.find_spec(module) is not None
+        spec = importlib.util.find_spec(top)
     except (ImportError, ValueError):
         return False
+    if spec is None:
+        return False
+    locations = list(spec.submodule_search_locations or ())
+    for i, part in enumerate(rest):
+        last = i == len(rest) - 1
+        found = []
+        for loc in locations:
+            path = os.path.join(loc, part)
+            if os.path.isdir(path):
+                found.append(path)
+            elif last and any(os.path.isfile(path + suffix)
+                              for suffix in importlib.machinery.all_suffixes()):
+                return True
+        if not found:
+            return False
+        locations = found
+    return True
 
 
 def package_missing(module: Optional[str], pip_name: Optional[str] = None) -> Optional[str]:
-    if module and not package_installed(module):
+    if module and not module_present(module):
         return f"package {module} not installed (pip install {pip_name or module})"
     return None
 

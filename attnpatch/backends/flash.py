@@ -40,38 +40,10 @@ from ..call import AttentionCall
 from ..registry import Backend, candidate_reasons, get_backend, register_backend, registry_version
 from . import _padding as P
 
-__all__ = ["Flash2Backend", "Flash3Backend", "Flash4Backend", "FlashBackend", "module_present"]
+__all__ = ["Flash2Backend", "Flash3Backend", "Flash4Backend", "FlashBackend"]
 
 _HALF = (torch.float16, torch.bfloat16)
 _NO_CUDA = "no CUDA device (torch.cuda.is_available() is False)"
-
-
-@functools.lru_cache(maxsize=None)
-def module_present(dotted: str) -> bool:
-    """Whether module ``dotted`` is installed, found without importing it or its parents
-    (``find_spec("a.b")`` would import ``a``, and flash-attn's ``__init__`` loads CUDA code)."""
-    top, *rest = dotted.split(".")
-    try:
-        spec = importlib.util.find_spec(top)
-    except (ImportError, ValueError):
-        return False
-    if spec is None:
-        return False
-    locations = list(spec.submodule_search_locations or ())
-    for i, part in enumerate(rest):
-        last = i == len(rest) - 1
-        found = []
-        for loc in locations:
-            path = os.path.join(loc, part)
-            if os.path.isdir(path):
-                found.append(path)
-            elif last and any(os.path.isfile(path + suffix)
-                              for suffix in importlib.machinery.all_suffixes()):
-                return True
-        if not found:
-            return False
-        locations = found
-    return True
 
 
 @functools.lru_cache(maxsize=None)
@@ -146,7 +118,7 @@ class _FlashAttention(Backend):
 
     def availability_reasons(self) -> list[str]:
         reasons = []
-        if not module_present(self.probe):
+        if not C.module_present(self.probe):
             reasons.append(self.missing_reason())
         else:
             _, err = _import(self.module)
@@ -316,7 +288,7 @@ class Flash2Backend(_FlashAttention):
 
     def missing_reason(self) -> str:
         reason = super().missing_reason()
-        if module_present("flash_attn.cute"):
+        if C.module_present("flash_attn.cute"):
             reason += "; only flash-attn-4's flash_attn.cute is there (backend flash4)"
         return reason
 

@@ -31,7 +31,6 @@ from .._errors import BackendUnavailableError
 from ..call import AttentionCall
 from ..registry import Backend, register_backend
 from . import _padding as P
-from .flash import module_present
 
 __all__ = ["XFormersBackend", "parse_xformers_reasons"]
 
@@ -135,8 +134,8 @@ class XFormersBackend(Backend):
             _, err = _load()
             if err:
                 why = f"xformers is installed but xformers.ops does not import ({err})"
-                if "flash_attn" in err and module_present("flash_attn.cute") and not \
-                        module_present("flash_attn.flash_attn_interface"):
+                if "flash_attn" in err and C.module_present("flash_attn.cute") and not \
+                        C.module_present("flash_attn.flash_attn_interface"):
                     why += ("; xformers imports flash-attn 2 whenever a flash_attn package "
                             "exists, and flash-attn-4 installs only flash_attn.cute")
                 reasons.insert(0, why)

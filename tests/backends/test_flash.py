@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import attnpatch
+from attnpatch import constraints as C
 from attnpatch import registry
 from attnpatch.backends import flash as F
 from attnpatch.backends.flash import Flash2Backend, Flash3Backend, Flash4Backend, FlashBackend
@@ -31,11 +32,11 @@ needs_no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="asserts th
 def fresh_lookups(monkeypatch, tmp_path):
     """A temporary sys.path entry; presence/import caches cleared before and after."""
     monkeypatch.syspath_prepend(str(tmp_path))
-    F.module_present.cache_clear()
+    C.module_present.cache_clear()
     F._import.cache_clear()
     importlib.invalidate_caches()
     yield tmp_path
-    F.module_present.cache_clear()
+    C.module_present.cache_clear()
     F._import.cache_clear()
     for name in [m for m in sys.modules if m.split(".")[0] in ("flash_attn", "attnpatch_broken")]:
         del sys.modules[name]
@@ -84,7 +85,7 @@ def test_missing_package_reasons_are_exact():
 def test_registered_backends_on_this_machine():
     for cls in VERSIONS:
         backend = registry.get_backend(cls.name)
-        if F.module_present(cls.probe):
+        if C.module_present(cls.probe):
             pytest.skip(f"{cls.package} is installed here")
         assert backend.availability_reasons() == [backend.missing_reason(), NO_CUDA]
     info = {i.name: i for i in attnpatch.list_backends()}
@@ -96,8 +97,8 @@ def test_flash2_reason_says_only_flash4_is_there(fresh_lookups):
     cute = fresh_lookups / "flash_attn" / "cute"  # flash-attn-4 has no flash_attn/__init__.py
     cute.mkdir(parents=True)
     (cute / "__init__.py").write_text("raise ImportError('must not be imported')\n")
-    assert F.module_present("flash_attn.cute")
-    assert not F.module_present("flash_attn.flash_attn_interface")
+    assert C.module_present("flash_attn.cute")
+    assert not C.module_present("flash_attn.flash_attn_interface")
     assert Flash2Backend().availability_reasons()[0] == (
         "package flash_attn not installed (pip install flash-attn); only flash-attn-4's "
         "flash_attn.cute is there (backend flash4)")
@@ -125,11 +126,11 @@ def test_module_present_finds_modules_files_and_packages(fresh_lookups):
     (fresh_lookups / "attnpatch_broken").mkdir()
     (fresh_lookups / "attnpatch_broken" / "__init__.py").write_text("raise ImportError\n")
     (fresh_lookups / "attnpatch_broken" / "iface.py").write_text("raise ImportError\n")
-    assert F.module_present("attnpatch_broken")
-    assert F.module_present("attnpatch_broken.iface")
-    assert not F.module_present("attnpatch_broken.nope")
-    assert not F.module_present("attnpatch_broken.iface.deeper")
-    assert F.module_present("torch.nn.functional") and not F.module_present("torch.nope")
+    assert C.module_present("attnpatch_broken")
+    assert C.module_present("attnpatch_broken.iface")
+    assert not C.module_present("attnpatch_broken.nope")
+    assert not C.module_present("attnpatch_broken.iface.deeper")
+    assert C.module_present("torch.nn.functional") and not C.module_present("torch.nope")
     assert "attnpatch_broken" not in sys.modules
 
 

@@ -21,7 +21,8 @@ import pytest
 import torch
 
 import attnpatch
-from attnpatch.backends.flash import Flash4Backend, FlashBackend, module_present
+from attnpatch.backends.flash import Flash4Backend, FlashBackend
+from attnpatch.constraints import module_present
 
 from ..conftest import make_inputs
 
