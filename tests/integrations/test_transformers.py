@@ -1,0 +1,188 @@
+"""patch() on real tiny transformers models through the AttentionInterface: numerics (padding
+masks, T5 position bias and scaling=1.0, causal, GQA), routing, exact restore, registrations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnpatch
+from attnpatch import AttnPatchError
+from attnpatch.integrations import transformers as itf
+from tests.tiny_models import (TRANSFORMERS, TRANSFORMERS_MODULES, counting_backend, llama,
+                               no_attnpatch_state, rel_error, run)
+
+pytest.importorskip("transformers")
+
+
+@pytest.fixture(scope="module")
+def built():
+    out = {}
+    for name, factory in TRANSFORMERS.items():
+        model, kw = factory()
+        out[name] = (model, kw, run(model, kw))
+    return out
+
+
+def _valid(name, kw, out):
+    """Rows of padded tokens are not compared (their values depend on the kernel)."""
+    if "attention_mask" in kw:
+        return out[kw["attention_mask"].bool()]
+    return out
+
+
+def _impls(model):
+    return {id(c): c.__dict__.get("_attn_implementation_internal")
+            for m in model.modules() if (c := getattr(m, "config", None)) is not None}
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMERS))
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_matches_unpatched_and_restores_bitwise(built, name, backend):
+    model, kw, ref = built[name]
+    impls = _impls(model)
+    keys = list(model.state_dict())
+    handle = attnpatch.patch(model, backend=backend)
+    try:
+        assert itf.registered()
+        assert model.config._attn_implementation == itf.ATTN_NAME
+        out = run(model, kw)
+        assert rel_error(_valid(name, kw, out), _valid(name, kw, ref)) <= 1e-5
+        report = handle.report()
+        assert len(report) == TRANSFORMERS_MODULES[name]
+        assert all(r.routed and r.calls == 1 and r.backend == backend for r in report), report
+        assert list(model.state_dict()) == keys
+    finally:
+        handle.unpatch()
+    assert _impls(model) == impls  # every (sub)config exactly as before
+    assert torch.equal(run(model, kw), ref)
+    assert not itf.registered()
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    assert itf.ATTN_NAME not in AttentionInterface._global_mapping
+    assert itf.ATTN_NAME not in AttentionMaskInterface._global_mapping
+    assert no_attnpatch_state(model) == []
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMERS))
+def test_every_module_routed(built, name):
+    model, kw, ref = built[name]
+    with counting_backend() as counting, attnpatch.patch(model, backend="counting") as handle:
+        out = run(model, kw)
+        report = handle.report()
+    assert rel_error(_valid(name, kw, out), _valid(name, kw, ref)) <= 1e-5
+    assert all(r.routed and r.kind == "transformers" and r.calls == 1 for r in report)
+    assert counting.calls == sum(r.calls for r in report) == TRANSFORMERS_MODULES[name]
+
+
+def test_padding_mask_reaches_the_backend(built):
+    """Without the mask function registered, transformers would drop the padding mask."""
+    model, kw, ref = built["t5"]
+    seen = []
+
+    class Spy(attnpatch.Backend):
+        name = "spy"
+        priority = None
+
+        def forward(self, call, **options):
+            seen.append((call.mask_kind, tuple(call.attn_mask.shape), call.scale))
+            return torch.nn.functional.scaled_dot_product_attention(
+                call.query, call.key, call.value, attn_mask=call.attn_mask, scale=call.scale)
+
+    attnpatch.register_backend(Spy)
+    try:
+        with attnpatch.patch(model, backend="spy"):
+            out = run(model, kw)
+    finally:
+        attnpatch.unregister_backend("spy")
+    # T5: position bias folded into a float mask, no 1/sqrt(d) scaling
+    assert seen == [("float", (2, 2, 7, 7), 1.0)] * 2
+    assert rel_error(_valid("t5", kw, out), _valid("t5", kw, ref)) <= 1e-5
+
+
+def test_causal_and_gqa():
+    """Llama: 4 query heads on 2 kv heads, causal from module.is_causal (no mask passed)."""
+    model, _ = llama()
+    ids = torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(3))
+    ref = run(model, dict(input_ids=ids))
+    calls = []
+
+    class Spy(attnpatch.Backend):
+        name = "spy"
+        priority = None
+
+        def forward(self, call, **options):
+            calls.append((call.is_causal, call.num_heads, call.num_kv_heads, call.mask_kind))
+            return torch.nn.functional.scaled_dot_product_attention(
+                call.query, call.key, call.value, attn_mask=call.attn_mask,
+                is_causal=call.is_causal, scale=call.scale, enable_gqa=call.is_gqa)
+
+    attnpatch.register_backend(Spy)
+    try:
+        with attnpatch.patch(model, backend="spy"):
+            out = run(model, dict(input_ids=ids))
+    finally:
+        attnpatch.unregister_backend("spy")
+    assert calls == [(True, 4, 2, "none")] * 2
+    assert rel_error(out, ref) <= 1e-5
+
+
+def test_excluded_module_keeps_its_implementation(built):
+    model, kw, ref = built["clip_text"]
+    with attnpatch.patch(model, backend="math", exclude="*layers.1*") as handle:
+        out = run(model, kw)
+        report = handle.report()
+        excluded = model.get_submodule("encoder.layers.1.self_attn")
+        assert excluded.__dict__.get("_attnpatch_passthrough") == "sdpa"
+    assert [r.name for r in report] == ["encoder.layers.0.self_attn"]
+    assert report[0].calls == 1
+    assert rel_error(_valid("clip_text", kw, out), _valid("clip_text", kw, ref)) <= 1e-5
+    assert no_attnpatch_state(model) == []
+
+
+def test_model_set_attention_backend(built):
+    model, kw, _ = built["clip_vision"]
+    with attnpatch.patch(model, backend="sdpa") as handle:
+        model.set_attention_backend("math")
+        run(model, kw)
+        assert {r.backend for r in handle.report()} == {"math"}
+        model.reset_attention_backend()
+        run(model, kw)
+        assert {r.backend for r in handle.report()} == {"sdpa"}
+    assert "set_attention_backend" not in vars(model)
+
+
+def test_eager_model_restores_eager():
+    from transformers import CLIPTextConfig, CLIPTextModel
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2,
+                                         max_position_embeddings=16, bos_token_id=0,
+                                         eos_token_id=2, attn_implementation="eager")).eval()
+    ids = torch.randint(3, 60, (2, 7), generator=torch.Generator().manual_seed(1))
+    ref = run(model, dict(input_ids=ids))
+    with attnpatch.patch(model, backend="math"):
+        assert rel_error(run(model, dict(input_ids=ids)), ref) <= 1e-5
+    assert model.config._attn_implementation == "eager"
+    assert torch.equal(run(model, dict(input_ids=ids)), ref)
+
+
+def test_two_models_share_the_registration(built):
+    a, kw_a, _ = built["clip_text"]
+    b, kw_b, _ = built["t5"]
+    ha = attnpatch.patch(a)
+    hb = attnpatch.patch(b)
+    ha.unpatch()
+    assert itf.registered()
+    run(b, kw_b)
+    assert all(r.calls == 1 for r in hb.report())
+    hb.unpatch()
+    assert not itf.registered()
+
+
+def test_unknown_backend_is_refused_before_anything_changes(built):
+    model, kw, _ = built["t5"]
+    with pytest.raises(AttnPatchError, match="unknown backend 'flsh'; did you mean"):
+        attnpatch.patch(model, backend="flsh")
+    assert model.config._attn_implementation == "sdpa"
+    assert not itf.registered()
+    assert no_attnpatch_state(model) == []
