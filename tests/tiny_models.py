@@ -278,3 +278,47 @@ def backend_counts(report) -> Counter:
     for r in report:
         c.update(r.backends)
     return c
+
+
+# --- pipelines (no tokenizer: they run from prompt embeddings) ---------------------------------
+
+def flux_pipeline():
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                           FluxTransformer2DModel)
+    torch.manual_seed(0)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+        guidance_embeds=False, axes_dims_rope=(4, 4, 8))
+    vae_ = AutoencoderKL(
+        in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        latent_channels=4, norm_num_groups=8, sample_size=16, shift_factor=0.0,
+        scaling_factor=1.0)
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae_, text_encoder=None,
+                        tokenizer=None, text_encoder_2=None, tokenizer_2=None,
+                        transformer=transformer)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt_embeds=_randn(1, 7, 16, seed=7), pooled_prompt_embeds=_randn(1, 16, seed=8),
+              height=16, width=16, num_inference_steps=2, output_type="pt")
+    return pipe, kw
+
+
+def sd_pipeline():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    unet, _ = sd15()
+    text_encoder, _ = clip_text()
+    vae_, _ = vae()
+    pipe = StableDiffusionPipeline(
+        vae=vae_, text_encoder=text_encoder, tokenizer=None, unet=unet,
+        scheduler=DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt_embeds=_randn(1, 7, 16, seed=7), negative_prompt_embeds=_randn(1, 7, 16, seed=8),
+              height=32, width=32, num_inference_steps=2, output_type="pt")
+    return pipe, kw
+
+
+def run_pipe(pipe, kw) -> torch.Tensor:
+    with torch.no_grad():
+        return pipe(**kw, generator=_gen(0)).images.clone()
