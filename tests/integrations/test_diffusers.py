@@ -483,3 +483,26 @@ def test_torch_compile_fullgraph_traces_patched_model():
 @pytest.mark.slow
 def test_torch_compile_fullgraph_inductor():
     _compile_check("inductor")
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["AttnAddedKVProcessor2_0",
+                                                       "AttnAddedKVProcessor"])
+def test_added_kv_processors(legacy):
+    from diffusers.models.attention_processor import (Attention, AttnAddedKVProcessor,
+                                                      AttnAddedKVProcessor2_0)
+    torch.manual_seed(0)
+    cls = AttnAddedKVProcessor if legacy else AttnAddedKVProcessor2_0
+    attn = Attention(query_dim=16, cross_attention_dim=16, heads=2, dim_head=8,
+                     added_kv_proj_dim=12, norm_num_groups=4, only_cross_attention=False,
+                     processor=cls()).eval()
+    original = attn.processor
+    hs, ehs = torch.randn(2, 16, 4, 4), torch.randn(2, 5, 12)  # UnCLIP-style 4-D input
+    with torch.no_grad():
+        ref = attn(hs, encoder_hidden_states=ehs)
+    with counting_backend() as counting, attnpatch.patch(attn, backend="counting") as handle:
+        with torch.no_grad():
+            out = attn(hs, encoder_hidden_states=ehs)
+        assert type(attn.processor).__name__ == "AttnAddedKVProcessor2_0"
+        assert handle.report()[0].processor == cls.__name__
+    assert counting.calls == 1 and rel_error(out, ref) <= 1e-5
+    assert attn.processor is original

@@ -1,0 +1,238 @@
+"""The patch() API itself: bad input, backend specs, containers of several models, the handle,
+precedence, the overhead benchmark's smoke mode."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import attnpatch
+from attnpatch import AttnPatchError
+from tests.tiny_models import (clip_text, flux, no_attnpatch_state, processors_of, rel_error, run,
+                               sd15)
+
+pytest.importorskip("diffusers")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def unet():
+    model, kw = sd15()
+    return model, kw, run(model, kw)
+
+
+# --- bad input: always an AttnPatchError that says what was found ----------------------------
+
+def test_no_attention_modules_lists_what_was_found():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with pytest.raises(AttnPatchError, match=r"no attention modules found in Sequential.*"
+                                             r"4 modules: .*Linear x2"):
+        attnpatch.patch(model)
+    assert no_attnpatch_state(model) == []
+
+
+def test_pipeline_without_attention_lists_its_components():
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(8, 16), norm_num_groups=8, add_attention=False,
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler())
+    with pytest.raises(AttnPatchError, match=r"no attention modules found in DDPMPipeline.*"
+                                             r"unet \(UNet2DModel: 0 attention modules\).*"
+                                             r"scheduler \(DDPMScheduler, not a torch module\)"):
+        attnpatch.patch(pipe)
+
+
+def test_wrong_target_type():
+    with pytest.raises(AttnPatchError, match="patch\\(\\) takes a diffusers DiffusionPipeline"):
+        attnpatch.patch("unet")
+
+
+def test_unknown_backend_names_suggest(unet):
+    model, _, _ = unet
+    with pytest.raises(AttnPatchError, match="unknown backend 'mathh'; did you mean 'math'"):
+        attnpatch.patch(model, backend="mathh")
+    with pytest.raises(AttnPatchError, match="unknown backend 'nope'"):
+        attnpatch.patch(model, backend={"*attn1": "sdpa", "*attn2": "nope"})
+    with pytest.raises(AttnPatchError, match="diffusers backend that attnpatch does not implement"):
+        attnpatch.patch(model, backend="sage")
+    assert no_attnpatch_state(model) == []
+
+
+def test_patterns_matching_nothing(unet):
+    model, _, _ = unet
+    with pytest.raises(AttnPatchError, match=r"include pattern 'transformer\.\*' matches no "
+                                             r"attention module; .*named like "
+                                             r"'down_blocks\.0\.attentions\.0"):
+        attnpatch.patch(model, include="transformer.*")
+    with pytest.raises(AttnPatchError, match="exclude pattern 'nope' matches no attention"):
+        attnpatch.patch(model, exclude=["nope"])
+    with pytest.raises(AttnPatchError, match="backend pattern 'text.*' matches no patched"):
+        attnpatch.patch(model, backend={"text.*": "math"})
+    with pytest.raises(AttnPatchError, match="leave no attention module to patch"):
+        attnpatch.patch(model, include="down_blocks", exclude="*attn*")
+    assert no_attnpatch_state(model) == []
+
+
+def test_options_are_checked_up_front(unet):
+    model, _, _ = unet
+    with pytest.raises(AttnPatchError, match=r"backend 'math' does not take option\(s\) "
+                                             r"\['block_size'\]"):
+        attnpatch.patch(model, backend="math", block_size=64)
+    with pytest.raises(AttnPatchError, match="a backend tuple is"):
+        attnpatch.patch(model, backend=("math",))
+    assert no_attnpatch_state(model) == []
+
+
+# --- backend specs and precedence --------------------------------------------------------------
+
+def test_backend_spec_forms(unet):
+    model, kw, ref = unet
+    spec = {"*attn1": ("flex", {"compile": False}), "*attn2": {"backend": "sdpa_math"}}
+    with attnpatch.patch(model, backend=spec) as handle:
+        assert rel_error(run(model, kw), ref) <= 1e-5
+        got = {r.name.rsplit(".", 1)[1]: (r.requested, r.backend) for r in handle.report()}
+    assert got == {"attn1": ("flex(compile=False)", "flex"), "attn2": ("sdpa_math", "sdpa_math")}
+
+
+def test_env_var_applies_under_plain_auto(unet, monkeypatch):
+    model, kw, ref = unet
+    monkeypatch.setenv("ATTNPATCH_BACKEND", "math")
+    with attnpatch.patch(model) as handle:  # plain auto: the environment decides
+        run(model, kw)
+        assert {r.backend for r in handle.report()} == {"math"}
+    with attnpatch.patch(model, backend="sdpa") as handle:  # an explicit patch backend wins
+        run(model, kw)
+        assert {r.backend for r in handle.report()} == {"sdpa"}
+
+
+def test_explicit_backend_that_cannot_run_raises(unet):
+    model, kw, _ = unet
+
+    class Fp16Only(attnpatch.Backend):
+        name = "fp16_only"
+        priority = None
+        dtypes = (torch.float16,)
+
+        def forward(self, call, **options):  # pragma: no cover
+            raise AssertionError
+
+    attnpatch.register_backend(Fp16Only)
+    try:
+        with attnpatch.patch(model, backend="fp16_only"):
+            with pytest.raises(attnpatch.BackendUnavailableError, match="fp16_only"):
+                run(model, kw)
+    finally:
+        attnpatch.unregister_backend("fp16_only")
+
+
+# --- several models in one nn.Module, the handle ----------------------------------------------
+
+def test_container_with_diffusers_and_transformers_models():
+    unet_model, unet_kw = sd15()
+    text_model, text_kw = clip_text()
+    ref_unet, ref_text = run(unet_model, unet_kw), run(text_model, text_kw)
+    box = torch.nn.ModuleDict({"unet": unet_model, "text": text_model})
+    with attnpatch.patch(box, backend="math") as handle:
+        out_unet, out_text = run(unet_model, unet_kw), run(text_model, text_kw)
+        report = handle.report()
+        # component models get the backend methods too
+        box["unet"].set_attention_backend("sdpa")
+        run(unet_model, unet_kw)
+        assert {r.backend for r in handle.report() if r.name.startswith("unet")} == {"sdpa"}
+    assert rel_error(out_unet, ref_unet) <= 1e-5
+    mask = text_kw["attention_mask"].bool()
+    assert rel_error(out_text[mask], ref_text[mask]) <= 1e-5
+    assert {r.kind for r in report} == {"diffusers", "transformers"} and len(report) == 10
+    assert all(r.name.startswith(("unet.", "text.")) for r in report)
+    assert no_attnpatch_state(box) == []
+    assert torch.equal(run(unet_model, unet_kw), ref_unet)
+
+
+def test_handle_lifecycle(unet):
+    model, kw, ref = unet
+    handle = attnpatch.patch(model, backend="math")
+    assert "8/8 attention modules routed, active" in repr(handle)
+    handle.set_backend("sdpa")
+    run(model, kw)
+    assert {r.backend for r in handle.report()} == {"sdpa"}
+    handle.reset_backend()
+    assert {r.requested for r in handle.report()} == {"math"}
+    attnpatch.unpatch(model)
+    assert not handle.active
+    handle.unpatch()  # idempotent
+    with pytest.raises(AttnPatchError, match="undone"):
+        handle.set_backend("math")
+    assert torch.equal(run(model, kw), ref)
+
+
+def test_patched_forward_raises_cleanly_and_recovers(unet):
+    """An exception inside a patched forward leaves no layout state behind."""
+    model, kw, ref = unet
+    with attnpatch.patch(model, backend="math"):
+        with pytest.raises(Exception):
+            run(model, {**kw, "encoder_hidden_states": torch.randn(2, 7, 5)})
+        assert attnpatch.current_token_layout() is None
+        assert rel_error(run(model, kw), ref) <= 1e-5
+
+
+def test_report_records_are_plain_data(unet):
+    model, kw, _ = unet
+    with attnpatch.patch(model, backend="math") as handle:
+        run(model, kw)
+        rec = handle.report()[0]
+    assert isinstance(rec, attnpatch.ModuleReport)
+    assert rec.name == "down_blocks.0.attentions.0.transformer_blocks.0.attn1"
+    assert (rec.backend, rec.calls, rec.fallbacks, rec.routed) == ("math", 1, {}, True)
+    assert rec.module_type == "Attention" and rec.processor == "AttnProcessor2_0"
+
+
+def test_processors_unchanged_when_patch_fails_midway(unet):
+    """A failing patch (here: a pattern error raised after discovery) leaves nothing behind."""
+    model, _, _ = unet
+    before = processors_of(model)
+    with pytest.raises(AttnPatchError):
+        attnpatch.patch(model, backend={"*attn1": "math", "*zzz": "sdpa"})
+    assert all(processors_of(model)[k] is before[k] for k in before)
+    assert no_attnpatch_state(model) == []
+
+
+def test_token_layout_outside_models_is_none():
+    assert attnpatch.current_token_layout() is None
+    layout = attnpatch.TokenLayout(text_tokens=7, text_position="first", frames=1, height=4,
+                                   width=4)
+    assert layout.image_tokens == 16 and layout.grid == (1, 4, 4)
+    assert layout.text_slice == slice(0, 7) and layout.image_slice == slice(7, 23)
+
+
+def test_flux_under_attention_backend_context_options():
+    """Options of an attention_backend block reach the backend through a patched model."""
+    model, kw = flux()
+    ref = run(model, kw)
+    with attnpatch.patch(model) as handle:
+        with attnpatch.attention_backend("flex", compile=False):
+            out = run(model, kw)
+        assert {r.backend for r in handle.report()} == {"flex"}
+    assert rel_error(out, ref) <= 1e-5
+
+
+# --- the GPU benchmark, smoke-tested on CPU ---------------------------------------------------
+
+def test_overhead_benchmark_tiny_cpu(tmp_path):
+    out = tmp_path / "overhead.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--tiny", "--device", "cpu",
+         "--repeats", "2", "--warmup", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "overhead" in proc.stdout and "flux" in proc.stdout and "sdxl" in proc.stdout
+    data = json.loads(out.read_text())
+    by_model = {r["model"]: r for r in data["results"]}
+    assert by_model["flux"]["routed"] == 2 and by_model["sdxl"]["routed"] == 16
+    assert all(r["attention_calls_per_forward"] == r["routed"] for r in data["results"])
