@@ -33,20 +33,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import attnpatch  # noqa: E402
 
 
+def _build(cls, device, dtype, **config):
+    """Random weights created directly on ``device`` in ``dtype`` (a 12B model would need 48 GB
+    of fp32 host memory and minutes of CPU init otherwise)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(device=device, dtype=dtype).eval()
+
+
 def flux_model(tiny: bool, device, dtype):
     from diffusers import FluxTransformer2DModel
     if tiny:
-        model = FluxTransformer2DModel(
-            patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
-            num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
-            guidance_embeds=True, axes_dims_rope=(4, 4, 8))
+        config = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
+                      attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+                      pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
         h = w = 4
         text = 7
-    else:
-        model = FluxTransformer2DModel()  # Flux-dev: 19 + 38 blocks, 24 heads x 128
-        h = w = 64  # 1024 px / 8 (VAE) / 2 (2x2 packing)
+    else:  # the default config is Flux-dev size (19 + 38 blocks, 24 heads x 128); dev has
+        config = dict(guidance_embeds=True)  # guidance embeddings
+        h = w = 64  # 1024 px / 8 (VAE) / 2 (2x2 packing) -> 4096 image tokens
         text = 512
-    model = model.to(device=device, dtype=dtype).eval()
+    model = _build(FluxTransformer2DModel, device, dtype, **config)
     cfg = model.config
     ids = torch.zeros(h, w, 3)
     ids[..., 1] = torch.arange(h)[:, None]
@@ -61,14 +73,15 @@ def flux_model(tiny: bool, device, dtype):
                   pooled_projections=rnd(1, cfg.pooled_projection_dim),
                   timestep=torch.tensor([0.5], device=device, dtype=dtype),
                   img_ids=ids.reshape(-1, 3).to(device), txt_ids=torch.zeros(text, 3, device=device),
-                  guidance=torch.tensor([3.5], device=device, dtype=dtype), return_dict=False)
+                  guidance=torch.tensor([3.5], device=device, dtype=dtype)
+                  if cfg.guidance_embeds else None, return_dict=False)
     return model, kwargs
 
 
 def sdxl_model(tiny: bool, device, dtype):
     from diffusers import UNet2DConditionModel
     if tiny:
-        model = UNet2DConditionModel(
+        config = dict(
             sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
             block_out_channels=(16, 32), norm_num_groups=8,
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
@@ -78,7 +91,7 @@ def sdxl_model(tiny: bool, device, dtype):
             addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16)
         size, text, ctx, pooled = 16, 7, 16, 16
     else:  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
-        model = UNet2DConditionModel(
+        config = dict(
             sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
             block_out_channels=(320, 640, 1280),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -88,7 +101,7 @@ def sdxl_model(tiny: bool, device, dtype):
             addition_embed_type="text_time", addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816)
         size, text, ctx, pooled = 128, 77, 2048, 1280
-    model = model.to(device=device, dtype=dtype).eval()
+    model = _build(UNet2DConditionModel, device, dtype, **config)
     g = torch.Generator().manual_seed(0)
 
     def rnd(*shape):
