@@ -506,3 +506,24 @@ def test_added_kv_processors(legacy):
         assert handle.report()[0].processor == cls.__name__
     assert counting.calls == 1 and rel_error(out, ref) <= 1e-5
     assert attn.processor is original
+
+
+def test_qwenimage_routed_text_first_grid_from_img_shapes():
+    from diffusers import QwenImageTransformer2DModel
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, axes_dims_rope=(4, 6, 6)).eval()
+    mask = torch.ones(2, 7)
+    mask[1, 5:] = 0
+    kw = dict(hidden_states=torch.randn(2, 16, 16), encoder_hidden_states=torch.randn(2, 7, 16),
+              encoder_hidden_states_mask=mask, timestep=torch.tensor([0.5, 0.5]),
+              img_shapes=[[(1, 4, 4)]] * 2)
+    ref = run(model, kw)
+    with counting_backend(record_layouts=True) as counting, \
+            attnpatch.patch(model, backend="counting") as handle:
+        out = run(model, kw)
+        assert all(r.routed and r.calls == 1 for r in handle.report())
+    assert rel_error(out, ref) <= 1e-5 and counting.calls == 2
+    for q, k, layout in counting.layouts:
+        assert (layout.text_position, layout.text_tokens, layout.grid) == ("first", 7, (1, 4, 4))
