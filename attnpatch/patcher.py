@@ -382,6 +382,7 @@ class PatchHandle:
     def _apply(self, target, found: _Found, selected: list, plan) -> None:
         selected_ids = {id(m) for _, m, _ in selected}
         # diffusers attention modules
+        mine = {id(r.module): r for r in self._diffusers}
         for name, module, kind in selected:
             if kind != "diffusers":
                 continue
@@ -391,6 +392,11 @@ class PatchHandle:
                 dif.patch_module(r)
                 if r.routed:
                     module.__dict__["_attnpatch_record"] = r
+                stale = mine.get(id(module))
+                if stale is not None:  # re-patch of a module whose processor was swapped out
+                    stale.refs -= 1
+                    self._diffusers.remove(stale)
+                    self._records.remove(stale)
             if r not in self._diffusers:
                 r.refs += 1
                 self._diffusers.append(r)

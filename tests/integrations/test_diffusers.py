@@ -339,7 +339,11 @@ def test_replaced_processor_is_reported_and_left_alone(built):
     run(model, kw)
     rec = handle.report().by_name()["down_blocks.0.attentions.0.transformer_blocks.0.attn1"]
     assert not rec.routed and "replaced after patch" in rec.note
+    assert "7/8 attention modules routed" in str(handle.report())
+    assert attnpatch.patch(model, backend="math") is handle  # patch again: routed again
+    assert len(handle.report()) == 8 and len(handle.report().routed) == 8
     handle.unpatch()
+    # the processor set after patching is what unpatch puts back there
     assert model.down_blocks[0].attentions[0].transformer_blocks[0].attn1.processor is mine
     model.set_attn_processor({f"{k}.processor": v for k, v in originals.items()})
     assert no_attnpatch_state(model) == []
