@@ -96,11 +96,17 @@ def _legacy_target(module, processor) -> tuple[Optional[type], Optional[str]]:
     return getattr(ap, target_name), None
 
 
+# Where joint attention puts the text tokens, per processor family (from the order of their
+# torch.cat([...]) of text and image q/k/v, diffusers 0.42; CogVideoX concatenates in its block).
+_TEXT_FIRST = ("Flux", "Qwen", "Bria", "Chroma", "AuraFlow", "FusedAuraFlow", "EasyAnimate",
+               "LongCatImage", "OvisImage", "CogVideoX", "FusedCogVideoX")
+_TEXT_LAST = ("HunyuanImage", "HunyuanVideo", "JoyImage", "MotifVideo")
+
+
 def _joint_text_position(cls_name: str) -> Optional[str]:
-    """Where joint attention puts the text tokens, for the processor families we know."""
-    if cls_name.startswith(("Flux", "Qwen", "Bria", "Chroma")):
+    if cls_name.startswith(_TEXT_FIRST):
         return "first"
-    if "Joint" in cls_name or cls_name.startswith("Hunyuan"):
+    if "JointAttnProcessor" in cls_name or cls_name.startswith(_TEXT_LAST):
         return "last"
     return None
 
@@ -190,9 +196,16 @@ def forward_info(model, args: tuple, kwargs: dict) -> Optional[ForwardInfo]:
     if ehs is None and len(args) > 2 and isinstance(args[2], torch.Tensor):
         ehs = args[2]  # UNet2DConditionModel(sample, timestep, encoder_hidden_states)
     text = ehs.shape[1] if isinstance(ehs, torch.Tensor) and ehs.dim() == 3 else 0
-    pt, ph, pw = _patch_sizes(getattr(model, "config", {}))
-    if hs.dim() == 5:  # (B, C, F, H, W)
-        grid = (hs.shape[2] // pt, hs.shape[3] // ph, hs.shape[4] // pw)
+    config = getattr(model, "config", {})
+    pt, ph, pw = _patch_sizes(config)
+    if hs.dim() == 5:  # (B, C, F, H, W), or (B, F, C, H, W) as in CogVideoX
+        channels = config.get("in_channels") if hasattr(config, "get") else None
+        frames = hs.shape[2]
+        if channels is not None and hs.shape[1] != channels:
+            if hs.shape[2] != channels:
+                return ForwardInfo(name, None, text)
+            frames = hs.shape[1]
+        grid = (frames // pt, hs.shape[3] // ph, hs.shape[4] // pw)
         return ForwardInfo(name, grid[0] * grid[1] * grid[2], text, grid)
     if hs.dim() == 4:  # (B, C, H, W)
         grid = (1, hs.shape[2] // ph, hs.shape[3] // pw)
