@@ -248,6 +248,7 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
                       return_lse, grad)
     reasons = {b.name: registry.candidate_reasons(b, call, options)
+               or (b.auto_reasons(call) if name == "auto" else [])
                for b in registry.all_backends()}
     try:
         choice = registry.select(name, call, options).backend.name

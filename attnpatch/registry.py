@@ -93,6 +93,11 @@ class Backend:
             reasons.append(f"value head_dim {call.head_dim_v} != query head_dim {call.head_dim}")
         return reasons
 
+    def auto_reasons(self, call: AttentionCall) -> list[str]:
+        """Why ``auto`` passes this backend over for ``call`` although it could run it (measured
+        slower there than a later candidate). Not consulted when the backend is named."""
+        return []
+
     def forward(self, call: AttentionCall, **options: Any):
         """Compute attention. Returns ``out`` as (B, H, Sq, Dv) (a view is fine), or
         ``(out, lse)`` with ``lse`` (B, H, Sq) float32 when ``call.return_lse``."""
@@ -263,7 +268,7 @@ def select(requested: str, call: AttentionCall, option_names=()) -> Selection:
         return Selection(backend, requested)
     rejected: dict[str, list[str]] = {}
     for backend in _PRIORITY:
-        reasons = candidate_reasons(backend, call, option_names)
+        reasons = candidate_reasons(backend, call, option_names) or backend.auto_reasons(call)
         if not reasons:
             return Selection(backend, requested, rejected)
         rejected[backend.name] = reasons

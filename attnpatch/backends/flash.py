@@ -160,7 +160,13 @@ class _FlashAttention(Backend):
         mod = self.entry_points()
         q, k, v = call.bshd()
         dv = v.shape[-1]
-        q, k, v = (P.pad_head_dim(t, self.head_dim_multiple) for t in (q, k, v))
+        m = self.head_dim_multiple
+        if call.mask_kind == "none" and not call.is_causal and not (call.head_dim % m or dv % m):
+            # the common diffusion case: one dense call, nothing to pad or plan
+            out, lse = self._dense(mod, call, q, k, v, False, P.NO_WINDOW)
+            out = out.transpose(1, 2)
+            return (out, lse.float()) if call.return_lse else out
+        q, k, v = (P.pad_head_dim(t, m) for t in (q, k, v))
         if call.mask_kind == "key_padding":
             keep = P.key_padding_keep(call.attn_mask, call.batch_size)
             out, lse = P.run_key_padding(q, k, v, keep,
@@ -182,9 +188,11 @@ class _FlashAttention(Backend):
 
 
 # Priorities: `auto` ranks backends by speed measured on the GPU machine, not by reputation
-# (on H100, cuDNN SDPA beats FlashAttention-2 by ~1.8x). Until the flash/xformers rows of the
-# kernel benchmark are in, sdpa (100) stays ahead of all of these; the GPU measurement may
-# reorder flash4 (150), flash3 (160), flash2 (250) and xformers (300).
+# (benchmarks/results/kernels_h100.json, H100, bf16, torch 2.11): torch's SDPA (cuDNN) beats
+# SDPA's FA2 kernel by ~1.8x; flash4 beats SDPA on long head_dim-128 sequences (647-665 vs
+# 571-638 TFLOP/s at 16896-75600 tokens) and loses on shorter ones (474 vs 602 at 4608; 256 vs
+# 414 at SDXL's 4096 x 64), so it comes first (90) but passes itself over below that length.
+# flash3/flash2/xformers are unmeasured here (not installable on the GPU machine): after sdpa.
 @register_backend
 class Flash4Backend(_FlashAttention):
     """FlashAttention-4 (package flash-attn-4, module ``flash_attn.cute``; CuTe DSL, JIT-compiled
@@ -193,7 +201,12 @@ class Flash4Backend(_FlashAttention):
     name = "flash4"
     aliases = ("fa4", "flash_4")
     description = "FlashAttention-4 (flash_attn.cute), sm90/sm100"
-    priority = 150
+    priority = 90
+    #: where auto prefers flash4 over sdpa (measured on H100; see the priority note above)
+    auto_min_seq_len_kv = 12288
+    auto_head_dims = (128,)
+    # sm90's backward kernel fails to compile for head_dim 104 (tile partition error): pad to 16
+    head_dim_multiple = 16
     min_compute_capability = (9, 0)
     supports_value_head_dim = True
     probe = "flash_attn.cute"
@@ -202,6 +215,12 @@ class Flash4Backend(_FlashAttention):
     install = "pip install flash-attn-4"
     any_right_window = True
     lse_has_grad = True
+
+    def auto_reasons(self, call):
+        if call.seq_len_kv < self.auto_min_seq_len_kv or call.head_dim not in self.auto_head_dims:
+            return [f"auto prefers sdpa unless head_dim is {self.auto_head_dims} and there are "
+                    f">= {self.auto_min_seq_len_kv} keys (measured faster there on H100)"]
+        return []
 
     def device_reasons(self, call, capability):
         d, dv = self.padded_head_dims(call)
@@ -221,8 +240,18 @@ class Flash4Backend(_FlashAttention):
         return reasons
 
     def _dense(self, mod, call, q, k, v, causal, window):
-        out, lse = mod.flash_attn_func(q, k, v, softmax_scale=call.scale, causal=causal,
-                                       window_size=window, return_lse=call.return_lse)
+        # keywords only where they differ from flash_attn_func's defaults: its Python wrapper
+        # is on the per-call path (a padded head_dim needs the true scale passed)
+        kw = {}
+        if not call.default_scale or q.shape[-1] != call.head_dim:
+            kw["softmax_scale"] = call.scale
+        if causal:
+            kw["causal"] = True
+        if window != P.NO_WINDOW:
+            kw["window_size"] = window
+        if call.return_lse:
+            kw["return_lse"] = True
+        out, lse = mod.flash_attn_func(q, k, v, **kw)
         return out, (lse if call.return_lse else None)
 
     def _varlen(self, mod, call, q, k, v, cu_q, cu_k, max_q, max_k):
