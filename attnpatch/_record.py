@@ -71,8 +71,13 @@ class ModuleRecord:
         return f"{name}(" + ", ".join(f"{k}={v!r}" for k, v in options.items()) + ")"
 
     def replaced(self) -> bool:
-        """True when someone swapped our diffusers processor out after patching."""
-        return (self.kind == "diffusers" and self.installed is not None
+        """True when someone took the module out of attnpatch after patching: swapped our
+        diffusers processor, or switched a transformers config to another implementation."""
+        if self.kind == "transformers":
+            impl = self.extra.get("impl")
+            cfg = getattr(self.module, "config", None)
+            return impl is not None and getattr(cfg, "_attn_implementation", impl) != impl
+        return (self.installed is not None
                 and getattr(self.module, "processor", None) is not self.installed)
 
     def report(self) -> "ModuleReport":
@@ -80,7 +85,10 @@ class ModuleRecord:
         if routed and self.replaced():
             routed = False
             note = ("processor replaced after patch() (set_attn_processor, "
-                    "fuse_qkv_projections, ...): not routed now; call patch() again")
+                    "fuse_qkv_projections, ...): not routed now; call patch() again"
+                    if self.kind == "diffusers" else
+                    "attention implementation switched after patch() (set_attn_implementation):"
+                    " not routed now")
         return ModuleReport(name=self.name, backend=self.backend, calls=self.calls,
                             fallbacks={k: list(v) for k, v in self.fallbacks.items()},
                             requested=self.requested(), backends=dict(self.backends),

@@ -436,6 +436,7 @@ class PatchHandle:
                     if m in site.excluded:
                         site.excluded.remove(m)
                     r.routed = True
+                    r.extra["impl"] = tf.ATTN_NAME
                     m.__dict__["_attnpatch_record"] = r
                     site.records.append(r)
                 self._hold(r, plan(n))

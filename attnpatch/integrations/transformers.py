@@ -215,6 +215,7 @@ class TransformersSite:
                                "(submodel refused set_attn_implementation)")
                 continue
             r.original = self._saved_impl(cfg)
+            r.extra["impl"] = ATTN_NAME
             r.module._attnpatch_record = r
             r.routed = True
         for module in self.excluded:
@@ -227,7 +228,11 @@ class TransformersSite:
         return "sdpa"
 
     def _restore_configs(self) -> None:
+        """Put back each config's implementation, unless someone switched it away from
+        attnpatch after patching (then theirs stays, like a swapped diffusers processor)."""
         for cfg, value in self.saved:
+            if cfg.__dict__.get("_attn_implementation_internal") != ATTN_NAME:
+                continue
             if value is _MISSING:
                 cfg.__dict__.pop("_attn_implementation_internal", None)
             else:

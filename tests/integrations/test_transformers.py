@@ -186,3 +186,18 @@ def test_unknown_backend_is_refused_before_anything_changes(built):
     assert model.config._attn_implementation == "sdpa"
     assert not itf.registered()
     assert no_attnpatch_state(model) == []
+
+
+def test_implementation_switched_after_patch_is_reported(built):
+    model, kw, ref = built["clip_vision"]
+    with attnpatch.patch(model, backend="math") as handle:
+        model.set_attn_implementation("eager")
+        run(model, kw)
+        report = handle.report()
+        assert not any(r.routed for r in report) and all(r.calls == 0 for r in report)
+        assert "switched after patch()" in report[0].note
+    # what the user switched to after patching stays (like a swapped diffusers processor)
+    assert model.config._attn_implementation == "eager"
+    assert no_attnpatch_state(model) == []
+    model.set_attn_implementation("sdpa")
+    assert torch.equal(run(model, kw), ref)
