@@ -28,11 +28,11 @@ class AttentionCall:
 
     __slots__ = (
         "query", "key", "value", "attn_mask", "mask_kind", "is_causal", "scale", "dropout_p",
-        "layout", "return_lse", "requires_grad", "device", "default_scale",
+        "layout", "return_lse", "requires_grad", "device", "default_scale", "is_gqa",
     )
 
     def __init__(self, query, key, value, attn_mask, mask_kind, is_causal, scale, dropout_p,
-                 layout, return_lse, requires_grad, default_scale=False):
+                 layout, return_lse, requires_grad, default_scale=False, is_gqa=None):
         self.query = query
         self.key = key
         self.value = value
@@ -47,6 +47,8 @@ class AttentionCall:
         self.device = query.device
         #: True when ``scale`` is the default 1/sqrt(head_dim) (the caller passed None)
         self.default_scale = default_scale
+        #: fewer key/value heads than query heads (grouped-query / multi-query attention)
+        self.is_gqa = query.shape[1] != key.shape[1] if is_gqa is None else is_gqa
 
     # --- shapes -------------------------------------------------------------------------------
     @property
@@ -76,10 +78,6 @@ class AttentionCall:
     @property
     def head_dim_v(self) -> int:
         return self.value.shape[3]
-
-    @property
-    def is_gqa(self) -> bool:
-        return self.query.shape[1] != self.key.shape[1]
 
     @property
     def dtype(self) -> torch.dtype:

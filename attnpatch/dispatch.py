@@ -94,6 +94,8 @@ def _signature(query, key, value, attn_mask, is_causal, scale, dropout_p, layout
 
 
 _is_compiling = torch.compiler.is_compiling
+_grad_enabled = torch.is_grad_enabled
+_VERSION = registry._VERSION
 
 
 def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
@@ -107,10 +109,13 @@ def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dr
         return _dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p,
                                 backend, layout, return_lse, options or {}, default)
     name, options = resolve(backend, options or _NO_OPTIONS, default)
-    try:
-        key_ = (name, tuple(options) if options else (), registry._VERSION[0],
-                *_signature(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
-                            return_lse))
+    try:  # _signature(), inlined: this is the per-call path
+        key_ = (name, tuple(options) if options else (), _VERSION[0], query.shape, key.shape,
+                value.shape, query.dtype, query.device,
+                None if attn_mask is None else (attn_mask.shape, attn_mask.dtype), is_causal,
+                scale, dropout_p, layout, return_lse,
+                _grad_enabled() and (query.requires_grad or key.requires_grad
+                                     or value.requires_grad))
         entry = _CACHE.get(key_)
     except (AttributeError, TypeError):  # not tensors / unhashable flags: let validate() say so
         key_, entry = None, None
@@ -128,12 +133,13 @@ def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dr
         if key_ is not None:
             if len(_CACHE) >= _CACHE_LIMIT:
                 _CACHE.clear()
-            _CACHE[key_] = (selection, call.scale)
+            _CACHE[key_] = (selection, call.scale, call.is_gqa)
     else:
-        selection, resolved_scale = entry
+        selection, resolved_scale, is_gqa = entry
         if attn_mask is None and layout == "bhsd":
             call = AttentionCall(query, key, value, None, "none", is_causal, resolved_scale,
-                                 dropout_p, layout, return_lse, key_[-1], scale is None)
+                                 dropout_p, layout, return_lse, key_[-1], scale is None,
+                                 is_gqa)
         else:
             call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
                               return_lse, key_[-1])
@@ -165,7 +171,8 @@ def _select_traced(name, option_names, sig):
     entry = _CACHE.get(key_)
     if entry is None:
         call = metadata_call(sig)
-        entry = _CACHE[key_] = (registry.select(name, call, option_names), call.scale)
+        entry = _CACHE[key_] = (registry.select(name, call, option_names), call.scale,
+                                call.is_gqa)
     return entry[0].backend.name
 
 
