@@ -36,6 +36,7 @@ import attnpatch  # noqa: E402
 def _build(cls, device, dtype, **config):
     """Random weights created directly on ``device`` in ``dtype`` (a 12B model would need 48 GB
     of fp32 host memory and minutes of CPU init otherwise)."""
+    torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -4,8 +4,6 @@ precedence, the overhead benchmark's smoke mode."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -224,15 +222,18 @@ def test_flux_under_attention_backend_context_options():
 
 # --- the GPU benchmark, smoke-tested on CPU ---------------------------------------------------
 
-def test_overhead_benchmark_tiny_cpu(tmp_path):
+def test_overhead_benchmark_tiny_cpu(tmp_path, capsys):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("overhead", ROOT / "benchmarks" / "overhead.py")
+    overhead = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(overhead)
     out = tmp_path / "overhead.json"
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "overhead.py"), "--tiny", "--device", "cpu",
-         "--repeats", "2", "--warmup", "1", "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "overhead" in proc.stdout and "flux" in proc.stdout and "sdxl" in proc.stdout
+    assert overhead.main(["--tiny", "--device", "cpu", "--repeats", "2", "--warmup", "1",
+                          "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "overhead" in printed and "flux" in printed and "sdxl" in printed
     data = json.loads(out.read_text())
     by_model = {r["model"]: r for r in data["results"]}
     assert by_model["flux"]["routed"] == 2 and by_model["sdxl"]["routed"] == 16
     assert all(r["attention_calls_per_forward"] == r["routed"] for r in data["results"])
+    assert all(len(r["patched_ms"]) == 2 for r in data["results"])
