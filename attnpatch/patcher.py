@@ -23,7 +23,7 @@ import fnmatch
 import logging
 import types
 from collections import Counter
-from typing import Any, Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import torch
 

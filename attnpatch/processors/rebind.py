@@ -200,9 +200,6 @@ def make_dispatch(record, original: Callable) -> Callable:
     return dispatch_attention_fn
 
 
-_STOP = (object,)
-
-
 def _class_functions(cls: type):
     """(name, wrapper, function) for every plain/static/class method visible on ``cls``,
     first definition in the MRO wins; torch.nn.Module's own methods are skipped."""
