@@ -57,6 +57,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--backend-option", dest="backend_options", action="append", default=[],
                    metavar="KEY=VALUE",
                    help="an option for the --backend(s) (repeatable; int/float/bool/JSON/str)")
+    scripting.add_scope_argument(p)
     p.add_argument("--steps", type=int, default=4, help="denoising steps (default: 4)")
     p.add_argument("--height", type=int, default=None,
                    help="image height (default: 256 for the built-in pipelines, else the model's)")
@@ -243,7 +244,8 @@ def _generate(pipe, label, backend, args, extra, size, device, stage, options):
     timer = _StepTimer(_denoisers(pipe), sync)
     try:
         if backend != UNPATCHED:
-            handle = attnpatch.patch(pipe, backend=backend, **_options_for(backend, options))
+            handle = scripting.patch_pipeline(pipe, backend, _options_for(backend, options),
+                                              args.backend_scope)
         pipe.set_progress_bar_config(desc=f"{label} {backend}", leave=False, disable=False)
         with torch.inference_mode():
             output = pipe(**_call_kwargs(pipe, args, extra, size, args.seed, device))
@@ -255,8 +257,8 @@ def _generate(pipe, label, backend, args, extra, size, device, stage, options):
             report = handle.report()
             row.modules_patched = len(report.routed)
             row.calls = sum(r.calls for r in report)
-            ran = sorted({n for r in report for n in r.backends})
-            row.ran = ",".join(ran)
+            scope = scripting.denoiser_names(pipe) if args.backend_scope == "denoiser" else None
+            row.ran = ",".join(scripting.ran_in(report, scope or None))
         else:
             row.ran = "diffusers/transformers default"
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in backend)
@@ -297,7 +299,8 @@ def _fmt(value, spec: str) -> str:
 
 
 def format_table(rows: list[Row]) -> str:
-    head = ("pipeline", "backend", "s/step", "max dev", "rel dev", "modules patched", "ran")
+    head = ("pipeline", "backend", "s/step", "max dev", "rel dev", "modules patched",
+            "ran (denoiser)")
     lines = [head]
     for r in rows:
         if r.error:
@@ -408,7 +411,8 @@ def _run(args: argparse.Namespace) -> int:
     print()
     print("s/step: median seconds per denoising step; max/rel dev: largest pixel difference and "
           "relative L2 difference of the image from the sdpa one (pixels in [0, 1]); "
-          "modules patched: attention modules attnpatch routed")
+          "modules patched: attention modules attnpatch routed (with --backend-scope denoiser, "
+          "the default, the text encoders and VAE run 'auto')")
     if not args.model:
         print(NOISE_NOTE)
     saved = f"images, results.json{', chart.png' if chart else ''} saved to {out}/"

@@ -26,8 +26,9 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from ._errors import AttnPatchError
 
 __all__ = ["ScriptError", "parse_value", "parse_options", "add_backend_arguments",
-           "check_backend", "available_backends", "one_line", "run_script", "staged_output",
-           "load_local_pipeline", "check_model_folder", "EXIT_BAD_INPUT"]
+           "add_scope_argument", "check_backend", "available_backends", "one_line", "run_script",
+           "staged_output", "load_local_pipeline", "check_model_folder", "patch_pipeline",
+           "denoiser_names", "ran_in", "EXIT_BAD_INPUT"]
 
 EXIT_BAD_INPUT = 2
 
@@ -144,6 +145,46 @@ def check_backend(name: str, options: Optional[dict] = None, allow_none: bool = 
         raise ScriptError(f"backend {canonical!r} does not take option(s) {', '.join(extra)} "
                           f"(it takes {takes}); drop or fix the --backend-option")
     return canonical
+
+
+# --- patching a pipeline --------------------------------------------------------------------------
+
+#: pipeline components that are denoisers (where the time goes, and what --backend is about)
+DENOISERS = ("transformer", "transformer_2", "unet", "prior", "decoder")
+
+
+def add_scope_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--backend-scope", choices=("denoiser", "all"), default="denoiser",
+                        help="denoiser (default): --backend runs the denoiser's attention and "
+                             "'auto' the rest (text encoders, VAE), so a kernel that can't take "
+                             "e.g. T5's position bias still works; all: --backend everywhere")
+
+
+def denoiser_names(pipe) -> list[str]:
+    import torch
+
+    return [n for n in DENOISERS if isinstance(getattr(pipe, n, None), torch.nn.Module)]
+
+
+def patch_pipeline(pipe, backend: str, options: dict, scope: str = "denoiser"):
+    """``attnpatch.patch`` the whole pipeline: with ``scope="denoiser"`` the denoiser(s) get
+    ``backend`` with ``options`` and every other attention module ``auto``; with ``"all"`` (or
+    when there is no known denoiser component) every module gets ``backend``."""
+    from . import patch
+
+    names = denoiser_names(pipe) if scope == "denoiser" and backend != "auto" else []
+    if not names:
+        return patch(pipe, backend=backend, **options)
+    return patch(pipe, backend={n: (backend, dict(options)) for n in names})
+
+
+def ran_in(report, prefixes=None) -> list[str]:
+    """The backends that ran in the modules under ``prefixes`` (all modules when None)."""
+    out = set()
+    for r in report:
+        if prefixes is None or any(r.name == p or r.name.startswith(p + ".") for p in prefixes):
+            out.update(r.backends)
+    return sorted(out)
 
 
 # --- files --------------------------------------------------------------------------------------

@@ -80,7 +80,10 @@ class Bench:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
             args.dtype]
         from diffusers import UNet2DConditionModel
+        from diffusers.utils import logging as diffusers_logging
         from peft import LoraConfig
+
+        diffusers_logging.set_verbosity_error()  # "modules that should be kept in float32: []"
 
         config = TINY_UNET if args.tiny else SDXL_UNET
         torch.manual_seed(0)

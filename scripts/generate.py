@@ -46,6 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="generated", metavar="DIR", help="output folder")
     scripting.add_backend_arguments(p, default="auto",
                                     help_extra=", or 'none' for the model's own attention")
+    scripting.add_scope_argument(p)
     p.add_argument("--steps", type=int, default=None, help="num_inference_steps")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -207,7 +208,7 @@ def run(args) -> int:
     call_extra = {**{k: v for k, v in defaults.items() if k in params}, **extra}
     handle = None
     if backend != "none":
-        handle = attnpatch.patch(pipe, backend=backend, **options)
+        handle = scripting.patch_pipeline(pipe, backend, options, args.backend_scope)
     pipe.set_progress_bar_config(disable=not main_proc, leave=False)
 
     items, error = [], None

@@ -139,3 +139,44 @@ def test_option_value_the_backend_rejects(run_script, capsys, tmp_path, tiny_mod
 def test_malformed_option(run_script, capsys, tmp_path, tiny_model):
     _bad(run_script, capsys, tmp_path, ["--model", tiny_model("sd"), "--prompt", "x",
                                         "--backend-option", "compile"], "key=value")
+
+
+@pytest.fixture
+def kernel_without_bias():
+    """A backend that, like the FlashAttention kernels, takes no float bias (T5 needs one)."""
+    import torch.nn.functional as F
+
+    import attnpatch
+
+    class NoBias(attnpatch.Backend):
+        name = "test_no_bias"
+        priority = None
+        mask_kinds = frozenset({"none", "key_padding", "bool"})
+
+        def forward(self, call, **options):
+            return F.scaled_dot_product_attention(call.query, call.key, call.value,
+                                                  attn_mask=call.combined_mask(),
+                                                  scale=call.scale, enable_gqa=call.is_gqa)
+
+    attnpatch.register_backend(NoBias)
+    yield NoBias.name
+    attnpatch.unregister_backend(NoBias.name)
+
+
+def test_backend_scope(run_script, tiny_model, tmp_path, capsys, kernel_without_bias):
+    """Default scope: --backend runs the denoiser, 'auto' the text encoders (T5's position bias)
+    and the VAE; --backend-scope all puts it everywhere, and T5 then refuses it."""
+    out = tmp_path / "denoiser"
+    assert run_script("generate", ["--model", tiny_model("flux"), "--prompt", "x", *SMALL,
+                                   "--max-sequence-length", "16", "--backend",
+                                   kernel_without_bias, "--report", "--out", out]) == 0
+    table = capsys.readouterr().out
+    # the report table: module, type/processor, requested, ran, calls, notes
+    ran = {r[0]: r[3] for r in (line.split() for line in table.splitlines())
+           if len(r) >= 5 and "/" in r[1]}
+    assert all(v == kernel_without_bias for k, v in ran.items() if k.startswith("transformer."))
+    assert ran["text_encoder_2.encoder.block.0.layer.0.SelfAttention"] == "sdpa"
+    _bad(run_script, capsys, tmp_path, ["--model", tiny_model("flux"), "--prompt", "x",
+                                        "--max-sequence-length", "16", "--backend",
+                                        kernel_without_bias, "--backend-scope", "all"],
+         kernel_without_bias, "mask")
