@@ -111,6 +111,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="SD3: precondition the model outputs (as diffusers' script)")
     p.add_argument("--max_sequence_length", type=int, default=None,
                    help="T5 tokens (Flux: 512, SD3: 77 by default)")
+    p.add_argument("--report_to", default=None,
+                   help="tensorboard, wandb, ... (an accelerate tracker; default: none). The loss "
+                        "per step always goes to --output_dir/train_log.json")
+    p.add_argument("--logging_dir", default="logs", help="tracker folder inside --output_dir")
     p.add_argument("--cpu", action="store_true", help="train on CPU even if CUDA is available")
     scripting.add_backend_arguments(
         p, names=("--attention_backend", "--backend"),
@@ -199,6 +203,14 @@ def check_inputs(args):
         raise ScriptError(f"--max_train_steps {args.max_train_steps}: use 1 or more")
     if args.resolution % 16:
         raise ScriptError(f"--resolution {args.resolution}: use a multiple of 16")
+    if args.report_to and args.report_to != "none":
+        import importlib.util
+
+        for tracker in args.report_to.split(","):
+            module = {"tensorboard": "tensorboard"}.get(tracker.strip(), tracker.strip())
+            if module != "all" and importlib.util.find_spec(module.replace("-", "_")) is None:
+                raise ScriptError(f"--report_to {tracker}: {module} is not installed (pip "
+                                  f"install {module}); or drop --report_to")
     resume = None
     if args.resume_from_checkpoint:
         resume = find_checkpoint(args.resume_from_checkpoint, out)
@@ -533,9 +545,17 @@ def run(args) -> int:
 
     import attnpatch
 
+    from accelerate.utils import ProjectConfiguration
+
+    report_to = None if args.report_to in (None, "none") else args.report_to
     accelerator = Accelerator(gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision,
-                              cpu=args.cpu or not torch.cuda.is_available())
+                              cpu=args.cpu or not torch.cuda.is_available(),
+                              log_with=report_to.split(",") if report_to else None,
+                              project_config=ProjectConfiguration(
+                                  project_dir=args.output_dir,
+                                  logging_dir=str(pathlib.Path(args.output_dir)
+                                                  / args.logging_dir)) if report_to else None)
     main_proc = accelerator.is_main_process
     seed = 0 if args.seed is None else args.seed
     set_seed(seed)
@@ -641,6 +661,10 @@ def run(args) -> int:
               f"steps, batch {args.train_batch_size} x {args.gradient_accumulation_steps} accum x "
               f"{accelerator.num_processes} process(es), attention: {backend}"
               f"{' ' + json.dumps(options) if options else ''}")
+    if report_to:
+        accelerator.init_trackers("attnpatch-train-lora", config={  # trackers take scalars
+            k: v if isinstance(v, (int, float, str, bool)) else str(v)
+            for k, v in vars(args).items()})
     bar = tqdm(total=max_steps, initial=global_step, desc="steps", disable=not main_proc)
     denoiser.train()
     micro = global_step * args.gradient_accumulation_steps
@@ -701,6 +725,9 @@ def run(args) -> int:
                                       "--learning_rate or use --mixed_precision bf16")
                 history.append({"step": global_step, "loss": step_loss,
                                 "lr": lr_scheduler.get_last_lr()[0]})
+                if report_to:
+                    accelerator.log({"loss": step_loss, "lr": history[-1]["lr"]},
+                                    step=global_step)
                 bar.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}",
                                 refresh=False)
                 bar.update(1)
