@@ -118,21 +118,25 @@ def sdxl_model(tiny: bool, device, dtype):
 MODELS = {"flux": (flux_model, torch.bfloat16), "sdxl": (sdxl_model, torch.float16)}
 
 
-def time_forwards(model, kwargs, repeats: int, warmup: int, device) -> list[float]:
-    """Milliseconds per forward: CUDA events on a GPU, perf_counter on CPU."""
+def time_forwards(model, kwargs, repeats: int, warmup: int, device) -> tuple[list, list]:
+    """(device ms, host ms) per forward. Device: CUDA events on a GPU (perf_counter on CPU).
+    Host: how long the Python forward took to return (kernel launches, no sync): when it nears
+    the device time the model is launch-bound and any per-call Python cost shows."""
     cuda = device.type == "cuda"
+    times, host = [], []
     with torch.inference_mode():
         for _ in range(warmup):
             model(**kwargs)
         if cuda:
             torch.cuda.synchronize(device)
-        times = []
         for _ in range(repeats):
             if cuda:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(
                     enable_timing=True)
                 start.record()
+                t0 = time.perf_counter()
                 model(**kwargs)
+                host.append((time.perf_counter() - t0) * 1e3)
                 end.record()
                 torch.cuda.synchronize(device)
                 times.append(start.elapsed_time(end))
@@ -140,33 +144,43 @@ def time_forwards(model, kwargs, repeats: int, warmup: int, device) -> list[floa
                 t0 = time.perf_counter()
                 model(**kwargs)
                 times.append((time.perf_counter() - t0) * 1e3)
-    return times
+                host.append(times[-1])
+    return times, host
 
 
 def bench(name: str, args, device) -> dict:
+    """Alternate unpatched and patched rounds (patching is cheap and exact), so clock or
+    thermal drift lands on both variants alike."""
     build, dtype = MODELS[name]
     if device.type == "cpu":
         dtype = torch.float32
     model, kwargs = build(args.tiny, device, dtype)
-    unpatched = time_forwards(model, kwargs, args.repeats, args.warmup, device)
-    handle = attnpatch.patch(model, backend=args.backend)
-    patched = time_forwards(model, kwargs, args.repeats, args.warmup, device)
-    report = handle.report()
+    runs = {"unpatched": ([], []), "patched": ([], [])}
+    per_round = max(1, args.repeats // args.rounds)
+    report = None
+    for _ in range(args.rounds):
+        for variant in ("unpatched", "patched"):
+            handle = attnpatch.patch(model, backend=args.backend) if variant == "patched" else None
+            dev, host = time_forwards(model, kwargs, per_round, args.warmup, device)
+            runs[variant][0].extend(dev)
+            runs[variant][1].extend(host)
+            if handle is not None:
+                report = handle.report()
+                handle.unpatch()
     calls = sum(r.calls for r in report)
-    routed = len(report.routed)
-    handle.unpatch()
-    unpatched_after = time_forwards(model, kwargs, args.repeats, args.warmup, device)
-    base = statistics.median(unpatched + unpatched_after)
-    med = statistics.median(patched)
+    base, med = (statistics.median(runs[v][0]) for v in ("unpatched", "patched"))
+    host_base, host_med = (statistics.median(runs[v][1]) for v in ("unpatched", "patched"))
     result = dict(
         model=name, dtype=str(dtype).replace("torch.", ""), backend=args.backend,
-        attention_modules=len(report), routed=routed,
-        attention_calls_per_forward=calls // max(1, args.repeats + args.warmup),
-        unpatched_ms=unpatched, patched_ms=patched, unpatched_after_ms=unpatched_after,
+        attention_modules=len(report), routed=len(report.routed),
+        attention_calls_per_forward=calls // (per_round + args.warmup),
+        unpatched_ms=runs["unpatched"][0], patched_ms=runs["patched"][0],
+        unpatched_host_ms=runs["unpatched"][1], patched_host_ms=runs["patched"][1],
         unpatched_median_ms=base, patched_median_ms=med,
         overhead_pct=100.0 * (med - base) / base,
-        unpatched_drift_pct=100.0 * (statistics.median(unpatched_after)
-                                     - statistics.median(unpatched)) / statistics.median(unpatched))
+        host_unpatched_median_ms=host_base, host_patched_median_ms=host_med,
+        host_overhead_us_per_call=1e3 * (host_med - host_base)
+        / max(1, calls // (per_round + args.warmup)))
     del model
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -177,7 +191,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     p.add_argument("--backend", default="sdpa", help="attnpatch backend for the patched runs")
-    p.add_argument("--repeats", type=int, default=10, help="timed forwards per variant (>= 5)")
+    p.add_argument("--repeats", type=int, default=12, help="timed forwards per variant (>= 5)")
+    p.add_argument("--rounds", type=int, default=4,
+                   help="alternations of unpatched and patched runs")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--tiny", action="store_true", help="tiny configs (smoke test, e.g. on CPU)")
@@ -198,12 +214,13 @@ def main(argv=None) -> int:
     print(f"attnpatch patch() overhead, backend={args.backend}, {env['device']}, "
           f"torch {env['torch']}, median of {args.repeats} forwards")
     print(f"{'model':6} {'dtype':9} {'modules':>7} {'calls':>6} {'unpatched ms':>13} "
-          f"{'patched ms':>11} {'overhead':>9} {'drift':>7}")
+          f"{'patched ms':>11} {'overhead':>9} {'host unp/pat ms':>16} {'host µs/call':>12}")
     for r in results:
         print(f"{r['model']:6} {r['dtype']:9} {r['routed']:>7} "
               f"{r['attention_calls_per_forward']:>6} {r['unpatched_median_ms']:>13.2f} "
               f"{r['patched_median_ms']:>11.2f} {r['overhead_pct']:>8.2f}% "
-              f"{r['unpatched_drift_pct']:>6.2f}%")
+              f"{r['host_unpatched_median_ms']:>7.2f}/{r['host_patched_median_ms']:<8.2f} "
+              f"{r['host_overhead_us_per_call']:>12.2f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(dict(env=env, results=results), indent=2))

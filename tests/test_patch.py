@@ -228,8 +228,8 @@ def test_overhead_benchmark_tiny_cpu(tmp_path, capsys):
     overhead = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(overhead)
     out = tmp_path / "overhead.json"
-    assert overhead.main(["--tiny", "--device", "cpu", "--repeats", "2", "--warmup", "1",
-                          "--out", str(out)]) == 0
+    assert overhead.main(["--tiny", "--device", "cpu", "--repeats", "2", "--rounds", "2",
+                          "--warmup", "1", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "overhead" in printed and "flux" in printed and "sdxl" in printed
     data = json.loads(out.read_text())
