@@ -39,6 +39,7 @@ __all__ = [
     "Segment", "causal_plan", "flash_visible", "plan_visible", "run_causal_plan",
     "key_padding_keep", "unpad_kv", "dense_cu_seqlens", "lse_from_varlen", "run_key_padding",
     "pad_head_dim",
+    "pad_head_dim_to",
 ]
 
 Window = tuple[Optional[int], Optional[int]]
@@ -190,5 +191,10 @@ def run_key_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: tor
 
 def pad_head_dim(t: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad the last dim to a multiple (exact for q/k; slice the output for v)."""
-    extra = -t.shape[-1] % multiple
+    return pad_head_dim_to(t, t.shape[-1] + (-t.shape[-1] % multiple))
+
+
+def pad_head_dim_to(t: torch.Tensor, size: int) -> torch.Tensor:
+    """Zero-pad the last dim to ``size`` (>= its length); ``t`` itself when nothing to pad."""
+    extra = size - t.shape[-1]
     return F.pad(t, (0, extra)) if extra else t

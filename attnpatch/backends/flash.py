@@ -131,9 +131,12 @@ class _FlashAttention(Backend):
         return reasons
 
     # --- per call ------------------------------------------------------------------------------
+    def padded_size(self, head_dim: int) -> int:
+        """The head_dim the kernel is called with (zero-padding is exact)."""
+        return -(-head_dim // self.head_dim_multiple) * self.head_dim_multiple
+
     def padded_head_dims(self, call: AttentionCall) -> tuple[int, int]:
-        m = self.head_dim_multiple
-        return -(-call.head_dim // m) * m, -(-call.head_dim_v // m) * m
+        return self.padded_size(call.head_dim), self.padded_size(call.head_dim_v)
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
         reasons = super().not_supported_reasons(call)
@@ -160,13 +163,15 @@ class _FlashAttention(Backend):
         mod = self.entry_points()
         q, k, v = call.bshd()
         dv = v.shape[-1]
-        m = self.head_dim_multiple
-        if call.mask_kind == "none" and not call.is_causal and not (call.head_dim % m or dv % m):
+        d_pad, dv_pad = self.padded_head_dims(call)
+        if (call.mask_kind == "none" and not call.is_causal and d_pad == call.head_dim
+                and dv_pad == dv):
             # the common diffusion case: one dense call, nothing to pad or plan
             out, lse = self._dense(mod, call, q, k, v, False, P.NO_WINDOW)
             out = out.transpose(1, 2)
             return (out, lse.float()) if call.return_lse else out
-        q, k, v = (P.pad_head_dim(t, m) for t in (q, k, v))
+        q, k, v = P.pad_head_dim_to(q, d_pad), P.pad_head_dim_to(k, d_pad), P.pad_head_dim_to(
+            v, dv_pad)
         if call.mask_kind == "key_padding":
             keep = P.key_padding_keep(call.attn_mask, call.batch_size)
             out, lse = P.run_key_padding(q, k, v, keep,
@@ -205,8 +210,13 @@ class Flash4Backend(_FlashAttention):
     #: where auto prefers flash4 over sdpa (measured on H100; see the priority note above)
     auto_min_seq_len_kv = 12288
     auto_head_dims = (128,)
-    # sm90's backward kernel fails to compile for head_dim 104 (tile partition error): pad to 16
-    head_dim_multiple = 16
+
+    def padded_size(self, head_dim: int) -> int:
+        # flash-attn-4 4.0.0b36's sm90 backward fails to compile for head_dim 104 and 112
+        # ("failed to partition ... with tiled_mma"; 64-96, 128, 160, 192, 256 compile: measured
+        # on H100), so those run padded to 128
+        size = super().padded_size(head_dim)
+        return 128 if size in (104, 112, 120) else size
     min_compute_capability = (9, 0)
     supports_value_head_dim = True
     probe = "flash_attn.cute"

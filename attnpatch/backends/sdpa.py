@@ -17,6 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..call import AttentionCall
 from ..registry import Backend, register_backend
+from ._padding import pad_head_dim
 
 
 def _sdpa(call: AttentionCall):
@@ -86,11 +87,6 @@ def _torch_reasons(check: str, call: AttentionCall) -> list[str]:
     return [f"torch: {m}" for m in msgs] or [f"torch.backends.cuda.{check} refused the call"]
 
 
-def _pad_head_dim(t: torch.Tensor, multiple: int) -> torch.Tensor:
-    extra = -t.shape[-1] % multiple
-    return F.pad(t, (0, extra)) if extra else t
-
-
 def _expand_kv(call: AttentionCall):
     k, v = call.key, call.value
     if call.is_gqa:
@@ -137,7 +133,7 @@ class SDPAFlashBackend(_ForcedSDPA):
                 attn_mask=bias, scale=call.scale)
         d = call.head_dim
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            _pad_head_dim(call.query, 8), _pad_head_dim(k, 8), _pad_head_dim(v, 8),
+            pad_head_dim(call.query, 8), pad_head_dim(k, 8), pad_head_dim(v, 8),
             call.dropout_p, call.is_causal, False, scale=call.scale)[:2]
         return out[..., :d], lse
 

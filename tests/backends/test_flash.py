@@ -212,11 +212,14 @@ def test_flash4_limits_per_gpu_generation():
         "value 128, or 256)"]
     assert fa4.device_reasons(call_for(head_dim=192), sm120) == [
         "head_dim 192 > 128 on compute capability 12.0"]
-    assert fa4.device_reasons(call_for(head_dim=100), blackwell) == []  # padded to 112
+    assert fa4.device_reasons(call_for(head_dim=100), blackwell) == []  # padded to 128
     assert fa4.device_reasons(call_for(head_dim=64, head_dim_v=128), hopper) == [
         "value head_dim 128 != query head_dim 64 (flash4 takes equal head dims, or 192 with "
         "value 128)"]
-    assert fa4.padded_head_dims(call_for(head_dim=3, head_dim_v=17)) == (16, 32)
+    assert fa4.padded_head_dims(call_for(head_dim=3, head_dim_v=17)) == (8, 24)
+    # sm90's backward does not compile at 104/112: those pad to 128
+    assert fa4.padded_head_dims(call_for(head_dim=100, head_dim_v=100)) == (128, 128)
+    assert fa4.padded_head_dims(call_for(head_dim=72, head_dim_v=72)) == (72, 72)
 
 
 # --- selection -----------------------------------------------------------------------------------
