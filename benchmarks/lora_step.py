@@ -134,15 +134,14 @@ class Bench:
         if self.cuda:
             torch.cuda.synchronize(self.device)
 
-    def step(self, optimizer_step: bool = True):
+    def step(self):
         with torch.autocast(self.device.type, dtype=self.dtype,
                             enabled=self.dtype != torch.float32):
             pred = self.unet(**self.inputs, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), self.target.float())
         loss.backward()
-        if optimizer_step:
-            self.opt.step()
-        self.opt.zero_grad(set_to_none=not optimizer_step)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
         return loss
 
     def check(self) -> dict:

@@ -86,7 +86,8 @@ def slug(text: str, n: int = 40) -> str:
     return s[:n].rstrip("-") or "prompt"
 
 
-def call_kwargs(pipe, args, extra: dict, prompt: str, seed: int) -> dict:
+def call_kwargs(pipe, args, extra: dict, prompt: str, seed: int, defaults=None) -> dict:
+    """The pipeline's arguments: ``defaults`` < the script's flags < ``--call-arg``."""
     import torch
 
     params = inspect.signature(pipe.__call__).parameters
@@ -94,7 +95,8 @@ def call_kwargs(pipe, args, extra: dict, prompt: str, seed: int) -> dict:
               "width": args.width, "num_frames": args.num_frames,
               "guidance_scale": args.guidance_scale, "negative_prompt": args.negative_prompt,
               "max_sequence_length": args.max_sequence_length}
-    kwargs = {k: v for k, v in wanted.items() if v is not None and k in params}
+    kwargs = {k: v for k, v in (defaults or {}).items() if k in params}
+    kwargs.update({k: v for k, v in wanted.items() if v is not None and k in params})
     kwargs.update(extra)
     kwargs["generator"] = torch.Generator(device="cpu").manual_seed(seed)
     kwargs["output_type"] = "np"
@@ -205,7 +207,6 @@ def run(args) -> int:
         raise ScriptError(f"--call-arg {', '.join(unknown)}: {type(pipe).__name__}.__call__ "
                           f"takes no such argument; drop it (it takes "
                           f"{', '.join(p for p in params if p not in ('self', 'kwargs'))[:300]})")
-    call_extra = {**{k: v for k, v in defaults.items() if k in params}, **extra}
     handle = None
     if backend != "none":
         handle = scripting.patch_pipeline(pipe, backend, options, args.backend_scope)
@@ -220,7 +221,7 @@ def run(args) -> int:
                 seed = args.seed + index
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    output = pipe(**call_kwargs(pipe, args, call_extra, prompt, seed))
+                    output = pipe(**call_kwargs(pipe, args, extra, prompt, seed, defaults))
                 kind, arr = to_uint8(output)
                 items.append({"index": index, "prompt": prompt, "seed": seed, "kind": kind,
                               "array": arr, "seconds": round(time.perf_counter() - start, 3),

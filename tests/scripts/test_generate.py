@@ -70,11 +70,11 @@ def test_two_gloo_processes_split_prompts_and_write_each_once(tiny_model, tmp_pa
 def test_video_pipeline_writes_gif(run_script, tmp_path):
     out = tmp_path / "video"
     assert run_script("generate", ["--tiny", "wan", "--prompt", "waves", "--steps", "2",
-                                   "--height", "64", "--width", "64", "--num-frames", "5",
+                                   "--height", "64", "--width", "64", "--num-frames", "9",
                                    "--out", out]) == 0
     (record,) = read_records(out)
     gif = Image.open(out / record["file"])
-    assert record["file"].endswith(".gif") and gif.n_frames == 5
+    assert record["file"].endswith(".gif") and gif.n_frames == 9   # --num-frames wins
 
 
 def test_backend_options_pass_through(run_script, tiny_model, tmp_path):
