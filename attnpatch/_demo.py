@@ -270,7 +270,8 @@ def _generate(pipe, label, backend, args, extra, size, device, stage, options):
     except (TypeError, ValueError) as err:
         if not _options_for(backend, options):
             raise
-        row.error = f"with options {_options_for(backend, options)}: {scripting.one_line(err)[:300]}"
+        used = _options_for(backend, options)
+        row.error = f"with options {used}: {scripting.one_line(err)[:300]}"
         return row, None
     finally:
         timer.remove()

@@ -223,7 +223,7 @@ def staged_output(out_dir, enabled: bool = True) -> Iterator[Optional[pathlib.Pa
 
 
 def check_model_folder(path, flag: str = "--model") -> pathlib.Path:
-    """A local diffusers pipeline folder (one with ``model_index.json``), or :class:`ScriptError`."""
+    """A local diffusers pipeline folder (with ``model_index.json``), or :class:`ScriptError`."""
     folder = pathlib.Path(path).expanduser()
     if not folder.exists():
         raise ScriptError(f"{flag} {str(path)!r} does not exist; pass a local diffusers model "

@@ -155,7 +155,8 @@ class Bench:
             pred = self.unet(**self.inputs, return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred.float(), self.target.float())
         loss.backward()
-        grad = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params if p.grad is not None))
+        grad = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in self.params
+                              if p.grad is not None))
         self.opt.zero_grad(set_to_none=True)
         return {"loss": loss.item(), "grad_norm": grad.item()}
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import io
 import json
 import pathlib
 import re
@@ -38,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src.add_argument("--model", metavar="PATH",
                      help="local diffusers model folder (with model_index.json)")
     src.add_argument("--tiny", choices=("flux", "sd", "sdxl", "sd3", "wan"),
-                     help="a built-in tiny random-weight pipeline instead of --model (tests, demos)")
+                     help="a built-in tiny random-weight pipeline instead of --model (tests)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", metavar="FILE",
                    help="a text file with one prompt per line (blank lines skipped)")

@@ -17,15 +17,12 @@ causal CLIP and T5 with relative position bias in the text encoders), not image 
 
 from __future__ import annotations
 
-import logging
 import string
 from typing import Any, Callable
 
 import torch
 
 __all__ = ["KINDS", "build_tiny_pipeline", "clip_tokenizer", "t5_tokenizer"]
-
-logger = logging.getLogger(__name__)
 
 _CHARS = string.ascii_lowercase + string.digits + string.punctuation
 
@@ -40,8 +37,10 @@ KINDS = {
 
 _SIZES = {
     # width of the text encoders / denoisers; head_dim of the transformers
-    "test": dict(clip=32, t5=32, heads=2, head_dim=16, layers=1, unet=(16, 32), vae=(8, 16, 16, 16)),
-    "demo": dict(clip=64, t5=64, heads=4, head_dim=32, layers=2, unet=(32, 64), vae=(16, 32, 32, 32)),
+    "test": dict(clip=32, t5=32, heads=2, head_dim=16, layers=1, unet=(16, 32),
+                 vae=(8, 16, 16, 16)),
+    "demo": dict(clip=64, t5=64, heads=4, head_dim=32, layers=2, unet=(32, 64),
+                 vae=(16, 32, 32, 32)),
 }
 
 
