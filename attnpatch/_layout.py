@@ -170,9 +170,12 @@ def exit_forward() -> None:
     _FORWARD.set(None if info is None else info.previous)
 
 
-def enter_call(joint_text: Optional[str], seq_q: int, seq_kv: int):
-    """Mark an attention call in flight; returns the token for :func:`exit_call`."""
-    return _CALL.set((joint_text, seq_q, seq_kv))
+def enter_call(joint_text: Optional[str], query, key, seq_dim: int):
+    """Mark an attention call in flight; returns the token for :func:`exit_call`.
+
+    Takes the tensors, not their lengths: reading shapes is deferred to the (rare) backend that
+    asks for :func:`current_token_layout`, keeping the per-call path short."""
+    return _CALL.set((joint_text, query, key, seq_dim))
 
 
 def exit_call(token) -> None:
@@ -189,6 +192,8 @@ def current_token_layout() -> Optional[TokenLayout]:
     call = _CALL.get()
     if call is None:
         return None if info is None else info.layout()
+    joint_text, query, key, seq_dim = call
+    call = (joint_text, query.shape[seq_dim], key.shape[seq_dim])
     if info is None:
         joint_text, sq, sk = call
         return TokenLayout(sk if sq != sk else 0, "key" if sq != sk else "none",

@@ -108,7 +108,10 @@ def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dr
     if _is_compiling():
         return _dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p,
                                 backend, layout, return_lse, options or {}, default)
-    name, options = resolve(backend, options or _NO_OPTIONS, default)
+    if backend is None and (ctx := _CONTEXT.get() or default) is not None and not options:
+        name, options = ctx  # resolve(), inlined for the processors' common case
+    else:
+        name, options = resolve(backend, options or _NO_OPTIONS, default)
     try:  # _signature(), inlined: this is the per-call path
         key_ = (name, tuple(options) if options else (), _VERSION[0], query.shape, key.shape,
                 value.shape, query.dtype, query.device,

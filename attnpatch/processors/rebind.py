@@ -27,6 +27,8 @@ from .._errors import AttnPatchError
 from .._layout import enter_call, exit_call
 from ..dispatch import _dispatch
 
+_is_compiling = torch.compiler.is_compiling
+
 __all__ = ["intercept_plan", "clone_function", "route_processor", "NotRoutable"]
 
 _SDPA = _F.scaled_dot_product_attention
@@ -124,10 +126,10 @@ def make_sdpa(record) -> Callable:
                                      is_causal=False, scale=None, enable_gqa=False):
         if scale is None:
             scale = record.scale
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             return _dispatch(query, key, value, attn_mask, is_causal, scale, dropout_p, None,
                              "bhsd", False, None, record.default)[0]
-        token = enter_call(record.joint_text, query.shape[-2], key.shape[-2])
+        token = enter_call(record.joint_text, query, key, -2)
         try:
             out, selection = _dispatch(query, key, value, attn_mask, is_causal, scale,
                                        dropout_p, None, "bhsd", False, None, record.default)
@@ -185,10 +187,10 @@ def make_dispatch(record, original: Callable) -> Callable:
         if scale is None:
             scale = record.scale
         options = dict(attention_kwargs) if attention_kwargs else None
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             return _dispatch(query, key, value, attn_mask, is_causal, scale, dropout_p, None,
                              "bshd", False, options, default)[0]
-        token = enter_call(record.joint_text, query.shape[1], key.shape[1])
+        token = enter_call(record.joint_text, query, key, 1)
         try:
             out, selection = _dispatch(query, key, value, attn_mask, is_causal, scale,
                                        dropout_p, None, "bshd", False, options, default)
