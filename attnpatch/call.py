@@ -223,12 +223,20 @@ def build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout
                          default_scale)
 
 
-def metadata_call(sig: tuple) -> AttentionCall:
-    """An :class:`AttentionCall` on meta tensors from a dispatch signature, for selection while
-    ``torch.compile`` traces (no real tensors to inspect then). ``device`` stays the real one."""
-    qs, ks, vs, dt, dev, mask, is_causal, scale, dropout_p, layout, return_lse, grad = sig
-    meta = [torch.empty(s, dtype=dt, device="meta") for s in (qs, ks, vs)]
-    mask_t = None if mask is None else torch.empty(mask[0], dtype=mask[1], device="meta")
-    call = build_call(*meta, mask_t, is_causal, scale, dropout_p, layout, return_lse, grad)
-    call.device = dev
+def metadata_call(heads, kv_heads, head_dim, head_dim_v, dtype, device, mask, is_causal, scale,
+                  dropout_p, return_lse, requires_grad) -> AttentionCall:
+    """An :class:`AttentionCall` on meta tensors for selection while ``torch.compile`` traces
+    (no real tensors, and batch/sequence sizes may be symbolic). ``mask`` is None or
+    ``(dtype, shared by heads, shared by queries)``. Sizes stand in as batch 1, length 2."""
+    q = torch.empty(1, heads, 2, head_dim, dtype=dtype, device="meta")
+    k = torch.empty(1, kv_heads, 2, head_dim, dtype=dtype, device="meta")
+    v = torch.empty(1, kv_heads, 2, head_dim_v, dtype=dtype, device="meta")
+    mask_t = None
+    if mask is not None:
+        mask_dtype, per_head_shared, per_query_shared = mask
+        shape = (1, 1 if per_head_shared else heads, 1 if per_query_shared else 2, 2)
+        mask_t = torch.empty(shape, dtype=mask_dtype, device="meta")
+    call = build_call(q, k, v, mask_t, is_causal, scale, dropout_p, "bhsd", return_lse,
+                      requires_grad)
+    call.device = device
     return call

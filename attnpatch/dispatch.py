@@ -83,16 +83,6 @@ def resolve(backend: Optional[str], options: dict, default: Optional[tuple[str, 
     return _env_backend(), options
 
 
-def _signature(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, return_lse):
-    """What selection depends on. k/v dtype and device are not in it: a mismatch there makes
-    torch's kernels raise, and ``validate`` reports it on the first call of a signature."""
-    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
-                                        or value.requires_grad)
-    return (query.shape, key.shape, value.shape, query.dtype, query.device,
-            None if attn_mask is None else (attn_mask.shape, attn_mask.dtype), is_causal, scale,
-            dropout_p, layout, return_lse, grad)
-
-
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 _VERSION = registry._VERSION
@@ -112,11 +102,14 @@ def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dr
         name, options = ctx  # resolve(), inlined for the processors' common case
     else:
         name, options = resolve(backend, options or _NO_OPTIONS, default)
-    try:  # _signature(), inlined: this is the per-call path
+    try:  # the signature that keys the selection cache: built inline, this is the hot path
+        # k/v dtypes: the math backend would cast a mismatch instead of raising. Non-bool
+        # flags key as None, which is never cached, so validate() names them every time.
         key_ = (name, tuple(options) if options else (), _VERSION[0], query.shape, key.shape,
-                value.shape, query.dtype, query.device,
-                None if attn_mask is None else (attn_mask.shape, attn_mask.dtype), is_causal,
-                scale, dropout_p, layout, return_lse,
+                value.shape, query.dtype, key.dtype, value.dtype, query.device,
+                None if attn_mask is None else (attn_mask.shape, attn_mask.dtype),
+                is_causal if is_causal.__class__ is bool else None, scale, dropout_p, layout,
+                return_lse if return_lse.__class__ is bool else None,
                 _grad_enabled() and (query.requires_grad or key.requires_grad
                                      or value.requires_grad))
         entry = _CACHE.get(key_)
@@ -159,21 +152,30 @@ _NO_OPTIONS: dict = {}
 
 
 @torch.compiler.assume_constant_result
-def _resolve_traced(backend, option_names, default_name):
-    ctx = _CONTEXT.get()
+def _resolve_traced(backend, default_name):
+    """(backend name, where it came from), read once while torch.compile traces."""
     if backend is not None:
-        return registry.canonical_name(backend)
+        return registry.canonical_name(backend), "argument"
+    ctx = _CONTEXT.get()
     if ctx is not None:
-        return ctx[0]
-    return default_name or _env_backend()
+        if ctx[1]:
+            raise AttnPatchError(
+                f"attention_backend({ctx[0]!r}, {', '.join(f'{k}=...' for k in ctx[1])}) is active "
+                "while torch.compile traces: a block's options cannot reach the compiled graph. "
+                "Pass them to patch(...)/set_attention_backend(...) or as attention(..., "
+                "backend=..., **options) instead")
+        return ctx[0], "context"
+    if default_name is not None:
+        return default_name, "patch"
+    return _env_backend(), "env"
 
 
 @torch.compiler.assume_constant_result
 def _select_traced(name, option_names, sig):
-    key_ = (name, option_names, registry._VERSION[0], *sig)
+    key_ = (name, option_names, registry._VERSION[0], "traced", *sig)
     entry = _CACHE.get(key_)
     if entry is None:
-        call = metadata_call(sig)
+        call = metadata_call(*sig)
         entry = _CACHE[key_] = (registry.select(name, call, option_names), call.scale,
                                 call.is_gqa)
     return entry[0].backend.name
@@ -181,18 +183,30 @@ def _select_traced(name, option_names, sig):
 
 def _dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
                      return_lse, options, default):
-    """``_dispatch`` while torch.compile traces: the backend choice is made once, at trace time,
-    from metadata, and becomes a constant of the graph (the backend's kernel is what is traced).
-    A context block's options are not visible while tracing; pass them to ``patch``/``backend=``.
+    """``_dispatch`` while torch.compile traces: the backend is chosen at trace time, from
+    metadata, and becomes a constant of the graph (the backend's kernel is what is traced).
+
+    Batch and sequence lengths do not enter that choice (dynamo may make them symbolic: one
+    graph then serves every size), so ``auto`` under compile never takes a backend that it
+    prefers only for long sequences (flash4). A later ``attention_backend`` block or
+    ``$ATTNPATCH_BACKEND`` change does not retrace a compiled graph; a patch's
+    ``set_attention_backend`` does (dynamo guards on it).
     """
-    name = _resolve_traced(backend, tuple(options), None if default is None else default[0])
-    if default is not None and backend is None and name == default[0]:
+    name, source = _resolve_traced(backend, None if default is None else default[0])
+    if source == "patch":
         options = {**default[1], **options}
-    sig = _signature(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
-                     return_lse)
-    chosen = registry.get_backend(_select_traced(name, tuple(options), sig))
+    grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
+                                        or value.requires_grad)
+    h = 1 if layout == "bhsd" else 2
+    mask = None
+    if attn_mask is not None:  # comparing a size with 1 specializes it: a guard, a constant
+        mask = (attn_mask.dtype, attn_mask.dim() < 3 or attn_mask.shape[-3] == 1,
+                attn_mask.shape[-2] == 1)
+    meta = (query.shape[h], key.shape[h], query.shape[-1], value.shape[-1], query.dtype,
+            query.device, mask, is_causal, scale, dropout_p, return_lse, grad)
+    chosen = registry.get_backend(_select_traced(name, tuple(options), meta))
     call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
-                      return_lse, sig[-1])
+                      return_lse, grad)
     result = chosen.forward(call, **options)
     if layout == "bshd":
         result = (result[0].transpose(1, 2), result[1]) if return_lse else result.transpose(1, 2)

@@ -174,3 +174,32 @@ def test_compiled_fullgraph_uses_the_context_backend():
     with attnpatch.attention_backend("math"):
         out = compiled(q, k, v)
     torch.testing.assert_close(out, 2 * reference(q, k, v)[0].float())
+
+
+def test_compiled_graph_serves_changing_sequence_lengths():
+    def fn(q, k, v):
+        return attnpatch.attention(q, k, v) * 2
+
+    compiled = torch.compile(fn, backend="eager", fullgraph=True)
+    for seq in (16, 24, 32):  # dynamo makes the length symbolic from the second size on
+        q, k, v, _ = make_inputs(seq_q=seq, head_dim=16)
+        torch.testing.assert_close(compiled(q, k, v), 2 * reference(q, k, v)[0].float())
+
+
+def test_block_options_under_compile_raise_instead_of_vanishing():
+    q, k, v, _ = make_inputs(seq_q=8, head_dim=16)
+    compiled = torch.compile(lambda q, k, v: attnpatch.attention(q, k, v), backend="eager",
+                             fullgraph=True)
+    torch._dynamo.reset()
+    with attnpatch.attention_backend("flex", compile=False):
+        with pytest.raises(Exception, match="a block's options cannot reach the compiled graph"):
+            compiled(q, k, v)
+
+
+def test_a_warm_cache_still_refuses_bad_input():
+    q, k, v, _ = make_inputs(seq_q=11)
+    attnpatch.attention(q, k, v, backend="math", is_causal=True)
+    with pytest.raises(attnpatch.AttnPatchError, match="key dtype torch.float64 != query dtype"):
+        attnpatch.attention(q, k.double(), v.double(), backend="math", is_causal=True)
+    with pytest.raises(attnpatch.AttnPatchError, match="is_causal must be a bool"):
+        attnpatch.attention(q, k, v, backend="math", is_causal=1)
