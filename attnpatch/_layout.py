@@ -12,6 +12,7 @@ This module imports nothing from the rest of attnpatch: the patcher writes, stra
 from __future__ import annotations
 
 import contextvars
+import weakref
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -131,9 +132,14 @@ _ID_GRIDS: dict = {}
 def _grid_from_ids(ids: torch.Tensor, image_tokens: Optional[int]):
     """Flux-style position ids (S, 3) or (B, S, 3|4): [.., row, col] in the last two columns."""
     try:
-        key = (ids.data_ptr(), tuple(ids.shape), ids._version, ids.device)
-        if key in _ID_GRIDS:
-            return _ID_GRIDS[key]
+        # the same ids tensor comes back every denoising step: reuse its grid without the
+        # device syncs below. Keyed on the tensor object itself (a weak reference), never on its
+        # address, which the CUDA caching allocator hands to the next tensor once it is freed.
+        key = id(ids)
+        cached = _ID_GRIDS.get(key)
+        if (cached is not None and cached[0]() is ids and cached[1] == ids._version
+                and cached[2] == image_tokens):
+            return cached[3]
         flat = ids.reshape(-1, ids.shape[-1])
         if image_tokens is not None and ids.dim() == 3:
             flat = ids[0]
@@ -149,7 +155,7 @@ def _grid_from_ids(ids: torch.Tensor, image_tokens: Optional[int]):
         return None
     if len(_ID_GRIDS) > 64:
         _ID_GRIDS.clear()
-    _ID_GRIDS[key] = grid
+    _ID_GRIDS[key] = (weakref.ref(ids), ids._version, image_tokens, grid)
     return grid
 
 
