@@ -209,6 +209,8 @@ def canonical_name(name: str) -> str:
         return target
     if not isinstance(name, str):
         raise AttnPatchError(f"backend must be a name (str), got {type(name).__name__}")
+    if name != name.lower():  # names are lowercase; "SDPA" means "sdpa"
+        return canonical_name(name.lower())
     known = ["auto", *_BACKENDS, *_ALIASES]
     close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

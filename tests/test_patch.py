@@ -237,3 +237,15 @@ def test_overhead_benchmark_tiny_cpu(tmp_path, capsys):
     assert by_model["flux"]["routed"] == 2 and by_model["sdxl"]["routed"] == 16
     assert all(r["attention_calls_per_forward"] == r["routed"] for r in data["results"])
     assert all(len(r["patched_ms"]) == 2 for r in data["results"])
+
+
+def test_auto_with_an_option_no_backend_takes_is_refused_at_patch_time():
+    model, _ = flux()
+    with pytest.raises(AttnPatchError, match="no backend that 'auto' can choose takes option"):
+        attnpatch.patch(model, backend="auto", blok_mask=1)
+    assert no_attnpatch_state(model) == []
+
+
+def test_backend_names_are_case_insensitive():
+    assert attnpatch.registry.canonical_name("SDPA") == "sdpa"
+    assert attnpatch.registry.canonical_name("_Native_Cudnn") == "sdpa_cudnn"

@@ -25,7 +25,7 @@ import torch.nn.functional as _F
 
 from .._errors import AttnPatchError
 from .._layout import enter_call, exit_call
-from ..dispatch import _dispatch
+from ..dispatch import _CONTEXT, _dispatch
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -167,7 +167,8 @@ def make_dispatch(record, original: Callable) -> Callable:
                 f"{record.name}: diffusers context parallelism (parallel_config) is enabled on "
                 "this module; attnpatch does not route it. Disable it, or unpatch the model.")
         default = record.default
-        if backend is not None and default is None:
+        # diffusers' own backend choice ranks below an attention_backend() block
+        if backend is not None and default is None and _CONTEXT.get() is None:
             name = _diffusers_backend_name(backend)
             if name not in mapped:
                 try:

@@ -534,3 +534,16 @@ def test_qwenimage_routed_text_first_grid_from_img_shapes():
     assert rel_error(out, ref) <= 1e-5 and counting.calls == 2
     for q, k, layout in counting.layouts:
         assert (layout.text_position, layout.text_tokens, layout.grid) == ("first", 7, (1, 4, 4))
+
+
+def test_attention_backend_block_outranks_a_diffusers_only_backend():
+    from diffusers.models.attention_dispatch import AttentionBackendName
+
+    model, kw = flux()
+    for module in model.modules():
+        if hasattr(module, "processor") and hasattr(module.processor, "_attention_backend"):
+            module.processor._attention_backend = AttentionBackendName("sage")
+    with attnpatch.patch(model) as handle:
+        with attnpatch.attention_backend("math"), torch.no_grad():
+            model(**kw)  # diffusers' sage kernel (not installed here) would fail
+        assert {r.backend for r in handle.report()} == {"math"}
