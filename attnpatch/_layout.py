@@ -159,7 +159,9 @@ def _grid_from_ids(ids: torch.Tensor, image_tokens: Optional[int]):
     return grid
 
 
-# The innermost running patched denoiser forward, and the attention call in flight.
+# The innermost running patched denoiser forward, and the attention call in flight. The
+# processors set _CALL to (joint_text, query, key, seq_dim) around each call: tensors, not
+# lengths, so shapes are read only by the (rare) backend that asks current_token_layout().
 _FORWARD: contextvars.ContextVar[Optional[ForwardInfo]] = contextvars.ContextVar(
     "attnpatch_forward", default=None)
 _CALL: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar(
@@ -174,18 +176,6 @@ def enter_forward(info: ForwardInfo) -> None:
 def exit_forward() -> None:
     info = _FORWARD.get()
     _FORWARD.set(None if info is None else info.previous)
-
-
-def enter_call(joint_text: Optional[str], query, key, seq_dim: int):
-    """Mark an attention call in flight; returns the token for :func:`exit_call`.
-
-    Takes the tensors, not their lengths: reading shapes is deferred to the (rare) backend that
-    asks for :func:`current_token_layout`, keeping the per-call path short."""
-    return _CALL.set((joint_text, query, key, seq_dim))
-
-
-def exit_call(token) -> None:
-    _CALL.reset(token)
 
 
 def current_token_layout() -> Optional[TokenLayout]:

@@ -138,7 +138,8 @@ def validate(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, 
     """Raise :class:`AttnPatchError` naming the argument when the inputs are not a valid call."""
     if layout not in LAYOUTS:
         raise AttnPatchError(f"layout={layout!r} is not one of {LAYOUTS}: use 'bhsd' for "
-                             "(batch, heads, seq, head_dim) or 'bshd' for (batch, seq, heads, head_dim)")
+                             "(batch, heads, seq, head_dim) or 'bshd' for "
+                             "(batch, seq, heads, head_dim)")
     dims = "(B, H, S, D)" if layout == "bhsd" else "(B, S, H, D)"
     for arg, t in (("query", query), ("key", key), ("value", value)):
         if not isinstance(t, torch.Tensor):

@@ -98,6 +98,13 @@ def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dr
     if _is_compiling():
         return _dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p,
                                 backend, layout, return_lse, options or {}, default)
+    return _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, backend,
+                           layout, return_lse, options, default)
+
+
+def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
+                    return_lse, options, default):
+    """``_dispatch`` outside torch.compile (callers that already checked call this directly)."""
     if backend is None and (ctx := _CONTEXT.get() or default) is not None and not options:
         name, options = ctx  # resolve(), inlined for the processors' common case
     else:

@@ -247,7 +247,8 @@ def candidate_reasons(backend: Backend, call: AttentionCall, option_names) -> li
     reasons = list(backend.not_supported_reasons(call))
     extra = sorted(set(option_names) - backend.options)
     if extra:
-        reasons.append(f"does not take option(s) {extra} (takes {sorted(backend.options) or 'none'})")
+        takes = sorted(backend.options) or "none"
+        reasons.append(f"does not take option(s) {extra} (takes {takes})")
     return reasons
 
 

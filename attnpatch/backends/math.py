@@ -1,4 +1,4 @@
-"""The reference backend: explicit softmax(QKᵀ·scale + mask)·V with fp32 (or fp64) accumulation."""
+"""The reference backend: softmax(QKᵀ·scale + mask)·V with fp32 (fp64 for fp64) accumulation."""
 
 from __future__ import annotations
 

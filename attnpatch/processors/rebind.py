@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as _F
 
 from .._errors import AttnPatchError
-from .._layout import enter_call, exit_call
-from ..dispatch import _CONTEXT, _dispatch
+from .._layout import _CALL
+from ..dispatch import _CONTEXT, _dispatch, _dispatch_eager
 
 _is_compiling = torch.compiler.is_compiling
 
@@ -129,12 +129,12 @@ def make_sdpa(record) -> Callable:
         if _is_compiling():
             return _dispatch(query, key, value, attn_mask, is_causal, scale, dropout_p, None,
                              "bhsd", False, None, record.default)[0]
-        token = enter_call(record.joint_text, query, key, -2)
+        token = _CALL.set((record.joint_text, query, key, -2))  # enter_call(), inlined
         try:
-            out, selection = _dispatch(query, key, value, attn_mask, is_causal, scale,
-                                       dropout_p, None, "bhsd", False, None, record.default)
+            out, selection = _dispatch_eager(query, key, value, attn_mask, is_causal, scale,
+                                             dropout_p, None, "bhsd", False, None, record.default)
         finally:
-            exit_call(token)
+            _CALL.reset(token)
         record.note(selection)
         return out
 
@@ -191,12 +191,12 @@ def make_dispatch(record, original: Callable) -> Callable:
         if _is_compiling():
             return _dispatch(query, key, value, attn_mask, is_causal, scale, dropout_p, None,
                              "bshd", False, options, default)[0]
-        token = enter_call(record.joint_text, query, key, 1)
+        token = _CALL.set((record.joint_text, query, key, 1))  # enter_call(), inlined
         try:
-            out, selection = _dispatch(query, key, value, attn_mask, is_causal, scale,
-                                       dropout_p, None, "bshd", False, options, default)
+            out, selection = _dispatch_eager(query, key, value, attn_mask, is_causal, scale,
+                                             dropout_p, None, "bshd", False, options, default)
         finally:
-            exit_call(token)
+            _CALL.reset(token)
         record.note(selection)
         return out
 
