@@ -98,6 +98,12 @@ class Backend:
         slower there than a later candidate). Not consulted when the backend is named."""
         return []
 
+    def delegate(self, call: AttentionCall) -> "Backend":
+        """The backend that runs ``call`` once this one is selected: itself, or for a family
+        backend (``flash``) the member it picks. Resolved once per call signature, with the
+        selection, so the per-call path never chooses again."""
+        return self
+
     def forward(self, call: AttentionCall, **options: Any):
         """Compute attention. Returns ``out`` as (B, H, Sq, Dv) (a view is fine), or
         ``(out, lse)`` with ``lse`` (B, H, Sq) float32 when ``call.return_lse``."""
@@ -268,11 +274,11 @@ def select(requested: str, call: AttentionCall, option_names=()) -> Selection:
         if reasons:
             raise BackendUnavailableError(f"backend {requested!r} cannot run {call}:",
                                           {requested: reasons})
-        return Selection(backend, requested)
+        return Selection(backend.delegate(call), requested)
     rejected: dict[str, list[str]] = {}
     for backend in _PRIORITY:
         reasons = candidate_reasons(backend, call, option_names) or backend.auto_reasons(call)
         if not reasons:
-            return Selection(backend, requested, rejected)
+            return Selection(backend.delegate(call), requested, rejected)
         rejected[backend.name] = reasons
     raise BackendUnavailableError(f"no backend can run {call}:", rejected)

@@ -156,3 +156,24 @@ def test_list_backends_table():
     assert not by_name["sdpa_cudnn"].available
     text = str(table)
     assert "sdpa_cudnn" in text and "no CUDA device" in text
+
+
+def test_family_backend_delegates_once_per_signature(registered):
+    @registered
+    class Family(_Recording):
+        name = "family"
+        priority = None
+        chosen = 0
+
+        def delegate(self, call):
+            type(self).chosen += 1
+            return get_backend("math")
+
+    q, k, v, _ = make_inputs(seq_q=17)
+    selection = attnpatch.dispatch._dispatch(q, k, v, backend="family")[1]
+    assert selection.backend.name == "math" and selection.requested == "family"
+    before = (Family.calls, Family.chosen)
+    for _ in range(3):
+        attnpatch.attention(q, k, v, backend="family")
+    assert (Family.calls, Family.chosen) == before  # the member runs; no per-call choosing
+    assert attnpatch.explain(q, k, v, backend="family").choice == "math"

@@ -26,10 +26,7 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.machinery
-import importlib.util
 import inspect
-import os
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -37,7 +34,7 @@ import torch
 from .. import constraints as C
 from .._errors import AttnPatchError, BackendUnavailableError
 from ..call import AttentionCall
-from ..registry import Backend, candidate_reasons, get_backend, register_backend, registry_version
+from ..registry import Backend, candidate_reasons, get_backend, register_backend
 from . import _padding as P
 
 __all__ = ["Flash2Backend", "Flash3Backend", "Flash4Backend", "FlashBackend"]
@@ -356,13 +353,6 @@ class Flash2Backend(_FlashAttention):
         return _split_result(result, max_q, call.return_lse, "flash_attn")
 
 
-def _call_key(call: AttentionCall) -> tuple:
-    mask = None if call.attn_mask is None else tuple(call.attn_mask.shape)
-    return (call.device, call.dtype, tuple(call.query.shape), tuple(call.key.shape),
-            tuple(call.value.shape), call.mask_kind, mask, call.is_causal, call.dropout_p > 0,
-            call.requires_grad, call.return_lse, registry_version())
-
-
 @register_backend
 class FlashBackend(Backend):
     """``flash``: the first of flash4, flash3, flash2 that is installed and takes the call.
@@ -384,9 +374,6 @@ class FlashBackend(Backend):
     supports_causal_with_mask = False
     supports_dropout = True
     supports_lse = True
-
-    def __init__(self):
-        self._chosen: dict[tuple, Backend] = {}
 
     def _member_backends(self) -> list[Backend]:
         out = []
@@ -428,15 +415,13 @@ class FlashBackend(Backend):
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
         return self.choose(call)[1]
 
+    def delegate(self, call: AttentionCall) -> Backend:
+        # the dispatcher caches this per signature and runs the member directly
+        return self.choose(call)[0] or self
+
     def forward(self, call: AttentionCall, **options: Any):
-        key = _call_key(call)
-        member = self._chosen.get(key)
+        member, reasons = self.choose(call)
         if member is None:
-            member, reasons = self.choose(call)
-            if member is None:
-                raise BackendUnavailableError(f"backend 'flash' cannot run {call}:",
-                                              {self.name: reasons})
-            if len(self._chosen) > 256:
-                self._chosen.clear()
-            self._chosen[key] = member
+            raise BackendUnavailableError(f"backend 'flash' cannot run {call}:",
+                                          {self.name: reasons})
         return member.forward(call, **options)

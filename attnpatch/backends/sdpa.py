@@ -7,7 +7,6 @@ never drift from what the kernel really accepts. ``return_lse`` goes through the
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import ClassVar, Optional
 

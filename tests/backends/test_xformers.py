@@ -56,7 +56,7 @@ def test_call_reasons_are_exact():
 def test_installed_but_ops_do_not_import(monkeypatch, tmp_path):
     """What the GPU machine shows with xformers next to flash-attn-4: xformers.ops imports
     flash_attn.flash_attn_interface whenever a flash_attn package exists."""
-    from attnpatch.backends import flash, xformers
+    from attnpatch.backends import xformers
 
     (tmp_path / "xformers" / "ops").mkdir(parents=True)
     (tmp_path / "xformers" / "__init__.py").write_text("")
