@@ -18,8 +18,8 @@ class ModuleRecord:
     """
 
     __slots__ = ("name", "kind", "module", "module_type", "processor", "default", "patch_default",
-                 "routed", "note_text", "calls", "backend", "backends", "fallbacks",
-                 "_last_selection", "scale", "joint_text", "original", "installed", "refs",
+                 "routed", "note_text", "calls", "backend", "_backends", "fallbacks",
+                 "last_selection", "_booked", "scale", "joint_text", "original", "installed", "refs",
                  "extra")
 
     def __init__(self, name: str, kind: str, module: Any, processor: str):
@@ -34,9 +34,10 @@ class ModuleRecord:
         self.note_text: Optional[str] = None
         self.calls = 0
         self.backend: Optional[str] = None
-        self.backends: Counter = Counter()
+        self._backends: Counter = Counter()
+        self._booked = 0                  # calls already counted in _backends
         self.fallbacks: dict[str, list[str]] = {}
-        self._last_selection = None
+        self.last_selection = None        # the dispatcher's Selection of the last call
         self.scale: Optional[float] = None   # scale for processors that ignore it (legacy swap)
         self.joint_text: Optional[str] = None  # "first"/"last": text position in joint attention
         self.original: Any = None         # the processor / implementation to restore
@@ -45,22 +46,43 @@ class ModuleRecord:
         self.extra: dict = {}
 
     def note(self, selection) -> None:
-        """Book one eager call that ran through the dispatcher's ``selection``."""
+        """Book one eager call that ran through the dispatcher's ``selection``.
+
+        Runs after every attention call (the dispatcher inlines it on its fastest path:
+        ``calls += 1``, then :meth:`switch` if the selection changed). Per-backend counts are
+        settled only when the selection changes, and when read."""
         self.calls += 1
-        if selection is not self._last_selection:
-            self._last_selection = selection
-            self.backend = selection.backend.name
-            for name, reasons in selection.rejected.items():
-                known = self.fallbacks.setdefault(name, [])
-                known.extend(r for r in reasons if r not in known)
-        self.backends[self.backend] += 1
+        if selection is not self.last_selection:
+            self.switch(selection)
+
+    def switch(self, selection) -> None:
+        """The call just booked (``calls`` already counts it) ran through a new ``selection``."""
+        self._switch(selection.backend.name, self.calls - 1)
+        self.last_selection = selection
+        for name, reasons in selection.rejected.items():
+            known = self.fallbacks.setdefault(name, [])
+            known.extend(r for r in reasons if r not in known)
 
     def note_external(self, name: str) -> None:
         """Book one call that attnpatch handed to another library's kernel (named ``name``)."""
         self.calls += 1
-        self.backend = name
-        self._last_selection = None
-        self.backends[name] += 1
+        self._switch(name, self.calls - 1)
+        self.last_selection = None
+
+    def _switch(self, backend: str, booked_until: int) -> None:
+        """Count the calls so far for the backend that ran them; ``backend`` runs from now on."""
+        if self.backend is not None and booked_until > self._booked:
+            self._backends[self.backend] += booked_until - self._booked
+        self._booked = booked_until
+        self.backend = backend
+
+    @property
+    def backends(self) -> Counter:
+        """Calls per backend since patching."""
+        counts = Counter(self._backends)
+        if self.backend is not None and self.calls > self._booked:
+            counts[self.backend] += self.calls - self._booked
+        return counts
 
     def requested(self) -> str:
         if self.default is None:

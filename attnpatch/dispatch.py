@@ -14,6 +14,7 @@ import torch
 
 from . import registry
 from ._errors import AttnPatchError, BackendUnavailableError
+from ._layout import _CALL as _LAYOUT_CALL
 from .call import AttentionCall, build_call, metadata_call, validate
 
 __all__ = ["attention", "attention_backend", "explain", "current_backend", "Explanation"]
@@ -26,7 +27,8 @@ ENV_VAR = "ATTNPATCH_BACKEND"
 _CONTEXT: contextvars.ContextVar[Optional[tuple[str, dict]]] = contextvars.ContextVar(
     "attnpatch_backend", default=None)
 
-_CACHE: dict[tuple, registry.Selection] = {}
+# signature -> (Selection, resolved scale, is_gqa, specialized kernel or None)
+_CACHE: dict[tuple, tuple] = {}
 _CACHE_LIMIT = 4096
 
 
@@ -86,14 +88,15 @@ def resolve(backend: Optional[str], options: dict, default: Optional[tuple[str, 
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 _VERSION = registry._VERSION
+_NOT_IN_MODULE = object()
 
 
 def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
               backend=None, layout="bhsd", return_lse=False, options=None, default=None):
     """Run one call; returns ``(result, Selection)``. Used by ``attention`` and the processors.
 
-    The hot path (selection cached) only builds the signature, looks it up and wraps the
-    tensors in an :class:`AttentionCall`; validation and selection run once per signature.
+    The hot path (selection cached) only builds the signature, looks it up and runs the kernel;
+    validation and selection run once per signature.
     """
     if _is_compiling():
         return _dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p,
@@ -103,8 +106,16 @@ def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dr
 
 
 def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
-                    return_lse, options, default):
-    """``_dispatch`` outside torch.compile (callers that already checked call this directly)."""
+                    return_lse, options, default, record=None):
+    """``_dispatch`` outside torch.compile (callers that already checked call this directly).
+
+    ``record``: the :class:`~attnpatch._record.ModuleRecord` of the patched diffusers module
+    making the call, or None. The call is booked on it, its ``scale`` stands in for a missing
+    ``scale``, and its text position makes the call's token layout visible to the backend
+    (``current_token_layout``).
+    """
+    if scale is None and record is not None:
+        scale = record.scale
     if backend is None and (ctx := _CONTEXT.get() or default) is not None and not options:
         name, options = ctx  # resolve(), inlined for the processors' common case
     else:
@@ -133,12 +144,26 @@ def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, b
             logger.info("attnpatch auto chose %r for %s; passed over: %s", selection.backend.name,
                         call, "; ".join(f"{n}: {', '.join(r)}" for n, r in
                                         selection.rejected.items()))
+        kernel = None
+        if attn_mask is None and not return_lse:
+            kernel = selection.backend.specialize(call, **options)
         if key_ is not None:
             if len(_CACHE) >= _CACHE_LIMIT:
                 _CACHE.clear()
-            _CACHE[key_] = (selection, call.scale, call.is_gqa)
+            _CACHE[key_] = (selection, call.scale, call.is_gqa, kernel)
     else:
-        selection, resolved_scale, is_gqa = entry
+        selection, resolved_scale, is_gqa, kernel = entry
+        if kernel is not None:  # a plain kernel call: no AttentionCall, no layout context
+            if layout == "bhsd":
+                result = kernel(query, key, value)
+            else:
+                result = kernel(query.transpose(1, 2), key.transpose(1, 2),
+                                value.transpose(1, 2)).transpose(1, 2)
+            if record is not None:  # ModuleRecord.note(), inlined
+                record.calls += 1
+                if selection is not record.last_selection:
+                    record.switch(selection)
+            return result, selection
         if attn_mask is None and layout == "bhsd":
             call = AttentionCall(query, key, value, None, "none", is_causal, resolved_scale,
                                  dropout_p, layout, return_lse, key_[-1], scale is None,
@@ -146,7 +171,15 @@ def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, b
         else:
             call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
                               return_lse, key_[-1])
-    result = selection.backend.forward(call, **options)
+    if record is None:
+        result = selection.backend.forward(call, **options)
+    else:
+        token = _LAYOUT_CALL.set((record.joint_text, query, key, -2 if layout == "bhsd" else 1))
+        try:
+            result = selection.backend.forward(call, **options)
+        finally:
+            _LAYOUT_CALL.reset(token)
+        record.note(selection)
     if layout == "bshd":
         if return_lse:
             result = (result[0].transpose(1, 2), result[1])
@@ -184,7 +217,7 @@ def _select_traced(name, option_names, sig):
     if entry is None:
         call = metadata_call(*sig)
         entry = _CACHE[key_] = (registry.select(name, call, option_names), call.scale,
-                                call.is_gqa)
+                                call.is_gqa, None)
     return entry[0].backend.name
 
 

@@ -6,7 +6,7 @@ import difflib
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Optional, Union
 
 import torch
 
@@ -108,6 +108,19 @@ class Backend:
         """Compute attention. Returns ``out`` as (B, H, Sq, Dv) (a view is fine), or
         ``(out, lse)`` with ``lse`` (B, H, Sq) float32 when ``call.return_lse``."""
         raise NotImplementedError(f"backend {self.name!r} does not implement forward()")
+
+    def specialize(self, call: AttentionCall, **options: Any) -> Optional[Callable]:
+        """A kernel ``fn(query, key, value) -> out`` on (B, H, S, D) tensors that computes exactly
+        what :meth:`forward` computes for *every* call with ``call``'s signature (shapes, dtypes,
+        flags, scale; never asked for calls with a mask or ``return_lse``), or None.
+
+        Asked once per signature; the dispatcher then calls ``fn`` directly, without building
+        an :class:`AttentionCall` (the per-call Python that shows in launch-bound models). Only
+        for a backend whose ``forward`` is a plain kernel call for that signature: ``fn`` runs
+        outside the token-layout context, so a backend that reads
+        :func:`attnpatch.current_token_layout` must not specialize.
+        """
+        return None
 
     @classmethod
     def capabilities(cls) -> dict[str, Any]:

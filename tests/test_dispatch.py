@@ -158,6 +158,40 @@ def test_named_backend_runs_or_raises_with_reasons(case, backend):
         assert rel_error(out, reference(q, k, v, mask, case["is_causal"])[0]) <= 1e-5
 
 
+@settings(max_examples=40, deadline=None)
+@given(case=CASES, scale=st.sampled_from([None, 0.3]))
+def test_warm_calls_match_the_first_call_and_the_reference(case, scale):
+    """The first call of a signature runs ``Backend.forward``; later ones run the kernel that
+    ``specialize`` returned (sdpa, no mask). Both must give the same result."""
+    attnpatch.dispatch._CACHE.clear()
+    heads = case["kv_heads"] * case["group"]
+    q, k, v, mask = make_inputs(batch=case["batch"], heads=heads, kv_heads=case["kv_heads"],
+                                seq_q=case["seq_q"], seq_k=case["seq_k"],
+                                head_dim=case["head_dim"], dtype=case["dtype"],
+                                mask=case["mask"], seed=case["seed"])
+    args = (q, k, v) if case["layout"] == "bhsd" else tuple(t.transpose(1, 2) for t in (q, k, v))
+    kw = dict(attn_mask=mask, is_causal=case["is_causal"], scale=scale, layout=case["layout"],
+              backend="sdpa")
+    first, warm = attnpatch.attention(*args, **kw), attnpatch.attention(*args, **kw)
+    (entry,) = attnpatch.dispatch._CACHE.values()
+    assert (entry[3] is not None) == (mask is None)  # a specialized kernel only without a mask
+    assert torch.equal(first, warm)
+    if case["layout"] == "bshd":
+        warm = warm.transpose(1, 2)
+    ref, _ = reference(q, k, v, mask, case["is_causal"], scale)
+    assert rel_error(warm, ref) <= 1e-5
+
+
+def test_warm_calls_keep_gradients():
+    q, k, v, _ = make_inputs(heads=4, kv_heads=2, seq_q=13, seq_k=9, requires_grad=True)
+    grads = []
+    for _ in range(2):  # cold, then warm (specialized kernel)
+        out = attnpatch.attention(q, k, v, is_causal=True, backend="sdpa")
+        grads.append(torch.autograd.grad(out.square().sum(), (q, k, v)))
+    for cold, warm in zip(*grads):
+        assert torch.equal(cold, warm)
+
+
 def test_explain_prints_every_backend():
     q, k, v, _ = make_inputs(dtype=torch.float16)
     text = str(attnpatch.explain(q, k, v, dropout_p=0.1))

@@ -7,8 +7,9 @@ never drift from what the kernel really accepts. ``return_lse`` goes through the
 
 from __future__ import annotations
 
+import functools
 import warnings
-from typing import ClassVar, Optional
+from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,9 +29,11 @@ def _sdpa(call: AttentionCall):
         return F.scaled_dot_product_attention(call.query, call.key, call.value, scale=call.scale)
     if is_causal and mask is not None:  # SDPA refuses both at once; fold the pattern in
         mask, is_causal = call.combined_mask(), False
+    # scale=None where the caller gave none: SDPA's own default is not bitwise our float
     return F.scaled_dot_product_attention(
         call.query, call.key, call.value, attn_mask=mask, dropout_p=call.dropout_p,
-        is_causal=is_causal, scale=call.scale, enable_gqa=call.is_gqa)
+        is_causal=is_causal, scale=None if call.default_scale else call.scale,
+        enable_gqa=call.is_gqa)
 
 
 @register_backend
@@ -44,6 +47,21 @@ class SDPABackend(Backend):
 
     def forward(self, call: AttentionCall, **options):
         return _sdpa(call)
+
+    def specialize(self, call: AttentionCall, **options) -> Optional[Callable]:
+        # what _sdpa does for a call without a mask: the kernel with the arguments that differ
+        # from SDPA's defaults bound once (a C-level partial: no Python frame per call)
+        kwargs = {}
+        if call.dropout_p:
+            kwargs["dropout_p"] = call.dropout_p
+        if call.is_causal:
+            kwargs["is_causal"] = True
+        if not call.default_scale:
+            kwargs["scale"] = call.scale
+        if call.is_gqa:
+            kwargs["enable_gqa"] = True
+        sdpa = F.scaled_dot_product_attention
+        return functools.partial(sdpa, **kwargs) if kwargs else sdpa
 
 
 class _ForcedSDPA(Backend):

@@ -23,7 +23,7 @@ import torch
 
 from .._errors import AttnPatchError
 from .._record import ModuleRecord
-from ..dispatch import _dispatch
+from ..dispatch import _dispatch, _dispatch_eager
 
 __all__ = ["ATTN_NAME", "is_pretrained_model", "is_attention_module", "TransformersSite",
            "attnpatch_attention"]
@@ -105,8 +105,8 @@ def attnpatch_attention(module, query, key, value, attention_mask, dropout=0.0, 
         out = _dispatch(query, key, value, attention_mask, is_causal, scaling, dropout, None,
                         "bhsd", False, None, record.default)[0]
     else:
-        out, selection = _dispatch(query, key, value, attention_mask, is_causal, scaling,
-                                   dropout, None, "bhsd", False, None, record.default)
+        out, selection = _dispatch_eager(query, key, value, attention_mask, is_causal, scaling,
+                                         dropout, None, "bhsd", False, None, record.default)
         record.note(selection)
     return out.transpose(1, 2).contiguous(), None
 

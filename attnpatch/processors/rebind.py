@@ -11,12 +11,14 @@ where ``F`` (``torch.nn.functional``), ``nn``, a bare ``scaled_dot_product_atten
 - Nothing global is touched: diffusers' module globals stay as they are, other instances of the
   processor class are unaffected.
 - The signature is the original one (same code object), so diffusers' kwarg filtering with
-  ``inspect.signature(processor.__call__)`` sees the real parameters.
+  ``inspect.signature(processor.__call__)`` sees the real parameters; it is precomputed as
+  ``__signature__`` (diffusers asks on every attention forward).
 - ``torch.compile(fullgraph=True)`` traces straight through (a module object and a closure).
 """
 
 from __future__ import annotations
 
+import inspect
 import types
 from typing import Any, Callable, Optional
 
@@ -24,10 +26,10 @@ import torch
 import torch.nn.functional as _F
 
 from .._errors import AttnPatchError
-from .._layout import _CALL
-from ..dispatch import _CONTEXT, _dispatch, _dispatch_eager
+from ..dispatch import _CONTEXT, _dispatch_eager, _dispatch_traced
 
-_is_compiling = torch.compiler.is_compiling
+# dynamo maps this to True while it traces; eagerly it is one frame (is_compiling() is two)
+_is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 
 __all__ = ["intercept_plan", "clone_function", "route_processor", "NotRoutable"]
 
@@ -95,7 +97,11 @@ def clone_function(fn: types.FunctionType, overrides: dict[str, Any]) -> types.F
     new.__qualname__ = fn.__qualname__
     new.__doc__ = fn.__doc__
     new.__annotations__ = dict(getattr(fn, "__annotations__", {}) or {})
-    new.__wrapped__ = fn  # for tools that look for the original; signature is the same anyway
+    # diffusers runs inspect.signature(processor.__call__) on every attention forward to filter
+    # kwargs. The signature is the original's (same code object), so it is computed once here
+    # and kept as __signature__, which inspect returns as is. No __wrapped__: following it
+    # would cost more frames on every one of those calls.
+    new.__signature__ = inspect.signature(fn)
     return new
 
 
@@ -120,23 +126,19 @@ def _nn_proxy(functional: types.ModuleType) -> types.ModuleType:
 
 
 def make_sdpa(record) -> Callable:
-    """``F.scaled_dot_product_attention`` for one module: (B, H, S, D) in and out."""
+    """``F.scaled_dot_product_attention`` for one module: (B, H, S, D) in and out.
+
+    ``enable_gqa`` is accepted and not needed: the dispatcher reads GQA from the head counts.
+    """
 
     def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                      is_causal=False, scale=None, enable_gqa=False):
-        if scale is None:
-            scale = record.scale
-        if _is_compiling():
-            return _dispatch(query, key, value, attn_mask, is_causal, scale, dropout_p, None,
-                             "bhsd", False, None, record.default)[0]
-        token = _CALL.set((record.joint_text, query, key, -2))  # enter_call(), inlined
-        try:
-            out, selection = _dispatch_eager(query, key, value, attn_mask, is_causal, scale,
-                                             dropout_p, None, "bhsd", False, None, record.default)
-        finally:
-            _CALL.reset(token)
-        record.note(selection)
-        return out
+        if _is_dynamo_compiling():
+            return _dispatch_traced(query, key, value, attn_mask, is_causal,
+                                    record.scale if scale is None else scale, dropout_p, None,
+                                    "bhsd", False, {}, record.default)[0]
+        return _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, None,
+                               "bhsd", False, None, record.default, record)[0]
 
     return scaled_dot_product_attention
 
@@ -185,20 +187,13 @@ def make_dispatch(record, original: Callable) -> Callable:
         if (attn_mask is not None and attn_mask.dim() == 2
                 and attn_mask.shape[0] == query.shape[0] and attn_mask.shape[1] == key.shape[1]):
             attn_mask = attn_mask[:, None, None, :]  # (B, Sk) key padding -> (B, 1, 1, Sk)
-        if scale is None:
-            scale = record.scale
         options = dict(attention_kwargs) if attention_kwargs else None
-        if _is_compiling():
-            return _dispatch(query, key, value, attn_mask, is_causal, scale, dropout_p, None,
-                             "bshd", False, options, default)[0]
-        token = _CALL.set((record.joint_text, query, key, 1))  # enter_call(), inlined
-        try:
-            out, selection = _dispatch_eager(query, key, value, attn_mask, is_causal, scale,
-                                             dropout_p, None, "bshd", False, options, default)
-        finally:
-            _CALL.reset(token)
-        record.note(selection)
-        return out
+        if _is_dynamo_compiling():
+            return _dispatch_traced(query, key, value, attn_mask, is_causal,
+                                    record.scale if scale is None else scale, dropout_p, None,
+                                    "bshd", False, options or {}, default)[0]
+        return _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, None,
+                               "bshd", False, options, default, record)[0]
 
     return dispatch_attention_fn
 

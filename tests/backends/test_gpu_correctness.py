@@ -69,6 +69,11 @@ def test_forward(backend, shape, structure, dtype):
     if out is not None:
         assert out.dtype == dtype and out.shape == ref.shape
         assert rel_error(out, ref) <= 2 * math_err + 1e-3
+        # the second call of a signature takes the warm path (for sdpa without a mask: the
+        # kernel from Backend.specialize, no AttentionCall): same result
+        again = attnpatch.attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                    backend=backend)
+        assert torch.equal(again, out)
 
 
 @pytest.mark.parametrize("structure", ["plain", "gqa", "float", "causal", "causal+bool"])
