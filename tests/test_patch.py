@@ -228,15 +228,19 @@ def test_overhead_benchmark_tiny_cpu(tmp_path, capsys):
     overhead = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(overhead)
     out = tmp_path / "overhead.json"
-    assert overhead.main(["--tiny", "--device", "cpu", "--repeats", "2", "--rounds", "2",
-                          "--warmup", "1", "--out", str(out)]) == 0
+    assert overhead.main(["--tiny", "--device", "cpu", "--repeats", "2", "--warmup", "1",
+                          "--module-calls", "3", "--module-blocks", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "overhead" in printed and "flux" in printed and "sdxl" in printed
     data = json.loads(out.read_text())
     by_model = {r["model"]: r for r in data["results"]}
     assert by_model["flux"]["routed"] == 2 and by_model["sdxl"]["routed"] == 16
     assert all(r["attention_calls_per_forward"] == r["routed"] for r in data["results"])
-    assert all(len(r["patched_ms"]) == 2 for r in data["results"])
+    assert all(len(r["patched_ms"]) == 2 == len(r["paired_overhead_pct_each"])
+               for r in data["results"])
+    assert set(data["module_call"]) == {"module", "routing", "signature"}
+    assert all(len(m["blocks_us"]["patched"]) == 2 and m["patched_us"] > 0
+               for m in data["module_call"].values())
 
 
 def test_auto_with_an_option_no_backend_takes_is_refused_at_patch_time():
