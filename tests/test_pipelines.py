@@ -174,3 +174,25 @@ def test_model_offload_hooks_on_every_component():
         remove_hook_from_module(getattr(pipe, name))
     assert torch.equal(run_pipe(pipe, kw), ref)
     assert no_attnpatch_state(pipe) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("offload", ["model", "sequential"])
+def test_cpu_offload_on_cuda(offload):
+    """diffusers' real enable_model_cpu_offload / enable_sequential_cpu_offload (both need an
+    accelerator): patched before or after offloading, the pipeline runs and matches."""
+    pipe, kw = sd_pipeline()
+    getattr(pipe, f"enable_{offload}_cpu_offload")(device="cuda")
+    ref = run_pipe(pipe, kw)
+    with attnpatch.patch(pipe, backend="sdpa") as handle:
+        assert rel_error(run_pipe(pipe, kw), ref) <= 1e-5
+        report = handle.report()
+        assert all(r.calls > 0 and r.backend == "sdpa" for r in report.routed
+                   if not r.name.startswith("vae.encoder"))
+    assert torch.equal(run_pipe(pipe, kw), ref)
+    pipe, kw = sd_pipeline()  # patched first, offloaded after
+    with attnpatch.patch(pipe, backend="sdpa") as handle:
+        getattr(pipe, f"enable_{offload}_cpu_offload")(device="cuda")
+        assert rel_error(run_pipe(pipe, kw), ref) <= 1e-5
+        assert sum(r.calls for r in handle.report()) > 0
