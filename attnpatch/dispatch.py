@@ -145,8 +145,9 @@ def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, b
                         call, "; ".join(f"{n}: {', '.join(r)}" for n, r in
                                         selection.rejected.items()))
         kernel = None
-        if attn_mask is None and not return_lse:
-            kernel = selection.backend.specialize(call, **options)
+        if attn_mask is None and not return_lse and not options:
+            # not with options: the key holds their names, not their values
+            kernel = selection.backend.specialize(call)
         if key_ is not None:
             if len(_CACHE) >= _CACHE_LIMIT:
                 _CACHE.clear()

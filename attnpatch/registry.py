@@ -109,10 +109,10 @@ class Backend:
         ``(out, lse)`` with ``lse`` (B, H, Sq) float32 when ``call.return_lse``."""
         raise NotImplementedError(f"backend {self.name!r} does not implement forward()")
 
-    def specialize(self, call: AttentionCall, **options: Any) -> Optional[Callable]:
+    def specialize(self, call: AttentionCall) -> Optional[Callable]:
         """A kernel ``fn(query, key, value) -> out`` on (B, H, S, D) tensors that computes exactly
         what :meth:`forward` computes for *every* call with ``call``'s signature (shapes, dtypes,
-        flags, scale; never asked for calls with a mask or ``return_lse``), or None.
+        flags, scale; never asked for calls with a mask, options or ``return_lse``), or None.
 
         Asked once per signature; the dispatcher then calls ``fn`` directly, without building
         an :class:`AttentionCall` (the per-call Python that shows in launch-bound models). Only

@@ -192,6 +192,34 @@ def test_warm_calls_keep_gradients():
         assert torch.equal(cold, warm)
 
 
+def test_option_values_are_never_baked_into_a_specialized_kernel():
+    """The cache key holds option names only, so calls with options always run forward()."""
+
+    class Scaled(attnpatch.Backend):
+        name = "scaled_test"
+        priority = None
+        options = frozenset({"factor"})
+
+        def forward(self, call, factor=1.0):
+            return factor * torch.nn.functional.scaled_dot_product_attention(
+                call.query, call.key, call.value)
+
+        def specialize(self, call):
+            return torch.nn.functional.scaled_dot_product_attention
+
+    attnpatch.register_backend(Scaled)
+    try:
+        q, k, v, _ = make_inputs(seq_q=9)
+        one = attnpatch.attention(q, k, v, backend="scaled_test", factor=1.0)
+        attnpatch.attention(q, k, v, backend="scaled_test", factor=1.0)
+        two = attnpatch.attention(q, k, v, backend="scaled_test", factor=2.0)
+        assert torch.equal(two, 2 * one)
+        plain = attnpatch.attention(q, k, v, backend="scaled_test")  # no options: specialized
+        assert torch.equal(attnpatch.attention(q, k, v, backend="scaled_test"), plain)
+    finally:
+        attnpatch.unregister_backend("scaled_test")
+
+
 def test_explain_prints_every_backend():
     q, k, v, _ = make_inputs(dtype=torch.float16)
     text = str(attnpatch.explain(q, k, v, dropout_p=0.1))

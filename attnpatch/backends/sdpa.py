@@ -48,7 +48,7 @@ class SDPABackend(Backend):
     def forward(self, call: AttentionCall, **options):
         return _sdpa(call)
 
-    def specialize(self, call: AttentionCall, **options) -> Optional[Callable]:
+    def specialize(self, call: AttentionCall) -> Optional[Callable]:
         # what _sdpa does for a call without a mask: the kernel with the arguments that differ
         # from SDPA's defaults bound once (a C-level partial: no Python frame per call)
         kwargs = {}
