@@ -19,8 +19,8 @@ class ModuleRecord:
 
     __slots__ = ("name", "kind", "module", "module_type", "processor", "default", "patch_default",
                  "routed", "note_text", "calls", "backend", "_backends", "fallbacks",
-                 "last_selection", "_booked", "scale", "joint_text", "original", "installed", "refs",
-                 "extra")
+                 "last_selection", "_booked", "scale", "joint_text", "original", "installed",
+                 "refs", "extra")
 
     def __init__(self, name: str, kind: str, module: Any, processor: str):
         self.name = name

@@ -88,7 +88,6 @@ def resolve(backend: Optional[str], options: dict, default: Optional[tuple[str, 
 _is_compiling = torch.compiler.is_compiling
 _grad_enabled = torch.is_grad_enabled
 _VERSION = registry._VERSION
-_NOT_IN_MODULE = object()
 
 
 def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,

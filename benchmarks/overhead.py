@@ -12,12 +12,13 @@ warm-up; the order swaps every pair; no garbage collection while timing). It rep
 medians and the overhead of patched over unpatched, plus the median over pairs of neighbouring
 forwards' ratios ("paired": host drift between pairs cancels) and the ratio of the fastest
 forwards. It also times one SDXL-sized ``Attention`` module, whose call is launch-bound, to give
-attnpatch's host cost per attention call directly. The ``sdpa``
-backend calls ``F.scaled_dot_product_attention`` exactly like diffusers' own path, so any
-difference is attnpatch's routing cost. Target: within 1%.
+the host cost per attention call directly: the whole module forward, attnpatch's routing of the
+``F.scaled_dot_product_attention`` call alone, and diffusers' per-forward
+``inspect.signature(processor.__call__)``. The ``sdpa`` backend calls
+``F.scaled_dot_product_attention`` like diffusers' own path (same kernel). Target: within 1%.
 
     python benchmarks/overhead.py --out benchmarks/results/overhead.json        # GPU
-    python benchmarks/overhead.py --tiny --device cpu --repeats 3               # smoke test
+    python benchmarks/overhead.py --tiny --device cpu --repeats 3 --module-calls 10  # smoke
 """
 
 from __future__ import annotations
