@@ -200,6 +200,39 @@ def test_legacy_bmm_processor_swapped_for_sdpa_equivalent():
     assert attn.processor is legacy
 
 
+@pytest.mark.parametrize("legacy, equivalent, added_kv", [
+    ("XFormersAttnProcessor", "AttnProcessor2_0", False),
+    ("XFormersAttnAddedKVProcessor", "AttnAddedKVProcessor2_0", True),
+])
+def test_xformers_processor_swapped_for_sdpa_equivalent(legacy, equivalent, added_kv):
+    """A model left on xformers processors (enable_xformers_memory_efficient_attention) is
+    routed through diffusers' SDPA equivalent; xformers itself need not be installed. The
+    reference is that equivalent unpatched (xformers cannot run here)."""
+    from diffusers.models import attention_processor as ap
+    torch.manual_seed(0)
+    # added-KV blocks (UnCLIP, Kandinsky) project the context with add_k/add_v_proj and the
+    # image tokens with to_k/to_v, so cross_attention_dim is the query's own width there
+    extra = dict(added_kv_proj_dim=12, norm_num_groups=4, cross_attention_dim=16) if added_kv \
+        else dict(cross_attention_dim=12)
+    attn = ap.Attention(query_dim=16, heads=2, dim_head=8, processor=getattr(ap, equivalent)(),
+                        **extra).eval()
+    hs, ehs = torch.randn(2, 10, 16), torch.randn(2, 5, 12)
+    if added_kv:
+        hs = torch.randn(2, 16, 3, 3)  # AttnAddedKV processors take (B, C, H, W)
+    with torch.no_grad():
+        ref = attn(hs, encoder_hidden_states=ehs)
+    attn.set_processor(getattr(ap, legacy)())
+    xformers_processor = attn.processor
+    with counting_backend() as counting, attnpatch.patch(attn, backend="counting") as handle:
+        with torch.no_grad():
+            out = attn(hs, encoder_hidden_states=ehs)
+        assert type(attn.processor).__name__ == equivalent
+        (rec,) = handle.report()
+    assert rel_error(out, ref) <= 1e-5 and counting.calls == 1
+    assert rec.routed and rec.processor == legacy and rec.calls == 1
+    assert attn.processor is xformers_processor
+
+
 def test_legacy_processor_without_equivalent_is_reported_not_routed():
     from diffusers.models.attention_processor import Attention, AttnProcessor
     model, kw = sd15()
