@@ -17,7 +17,8 @@ mask, ``scaling`` as the scale (T5: 1.0), ``dropout`` as the model passes it (0.
 from __future__ import annotations
 
 import sys
-from typing import Any, Optional
+import types
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -42,11 +43,39 @@ def is_pretrained_model(obj: Any) -> bool:
     return t is not None and isinstance(obj, t.PreTrainedModel)
 
 
+def _functions_behind(fn: Any, depth: int = 6) -> Iterator[types.FunctionType]:
+    """``fn`` and every function it wraps: ``__wrapped__`` chains (functools.wraps, as in
+    transformers' ``deprecate_kwarg``) and functions held in a wrapper's closure cells (a
+    decorator that does not use functools.wraps)."""
+    todo, seen = [fn], set()
+    while todo and depth > 0:
+        depth -= 1
+        nxt = []
+        for f in todo:
+            f = getattr(f, "__func__", f)  # bound / static methods
+            if not isinstance(f, types.FunctionType) or id(f) in seen:
+                continue
+            seen.add(id(f))
+            yield f
+            nxt.append(getattr(f, "__wrapped__", None))
+            nxt.extend(c.cell_contents for c in (f.__closure__ or ())
+                       if _cell_is_function(c))
+        todo = nxt
+
+
+def _cell_is_function(cell) -> bool:
+    try:
+        return isinstance(cell.cell_contents, (types.FunctionType, types.MethodType))
+    except ValueError:  # an empty cell
+        return False
+
+
 def is_attention_module(module: Any) -> bool:
-    """A module whose forward looks its attention function up in ``ALL_ATTENTION_FUNCTIONS``."""
+    """A module whose forward (behind any decorators) looks its attention function up in
+    ``ALL_ATTENTION_FUNCTIONS``, transformers' registry of attention implementations."""
     forward = getattr(type(module), "forward", None)
-    code = getattr(forward, "__code__", None)
-    return code is not None and "ALL_ATTENTION_FUNCTIONS" in code.co_names
+    return any("ALL_ATTENTION_FUNCTIONS" in f.__code__.co_names
+               for f in _functions_behind(forward))
 
 
 # --- the attention function -------------------------------------------------------------------

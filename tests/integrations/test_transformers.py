@@ -201,3 +201,37 @@ def test_implementation_switched_after_patch_is_reported(built):
     assert no_attnpatch_state(model) == []
     model.set_attn_implementation("sdpa")
     assert torch.equal(run(model, kw), ref)
+
+
+def _decorate(wraps: bool):
+    """A decorator like transformers' ``deprecate_kwarg``: with functools.wraps, or a bare
+    wrapper whose own code never mentions ALL_ATTENTION_FUNCTIONS."""
+    import functools
+
+    def decorator(fn):
+        def wrapper(*args, **kwargs):
+            return fn(*args, **kwargs)
+        return functools.wraps(fn)(wrapper) if wraps else wrapper
+    return decorator
+
+
+@pytest.mark.parametrize("wraps", [True, False], ids=["functools.wraps", "bare-closure"])
+def test_decorated_attention_forward_is_found_and_routed(wraps):
+    from transformers.models.llama.modeling_llama import LlamaAttention
+    model, kw = llama()
+    ref = run(model, kw)
+
+    class Decorated(LlamaAttention):
+        forward = _decorate(wraps)(LlamaAttention.forward)
+
+    attn = [m for m in model.modules() if isinstance(m, LlamaAttention)]
+    for m in attn:
+        m.__class__ = Decorated
+    assert "ALL_ATTENTION_FUNCTIONS" not in Decorated.forward.__code__.co_names
+    assert all(itf.is_attention_module(m) for m in attn)
+    with counting_backend() as counting, attnpatch.patch(model, backend="counting") as handle:
+        out = run(model, kw)
+        report = handle.report()
+    assert len(report) == len(attn) and all(r.routed and r.calls == 1 for r in report)
+    assert counting.calls == len(attn)
+    assert rel_error(_valid("llama", kw, out), _valid("llama", kw, ref)) <= 1e-5
