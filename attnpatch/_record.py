@@ -24,7 +24,7 @@ class ModuleRecord:
 
     def __init__(self, name: str, kind: str, module: Any, processor: str):
         self.name = name
-        self.kind = kind                  # "diffusers" | "transformers"
+        self.kind = kind                  # "diffusers" | "transformers" | "module"
         self.module = module
         self.module_type = type(module).__name__
         self.processor = processor        # original processor class name / "AttentionInterface"
@@ -99,6 +99,8 @@ class ModuleRecord:
             impl = self.extra.get("impl")
             cfg = getattr(self.module, "config", None)
             return impl is not None and getattr(cfg, "_attn_implementation", impl) != impl
+        if self.kind == "module":
+            return self.installed is not None and type(self.module) is not self.installed
         return (self.installed is not None
                 and getattr(self.module, "processor", None) is not self.installed)
 
@@ -109,6 +111,8 @@ class ModuleRecord:
             note = ("processor replaced after patch() (set_attn_processor, "
                     "fuse_qkv_projections, ...): not routed now; call patch() again"
                     if self.kind == "diffusers" else
+                    "module class changed after patch(): not routed now; call patch() again"
+                    if self.kind == "module" else
                     "attention implementation switched after patch() (set_attn_implementation):"
                     " not routed now")
         return ModuleReport(name=self.name, backend=self.backend, calls=self.calls,

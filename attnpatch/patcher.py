@@ -31,6 +31,7 @@ from . import registry
 from ._errors import AttnPatchError
 from ._record import ModuleRecord, PatchReport
 from .integrations import diffusers as dif
+from .integrations import modules as mods
 from .integrations import transformers as tf
 
 __all__ = ["patch", "unpatch", "set_attention_backend", "PatchHandle"]
@@ -40,6 +41,11 @@ logger = logging.getLogger(__name__)
 _MISSING = object()
 _METHODS = ("set_attention_backend", "reset_attention_backend")
 BackendSpec = Union[str, tuple, dict, None]
+
+#: record kind -> (install, restore) for the changes made per module: a routed diffusers
+#: processor, or a module's routed class (attention computed in its own methods)
+_SWAPS = {"diffusers": (dif.patch_module, dif.restore_module),
+          "module": (mods.patch_module, mods.restore_module)}
 
 
 # --- discovery --------------------------------------------------------------------------------
@@ -107,6 +113,10 @@ def _discover(target) -> _Found:
             found.attention.append((name, module, "transformers"))
             found.owner[id(module)] = (top, tf_tops[top])
             tf_all.setdefault(id(tf_tops[top]), []).append(module)
+        elif mods.routes_forward(module):
+            found.attention.append((name, module, "module"))
+        elif mods.hand_written_attention(module) is not None:
+            found.attention.append((name, module, "hand"))
     found.tf_models = list(tf_tops.items())
     found.denoisers = list(dif_tops.items())
     found.tf_all = tf_all
@@ -133,8 +143,9 @@ def _nothing_found(target, found: _Found) -> str:
         common = ", ".join(f"{n} x{c}" for n, c in found.module_types.most_common(12))
         what = f"{sum(found.module_types.values())} modules: {common or 'none'}"
     return (f"no attention modules found in {kind} (diffusers attention modules have a "
-            f"`processor` and `set_processor`; transformers ones look their function up in "
-            f"ALL_ATTENTION_FUNCTIONS); found {what}")
+            f"`processor`; transformers ones look their function up in ALL_ATTENTION_FUNCTIONS; "
+            f"other modules call F.scaled_dot_product_attention, nn.MultiheadAttention or "
+            f"softmax(q @ k^T) in their own methods); found {what}")
 
 
 # --- selection --------------------------------------------------------------------------------
@@ -304,7 +315,7 @@ class PatchHandle:
         self.implicit = implicit
         self.active = True
         self._records: list[ModuleRecord] = []
-        self._diffusers: list[ModuleRecord] = []
+        self._swapped: list[ModuleRecord] = []  # diffusers processors and module classes
         self._tf_sites: list = []
         self._hook_sites: list = []
         self._method_sites: list = []
@@ -345,10 +356,10 @@ class PatchHandle:
             _release_site(model, "_attnpatch_layout", site, dif.LayoutHooks.remove)
         for model, site in reversed(self._tf_sites):
             _release_site(model, "_attnpatch_tf_site", site, tf.TransformersSite.restore)
-        for r in reversed(self._diffusers):
+        for r in reversed(self._swapped):
             r.refs -= 1
             if r.refs <= 0:
-                dif.restore_module(r)
+                _SWAPS[r.kind][1](r)
                 if r.module.__dict__.get("_attnpatch_record") is r:
                     del r.module.__dict__["_attnpatch_record"]
         for r, default, patch_default in self._changed:  # shared records: what they had before
@@ -387,24 +398,32 @@ class PatchHandle:
     def _apply(self, target, found: _Found, selected: list, plan) -> None:
         selected_ids = {id(m) for _, m, _ in selected}
         # diffusers attention modules
-        mine = {id(r.module): r for r in self._diffusers}
+        mine = {id(r.module): r for r in self._swapped}
         for name, module, kind in selected:
-            if kind != "diffusers":
+            if kind == "hand":
+                r = ModuleRecord(name, "module", module, "hand-written")
+                where = mods.hand_written_attention(module)
+                r.note_text = (f"computes softmax attention by hand in {where} (no SDPA call "
+                               "to redirect): not routed, runs as before")
+                self._hold(r, plan(name))
+                continue
+            if kind not in _SWAPS:
                 continue
             r = module.__dict__.get("_attnpatch_record")
             if r is None or r.replaced() or not r.routed:
-                r = ModuleRecord(name, "diffusers", module, type(module.processor).__name__)
-                dif.patch_module(r)
+                what = type(module.processor).__name__ if kind == "diffusers" else "forward"
+                r = ModuleRecord(name, kind, module, what)
+                _SWAPS[kind][0](r)
                 if r.routed:
                     module.__dict__["_attnpatch_record"] = r
                 stale = mine.get(id(module))
                 if stale is not None:  # re-patch of a module whose processor was swapped out
                     stale.refs -= 1
-                    self._diffusers.remove(stale)
+                    self._swapped.remove(stale)
                     self._records.remove(stale)
-            if r not in self._diffusers:
+            if r not in self._swapped:
                 r.refs += 1
-                self._diffusers.append(r)
+                self._swapped.append(r)
             self._hold(r, plan(name))
         # transformers models
         groups: dict[int, list] = {}
@@ -412,15 +431,15 @@ class PatchHandle:
             if kind == "transformers":
                 groups.setdefault(id(found.owner[id(module)][1]), []).append((name, module))
         for _, model in found.tf_models:
-            mods = groups.get(id(model))
-            if not mods:
+            members = groups.get(id(model))
+            if not members:
                 continue
             site = model.__dict__.get("_attnpatch_tf_site")
             if site is None:
                 records = [ModuleRecord(n, "transformers", m,
                                         str(getattr(getattr(m, "config", None),
                                                     "_attn_implementation", "?")))
-                           for n, m in mods]
+                           for n, m in members]
                 excluded = [m for m in found.tf_all.get(id(model), [])
                             if id(m) not in selected_ids]
                 site = tf.TransformersSite(model, records, excluded)
@@ -433,7 +452,7 @@ class PatchHandle:
             if not any(site is s for _, s in self._tf_sites):
                 site.refs += 1
                 self._tf_sites.append((model, site))
-            for n, m in mods:
+            for n, m in members:
                 r = m.__dict__.get("_attnpatch_record")
                 if r is None:  # excluded by an earlier patch of this model, included now
                     r = ModuleRecord(n, "transformers", m, site._saved_impl(m.config))
@@ -446,7 +465,7 @@ class PatchHandle:
                     site.records.append(r)
                 self._hold(r, plan(n))
         # token layout hooks on the diffusers models that hold routed modules
-        routed_names = [r.name for r in self._diffusers if r.routed]
+        routed_names = [r.name for r in self._swapped if r.routed]
         for name, model in found.denoisers:
             if any(_inside(n, [name]) is not None for n in routed_names) and not any(
                     model is m for m, _ in self._hook_sites):

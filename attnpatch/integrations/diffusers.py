@@ -1,8 +1,8 @@
 """diffusers: find attention modules, install routed processors, capture the token layout.
 
 Every module with a ``processor`` and ``set_processor`` (legacy ``Attention``,
-``AttentionModuleMixin`` models such as Flux/Wan/QwenImage, ``MochiAttention``...) gets a copy
-of its processor whose core attention call goes to attnpatch (:mod:`attnpatch.processors`).
+``AttentionModuleMixin`` models such as Flux/Wan/QwenImage), or with an attention processor and
+no ``set_processor`` (``MochiAttention``, ``CosmosCausalAttention``), gets a copy of its processor whose core attention call goes to attnpatch (:mod:`attnpatch.processors`).
 Legacy processors that never call SDPA (bmm ``AttnProcessor``, sliced, xformers, IP-adapter,
 custom diffusion) are swapped for diffusers' own SDPA equivalent where that is numerically the
 same computation (with ``attn.scale`` passed through), else reported as not routed.
@@ -17,7 +17,7 @@ import torch
 
 from .._layout import ForwardInfo, enter_forward, exit_forward
 from .._record import ModuleRecord
-from ..processors.rebind import NotRoutable, route_processor
+from ..processors.rebind import NotRoutable, calls_attention, route_processor
 
 __all__ = ["is_attention_module", "is_pipeline", "is_model_mixin", "pipeline_components",
            "patch_module", "restore_module", "LayoutHooks", "diffusers_backend_names"]
@@ -28,8 +28,22 @@ def _diffusers():
 
 
 def is_attention_module(module: Any) -> bool:
-    return (isinstance(module, torch.nn.Module) and hasattr(module, "processor")
-            and callable(getattr(module, "set_processor", None)))
+    """A module with a ``processor`` and ``set_processor``, or with a processor whose class
+    calls attention but no ``set_processor`` (``MochiAttention``, ``CosmosCausalAttention``;
+    a processor without attention, such as DC-AE's linear attention, does not count)."""
+    if not isinstance(module, torch.nn.Module) or not hasattr(module, "processor"):
+        return False
+    if callable(getattr(module, "set_processor", None)):
+        return True
+    processor = module.processor
+    return processor is not None and calls_attention(type(processor))
+
+
+def _install(module: torch.nn.Module, processor: Any) -> None:
+    if callable(getattr(module, "set_processor", None)):
+        module.set_processor(processor)
+    else:  # no set_processor: the attribute, as the module's __init__ assigned it
+        setattr(module, "processor", processor)
 
 
 def is_pipeline(obj: Any) -> bool:
@@ -142,7 +156,7 @@ def patch_module(record: ModuleRecord) -> None:
         record.note_text = str(err)
         return
     record.joint_text = _joint_text_position(base.__name__)
-    module.set_processor(new)
+    _install(module, new)
     record.installed = new
     record.routed = True
 
@@ -165,7 +179,7 @@ def restore_module(record: ModuleRecord) -> bool:
         return True
     if getattr(module, "processor", None) is not record.installed:
         return False
-    module.set_processor(record.original)
+    _install(module, record.original)
     return True
 
 

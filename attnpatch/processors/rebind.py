@@ -18,6 +18,7 @@ where ``F`` (``torch.nn.functional``), ``nn``, a bare ``scaled_dot_product_atten
 
 from __future__ import annotations
 
+import functools
 import inspect
 import types
 from typing import Any, Callable, Optional
@@ -31,9 +32,17 @@ from ..dispatch import _CONTEXT, _dispatch_eager, _dispatch_traced
 # dynamo maps this to True while it traces; eagerly it is one frame (is_compiling() is two)
 _is_dynamo_compiling = torch.compiler.is_dynamo_compiling
 
-__all__ = ["intercept_plan", "clone_function", "route_processor", "NotRoutable"]
+__all__ = ["intercept_plan", "clone_function", "route_processor", "routed_class", "module_proxy",
+           "make_multi_head_attention_forward", "calls_attention", "NotRoutable"]
 
 _SDPA = _F.scaled_dot_product_attention
+_MHA = _F.multi_head_attention_forward
+#: the attention entry points of torch.nn.functional that a routed function may call
+_FUNCTIONAL_ATTENTION = frozenset({"scaled_dot_product_attention", "multi_head_attention_forward"})
+#: torch's fused fast path of nn.MultiheadAttention (one native op with attention inside); a
+#: routed method sees ``torch.backends.mha.get_fastpath_enabled()`` as False, so it takes the
+#: path through F.multi_head_attention_forward instead. Nothing global is flipped.
+_FUSED_ATTENTION = frozenset({"_native_multi_head_attention"})
 
 
 class NotRoutable(Exception):
@@ -64,17 +73,22 @@ def intercept_plan(fn: types.FunctionType) -> dict[str, str]:
     glb = fn.__globals__
     dispatch = _dispatch_fn()
     plan = {}
-    uses_sdpa_attr = "scaled_dot_product_attention" in names
+    uses_attr = bool(names & _FUNCTIONAL_ATTENTION)
     for name in names:
         if name not in glb:
             continue
         value = glb[name]
-        if value is _F and uses_sdpa_attr:
+        if value is _F and uses_attr:
             plan[name] = "F"
-        elif value is torch.nn and uses_sdpa_attr and "functional" in names:
+        elif value is torch.nn and uses_attr and "functional" in names:
             plan[name] = "nn"
+        elif value is torch and ((uses_attr and "nn" in names and "functional" in names)
+                                 or names & _FUSED_ATTENTION):
+            plan[name] = "torch"
         elif value is _SDPA:
             plan[name] = "sdpa"
+        elif value is _MHA:
+            plan[name] = "mha"
         elif dispatch is not None and value is dispatch:
             plan[name] = "dispatch"
     return plan
@@ -105,23 +119,17 @@ def clone_function(fn: types.FunctionType, overrides: dict[str, Any]) -> types.F
     return new
 
 
-def _functional_proxy(sdpa: Callable) -> types.ModuleType:
-    """A module that is ``torch.nn.functional`` except for ``scaled_dot_product_attention``."""
-    proxy = types.ModuleType(_F.__name__, _F.__doc__)
-    proxy.__dict__.update({k: v for k, v in vars(_F).items()
-                           if not (k.startswith("__") and k.endswith("__"))})
-    proxy.scaled_dot_product_attention = sdpa
-    # PEP 562: anything added to torch.nn.functional later still resolves
-    proxy.__getattr__ = lambda name: getattr(_F, name)
-    return proxy
+def module_proxy(module: types.ModuleType, **replaced: Any) -> types.ModuleType:
+    """A module object that is ``module`` except for the ``replaced`` attributes.
 
-
-def _nn_proxy(functional: types.ModuleType) -> types.ModuleType:
-    proxy = types.ModuleType(torch.nn.__name__, torch.nn.__doc__)
-    proxy.__dict__.update({k: v for k, v in vars(torch.nn).items()
+    Its namespace is a copy, so every other attribute lookup is a plain dict hit (no per-op
+    cost); anything added to ``module`` later still resolves (PEP 562 ``__getattr__``).
+    """
+    proxy = types.ModuleType(module.__name__, module.__doc__)
+    proxy.__dict__.update({k: v for k, v in vars(module).items()
                            if not (k.startswith("__") and k.endswith("__"))})
-    proxy.functional = functional
-    proxy.__getattr__ = lambda name: getattr(torch.nn, name)
+    proxy.__dict__.update(replaced)
+    proxy.__getattr__ = lambda name: getattr(module, name)
     return proxy
 
 
@@ -203,7 +211,7 @@ def _class_functions(cls: type):
     first definition in the MRO wins; torch.nn.Module's own methods are skipped."""
     seen = set()
     for klass in cls.__mro__:
-        if klass is object or klass.__module__.startswith("torch."):
+        if klass is object or klass is torch.nn.Module:
             continue
         for name, attr in vars(klass).items():
             if name in seen:
@@ -217,54 +225,105 @@ def _class_functions(cls: type):
                 yield name, None, attr
 
 
-def route_processor(processor: Any, record, base_class: Optional[type] = None) -> Any:
-    """A copy of ``processor`` whose class is a generated subclass of ``base_class`` (default:
-    its own class) with every method that calls attention cloned to call attnpatch.
+@functools.lru_cache(maxsize=None)
+def calls_attention(cls: type) -> bool:
+    """Whether a method of ``cls`` calls an attention entry point attnpatch can redirect."""
+    return any(intercept_plan(fn) for _, _, fn in _class_functions(cls))
 
-    The copy shares the original's ``__dict__`` entries (weights of processors that are
-    nn.Modules stay the same tensors, and state_dict keys do not change).
+
+def routed_class(cls: type, record) -> type:
+    """A generated subclass of ``cls`` whose methods that call attention (SDPA,
+    ``F.multi_head_attention_forward`` or ``dispatch_attention_fn``) are cloned to call
+    attnpatch for ``record``'s module; everything else is inherited unchanged.
+
     Raises :class:`NotRoutable` when no method of the class calls attention.
     """
-    cls = base_class or type(processor)
     overrides: dict[str, Any] = {}
     namespace: dict[str, Any] = {}
     for name, wrapper, fn in _class_functions(cls):
         plan = intercept_plan(fn)
         if not plan:
             continue
-        bindings = {}
-        for glob, kind in plan.items():
-            if kind not in overrides:
-                overrides[kind] = _make_override(kind, record, overrides)
-            bindings[glob] = overrides[kind]
+        bindings = {glob: _make_override(kind, record, overrides) for glob, kind in plan.items()}
         clone = clone_function(fn, bindings)
         namespace[name] = wrapper(clone) if wrapper is not None else clone
     if not namespace:
         raise NotRoutable(_why_not(cls))
     namespace.update(__module__=cls.__module__, __qualname__=cls.__qualname__,
                      __doc__=cls.__doc__, _attnpatch_routed=True, _attnpatch_base=cls)
-    sub = type(cls.__name__, (cls,), namespace)
+    record.extra["interception"] = sorted(overrides)
+    return type(cls.__name__, (cls,), namespace)
+
+
+def route_processor(processor: Any, record, base_class: Optional[type] = None) -> Any:
+    """A copy of ``processor`` whose class is :func:`routed_class` of ``base_class`` (default:
+    its own class).
+
+    The copy shares the original's ``__dict__`` entries (weights of processors that are
+    nn.Modules stay the same tensors, and state_dict keys do not change).
+    Raises :class:`NotRoutable` when no method of the class calls attention.
+    """
+    sub = routed_class(base_class or type(processor), record)
     new = object.__new__(sub)
     if hasattr(processor, "__dict__"):
         new.__dict__.update(processor.__dict__)
-    record.extra["interception"] = sorted(overrides)
     return new
 
 
 def _make_override(kind: str, record, made: dict) -> Any:
+    """The object bound to a global of ``kind`` (see :func:`intercept_plan`) for ``record``'s
+    module; ``made`` shares the ones already built, so one module has one of each."""
+    if kind in made:
+        return made[kind]
     if kind == "sdpa":
-        return make_sdpa(record)
-    if kind == "F":
-        sdpa = made.get("sdpa") or make_sdpa(record)
-        made.setdefault("sdpa", sdpa)
-        return _functional_proxy(sdpa)
-    if kind == "nn":
-        functional = made.get("F") or _make_override("F", record, made)
-        made.setdefault("F", functional)
-        return _nn_proxy(functional)
-    if kind == "dispatch":
-        return make_dispatch(record, _dispatch_fn())
-    raise AssertionError(kind)
+        value = make_sdpa(record)
+    elif kind == "mha":
+        value = make_multi_head_attention_forward(_make_override("sdpa", record, made))
+    elif kind == "F":
+        value = module_proxy(_F, scaled_dot_product_attention=_make_override("sdpa", record, made),
+                             multi_head_attention_forward=_make_override("mha", record, made))
+    elif kind == "nn":
+        value = module_proxy(torch.nn, functional=_make_override("F", record, made))
+    elif kind == "torch":
+        mha = module_proxy(torch.backends.mha, get_fastpath_enabled=_fastpath_disabled)
+        value = module_proxy(torch, nn=_make_override("nn", record, made),
+                             backends=module_proxy(torch.backends, mha=mha))
+    elif kind == "dispatch":
+        value = make_dispatch(record, _dispatch_fn())
+    else:
+        raise AssertionError(kind)
+    made[kind] = value
+    return value
+
+
+def _fastpath_disabled() -> bool:
+    return False
+
+
+def make_multi_head_attention_forward(sdpa: Callable) -> Callable:
+    """``F.multi_head_attention_forward`` whose attention runs through ``sdpa`` (attnpatch).
+
+    torch's own function, cloned with its ``scaled_dot_product_attention`` global rebound: the
+    projections, masks and dropout stay torch's. torch computes ``need_weights=True`` calls
+    with bmm and softmax instead of SDPA, so those run with ``need_weights=False`` (the output
+    from attnpatch) and the weights come from a second, unrouted call of torch's function.
+    """
+    routed = clone_function(_MHA, {"scaled_dot_product_attention": sdpa})
+    signature = inspect.signature(_MHA)
+
+    def multi_head_attention_forward(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        arguments = bound.arguments
+        need_weights = arguments["need_weights"]
+        arguments["need_weights"] = False
+        out, _ = routed(**arguments)
+        if not need_weights:
+            return out, None
+        arguments["need_weights"] = True
+        return out, _MHA(**arguments)[1]
+
+    return multi_head_attention_forward
 
 
 def _why_not(cls: type) -> str:
