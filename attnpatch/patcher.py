@@ -98,14 +98,18 @@ def _discover(target) -> _Found:
     tf_tops: dict[str, Any] = {}
     dif_tops: dict[str, Any] = {}
     tf_all: dict[int, list] = {}
+    processors: set[int] = set()  # nn.Module processors: routed with their attention module
     for name, module in _walk(target):
         found.module_types[type(module).__name__] += 1
+        if id(module) in processors:
+            continue
         if tf.is_pretrained_model(module) and _inside(name, list(tf_tops)) is None:
             tf_tops[name] = module
         if dif.is_model_mixin(module) and _inside(name, list(dif_tops)) is None:
             dif_tops[name] = module
         if dif.is_attention_module(module):
             found.attention.append((name, module, "diffusers"))
+            processors.add(id(module.processor))
         elif tf.is_attention_module(module):
             top = _inside(name, list(tf_tops))
             if top is None:

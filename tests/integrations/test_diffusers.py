@@ -273,6 +273,27 @@ def test_ip_adapter_legacy_processor_keeps_its_weights():
     assert isinstance(attn.processor, IPAdapterAttnProcessor) and list(attn.state_dict()) == keys
 
 
+def test_module_processor_is_routed_once_with_its_attention_module():
+    """An nn.Module processor that calls SDPA (IP-adapter) is a child module of its attention
+    module: it is routed as that module's processor, not as a module of its own."""
+    from diffusers.models.attention_processor import Attention, IPAdapterAttnProcessor2_0
+    torch.manual_seed(0)
+    attn = Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8).eval()
+    original = IPAdapterAttnProcessor2_0(hidden_size=16, cross_attention_dim=12,
+                                         num_tokens=(4,), scale=0.7)
+    attn.set_processor(original)
+    hs, ehs, ip = torch.randn(2, 10, 16), torch.randn(2, 5, 12), torch.randn(2, 4, 12)
+    with torch.no_grad():
+        ref = attn(hs, encoder_hidden_states=(ehs, [ip]))
+    with attnpatch.patch(attn, backend="math") as handle:
+        with torch.no_grad():
+            out = attn(hs, encoder_hidden_states=(ehs, [ip]))
+        report = handle.report()
+    assert [(r.name, r.kind, r.calls) for r in report] == [("", "diffusers", 2)]
+    assert rel_error(out, ref) <= 1e-5
+    assert attn.processor is original and type(original) is IPAdapterAttnProcessor2_0
+
+
 def test_processor_kwargs_filtering_sees_the_real_signature(built):
     import inspect
     model, kw, _ = built["flux"]
