@@ -335,7 +335,4 @@ def _why_not(cls: type) -> str:
                 "numerically equivalent SDPA processor here")
     if "xformers" in names or "memory_efficient_attention" in names:
         return f"{cls.__name__} calls xformers directly"
-    if "torch" in names and "scaled_dot_product_attention" in names:
-        return (f"{cls.__name__} calls torch.nn.functional.scaled_dot_product_attention through "
-                "the `torch` global, which attnpatch does not rebind")
     return f"{cls.__name__} has no F.scaled_dot_product_attention / dispatch_attention_fn call"

@@ -116,6 +116,26 @@ def test_multi_head_attention_forward_in_a_pool_is_routed():
     _check_routed(pool, lambda: pool(x), modules=1)
 
 
+class _SpelledOut(torch.nn.Module):
+    """Attention through the ``torch`` global: torch.nn.functional.scaled_dot_product_attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def test_sdpa_spelled_through_the_torch_global_is_routed():
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    model = _seeded(_SpelledOut())
+    x = _randn(2, 5, 16)
+    _check_routed(model, lambda: model(x), modules=1)
+    assert torch.nn.functional.scaled_dot_product_attention is sdpa  # torch itself untouched
+
+
 class _WithMHA(torch.nn.Module):
     def __init__(self, batch_first: bool, kdim=None, bias_kv=False, add_zero_attn=False):
         super().__init__()
