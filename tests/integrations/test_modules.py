@@ -165,7 +165,7 @@ def test_multihead_attention_module_is_routed(batch_first, need_weights, variant
         padding = torch.zeros(2, 7, dtype=torch.bool)
         padding[1, 5:] = True
         kw.update(key_padding_mask=padding,
-                  attn_mask=torch.nn.Transformer.generate_square_subsequent_mask(7))
+                  attn_mask=torch.ones(7, 7, dtype=torch.bool).triu(1))  # True = masked
     with torch.no_grad():
         ref_out, ref_weights = model(q, kv, kv, **kw)
     with counting_backend() as counting, attnpatch.patch(model, backend="counting") as handle:
