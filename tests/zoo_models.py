@@ -11,7 +11,11 @@ tests (tests/models/**/test_models_*.py) where they exist. Nothing here imports 
 
 from __future__ import annotations
 
+import functools
+import importlib
+import inspect
 import logging
+import pkgutil
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -64,12 +68,25 @@ def _model(name: str, library: str = "diffusers", no_softmax: Optional[str] = No
     return register
 
 
+@functools.lru_cache(maxsize=None)
+def installed_model_classes() -> dict[str, type]:
+    """Every ModelMixin subclass defined in the installed ``diffusers.models`` packages."""
+    import diffusers.models as dm
+    from diffusers.models.modeling_utils import ModelMixin
+    found = {}
+    for info in pkgutil.walk_packages(dm.__path__, dm.__name__ + "."):
+        module = importlib.import_module(info.name)
+        for attr, obj in vars(module).items():
+            if (inspect.isclass(obj) and issubclass(obj, ModelMixin)
+                    and obj.__module__ == module.__name__):
+                found[attr] = obj
+    return found
+
+
 def _lookup(name: str, library: str):
-    import importlib
     lib = importlib.import_module(library)
     cls = getattr(lib, name, None)
     if cls is None and library == "diffusers":
-        from tests.integrations.test_zoo import installed_model_classes
         cls = installed_model_classes().get(name)
     if cls is None:
         pytest.skip(f"{name} not in {library} {lib.__version__}")
@@ -88,7 +105,7 @@ def randomize_zero_parameters(model: torch.nn.Module, seed: int = 1234) -> int:
     return n
 
 
-def build(name: str, no_attention: bool = False) -> Case:
+def build(name: str) -> Case:
     library, factory = FACTORIES[name]
     cls = _lookup(name, library)
     torch.manual_seed(0)
@@ -116,15 +133,12 @@ def t(*values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32)
 
 
-def _ctor(cls, **config):
-    return cls(**config)
-
-
 # === autoencoders ==============================================================================
 
 def _vae2d(cls, **extra):
     cfg = dict(in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
-               down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+               down_block_types=("DownEncoderBlock2D",) * 2,
+               up_block_types=("UpDecoderBlock2D",) * 2,
                latent_channels=4, norm_num_groups=4)
     cfg.update(extra)
     return Case(cls(**cfg), dict(sample=rnd(1, 3, 16, 16)))
@@ -198,7 +212,8 @@ def _kl_cogvideox(cls):
 
 @_model("AutoencoderKLCosmos")
 def _kl_cosmos(cls):
-    m = cls(in_channels=3, out_channels=3, latent_channels=4, encoder_block_out_channels=(8, 8, 8, 8),
+    m = cls(in_channels=3, out_channels=3, latent_channels=4,
+            encoder_block_out_channels=(8, 8, 8, 8),
             decode_block_out_channels=(8, 8, 8, 8), attention_resolutions=(8,), resolution=64,
             num_layers=2, patch_size=4, patch_type="haar", scaling_factor=1.0,
             spatial_compression_ratio=4, temporal_compression_ratio=4)
@@ -327,7 +342,8 @@ def _kl_minimax_h3_audio(cls):
 @_model("AutoencoderKLMochi")
 def _kl_mochi(cls):
     m = cls(in_channels=15, out_channels=3, latent_channels=4,
-            encoder_block_out_channels=(32, 32, 32, 32), decoder_block_out_channels=(32, 32, 32, 32),
+            encoder_block_out_channels=(32, 32, 32, 32),
+            decoder_block_out_channels=(32, 32, 32, 32),
             layers_per_block=(1, 1, 1, 1, 1), act_fn="silu", scaling_factor=1)
     return Case(m, dict(sample=rnd(1, 3, 7, 16, 16)))
 
@@ -484,7 +500,8 @@ def _rfd4_autoencoder(cls):
 # === UNets =====================================================================================
 
 def _unet_kw(b=1, c=4, hw=8, ctx=8, text=4):
-    return dict(sample=rnd(b, c, hw, hw), timestep=t(10.0), encoder_hidden_states=rnd(b, text, ctx, seed=2))
+    return dict(sample=rnd(b, c, hw, hw), timestep=t(10.0),
+                encoder_hidden_states=rnd(b, text, ctx, seed=2))
 
 
 @_model("UNet2DConditionModel")
@@ -655,7 +672,8 @@ def _sparse_controlnet(cls):
             cross_attention_dim=8, attention_head_dim=2, conditioning_embedding_out_channels=(4, 8),
             norm_num_groups=4, use_simplified_condition_embedding=False,
             motion_num_attention_heads=2, motion_max_seq_length=4)
-    kw = dict(sample=rnd(1, 4, 2, 8, 8), timestep=t(10.0), encoder_hidden_states=rnd(2, 4, 8, seed=2),
+    kw = dict(sample=rnd(1, 4, 2, 8, 8), timestep=t(10.0),
+              encoder_hidden_states=rnd(2, 4, 8, seed=2),
               controlnet_cond=rnd(1, 3, 2, 16, 16, seed=6),
               conditioning_mask=torch.ones(1, 1, 2, 16, 16))
     return Case(m, kw)
@@ -749,7 +767,8 @@ def _flux_kw(text=6, dim=16, in_ch=4, pooled=16):
 
 def _flux2_ids(text=6, h=4, w=4):
     img = torch.cartesian_prod(torch.arange(1), torch.arange(h), torch.arange(w), torch.arange(1))
-    txt = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1), torch.arange(text))
+    txt = torch.cartesian_prod(torch.arange(1), torch.arange(1), torch.arange(1),
+                               torch.arange(text))
     return img[None], txt[None]
 
 
@@ -766,7 +785,8 @@ def _hunyuan_dit_rope(grid=4, head_dim=8):
 def _hunyuan_dit_kw():
     return dict(hidden_states=rnd(1, 4, 8, 8), timestep=t(10.0),
                 encoder_hidden_states=rnd(1, 4, 8, seed=2), text_embedding_mask=torch.ones(1, 4),
-                encoder_hidden_states_t5=rnd(1, 4, 8, seed=3), text_embedding_mask_t5=torch.ones(1, 4),
+                encoder_hidden_states_t5=rnd(1, 4, 8, seed=3),
+                text_embedding_mask_t5=torch.ones(1, 4),
                 image_meta_size=torch.tensor([[1024.0, 1024, 16, 16, 0, 0]]),
                 style=torch.zeros(1, dtype=torch.long),
                 image_rotary_emb=_hunyuan_dit_rope())
@@ -942,8 +962,9 @@ def _latte(cls):
             attention_bias=True, activation_fn="gelu-approximate", num_embeds_ada_norm=1000,
             norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
             video_length=2)
-    return Case(m, dict(hidden_states=rnd(1, 4, 2, 8, 8), encoder_hidden_states=rnd(1, 6, 8, seed=2),
-                        timestep=t(10.0), enable_temporal_attentions=True))
+    kw = dict(hidden_states=rnd(1, 4, 2, 8, 8), encoder_hidden_states=rnd(1, 6, 8, seed=2),
+              timestep=t(10.0), enable_temporal_attentions=True)
+    return Case(m, kw)
 
 
 @_model("AllegroTransformer3DModel")
@@ -951,8 +972,9 @@ def _allegro(cls):
     m = cls(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
             num_layers=1, cross_attention_dim=16, sample_width=8, sample_height=8,
             sample_frames=8, caption_channels=8)
-    return Case(m, dict(hidden_states=rnd(1, 4, 2, 8, 8), encoder_hidden_states=rnd(1, 6, 8, seed=2),
-                        timestep=t(10.0)))
+    kw = dict(hidden_states=rnd(1, 4, 2, 8, 8), encoder_hidden_states=rnd(1, 6, 8, seed=2),
+              timestep=t(10.0))
+    return Case(m, kw)
 
 
 @_model("CogVideoXTransformer3DModel")
@@ -1005,7 +1027,8 @@ def _glm_image(cls):
             num_attention_heads=2, text_embed_dim=16, time_embed_dim=16, condition_dim=8,
             prior_vq_quantizer_codebook_size=64)
     return Case(m, dict(hidden_states=rnd(1, 4, 8, 8), encoder_hidden_states=rnd(1, 6, 16, seed=2),
-                        prior_token_id=torch.tensor([3]), prior_token_drop=torch.zeros(1, dtype=torch.bool),
+                        prior_token_id=torch.tensor([3]),
+                        prior_token_drop=torch.zeros(1, dtype=torch.bool),
                         timestep=t(10.0), target_size=torch.tensor([[8.0, 8.0]]),
                         crop_coords=torch.zeros(1, 2)))
 
@@ -1128,8 +1151,9 @@ def _wan_cfg(**extra):
 @_model("WanTransformer3DModel")
 def _wan(cls):
     # Wan 2.1 I2V-like: image embeddings through the added-KV cross-attention
+    # the image tokens are split off as everything before the last 512 (text) tokens
     m = cls(**_wan_cfg(image_dim=16, added_kv_proj_dim=24))
-    kw = _video_kw()
+    kw = _video_kw(text=512)
     kw["encoder_hidden_states_image"] = rnd(1, 4, 16, seed=3)
     return Case(m, kw)
 
@@ -1155,19 +1179,15 @@ def _wan_vace(cls):
 
 @_model("HeliosTransformer3DModel")
 def _helios(cls):
-    m = cls(**_wan_cfg(rope_dim=(4, 4, 4), has_multi_term_memory_patch=True,
-                       guidance_cross_attn=True, zero_history_timestep=True,
-                       is_amplify_history=False, rope_max_seq_len=None)
-            if False else dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12,
-                               in_channels=4, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
-                               num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-                               rope_dim=(4, 4, 4), has_multi_term_memory_patch=True,
-                               guidance_cross_attn=True, zero_history_timestep=True,
-                               is_amplify_history=False))
+    cfg = _wan_cfg(rope_dim=(4, 4, 4), has_multi_term_memory_patch=True, guidance_cross_attn=True,
+                   zero_history_timestep=True, is_amplify_history=False)
+    del cfg["rope_max_seq_len"]
+    m = cls(**cfg)
     f, hw = 2, 8
     kw = dict(hidden_states=rnd(1, 4, f, hw, hw), timestep=t(10.0),
               encoder_hidden_states=rnd(1, 6, 16, seed=2),
-              indices_hidden_states=torch.ones(1, f), indices_latents_history_short=torch.ones(1, f - 1),
+              indices_hidden_states=torch.ones(1, f),
+              indices_latents_history_short=torch.ones(1, f - 1),
               indices_latents_history_mid=torch.ones(1, f - 1),
               indices_latents_history_long=torch.ones(1, (f - 1) * 4),
               latents_history_short=rnd(1, 4, f - 1, hw, hw, seed=3),
@@ -1285,12 +1305,16 @@ def _cosmos(cls):
 
 @_model("CosmosControlNetModel")
 def _cosmos_controlnet(cls):
+    # diffusers resizes the padding mask with torchvision here, unconditionally (not a dependency
+    # of attnpatch or of diffusers' core): without it the model cannot run at all
+    pytest.importorskip("torchvision", reason="CosmosControlNetModel.forward needs torchvision")
     m = cls(n_controlnet_blocks=1, in_channels=4 + 1 + 1, latent_channels=4 + 1 + 1,
             model_channels=32, num_attention_heads=2, attention_head_dim=16, mlp_ratio=2,
             text_embed_dim=16, adaln_lora_dim=4, patch_size=(1, 2, 2), max_size=(4, 16, 16),
             rope_scale=(2.0, 1.0, 1.0), extra_pos_embed_type=None, img_context_dim_in=16,
             img_context_dim_out=32, use_crossattn_projection=False)
-    kw = dict(controls_latents=rnd(1, 4, 1, 8, 8), latents=rnd(1, 4, 1, 8, 8, seed=2), timestep=t(0.5),
+    kw = dict(controls_latents=rnd(1, 4, 1, 8, 8), latents=rnd(1, 4, 1, 8, 8, seed=2),
+              timestep=t(0.5),
               encoder_hidden_states=(rnd(1, 6, 16, seed=3), rnd(1, 2, 16, seed=4)),
               condition_mask=torch.ones(1, 1, 1, 8, 8), conditioning_scale=1.0)
     return Case(m, kw)  # no padding_mask: its resize needs torchvision
@@ -1355,16 +1379,18 @@ def _ideogram4(cls):
 def _joyimage(cls):
     m = cls(patch_size=[1, 2, 2], in_channels=16, hidden_size=32, num_attention_heads=2,
             text_dim=16, num_layers=1, rope_dim_list=[4, 6, 6], theta=256)
-    return Case(m, dict(hidden_states=rnd(1, 16, 1, 4, 4), encoder_hidden_states=rnd(1, 6, 16, seed=2),
-                        timestep=t(1.0)))
+    kw = dict(hidden_states=rnd(1, 16, 1, 4, 4), encoder_hidden_states=rnd(1, 6, 16, seed=2),
+              timestep=t(1.0))
+    return Case(m, kw)
 
 
 @_model("JoyImageEditPlusTransformer3DModel")
 def _joyimage_plus(cls):
     m = cls(patch_size=[1, 2, 2], in_channels=16, hidden_size=32, num_attention_heads=2,
             text_dim=16, num_layers=1, rope_dim_list=[4, 6, 6], theta=256)
-    return Case(m, dict(hidden_states=rnd(1, 2, 16, 1, 2, 2), encoder_hidden_states=rnd(1, 6, 16, seed=2),
-                        timestep=t(1.0), shape_list=[[(1, 1, 1), (1, 1, 1)]]))
+    kw = dict(hidden_states=rnd(1, 2, 16, 1, 2, 2), encoder_hidden_states=rnd(1, 6, 16, seed=2),
+              timestep=t(1.0), shape_list=[[(1, 1, 1), (1, 1, 1)]])
+    return Case(m, kw)
 
 
 @_model("Krea2Transformer2DModel")
@@ -1380,8 +1406,9 @@ def _krea2(cls):
     pos[text:, 2] = torch.arange(h).repeat(h)
     mask = torch.ones(1, text, dtype=torch.bool)
     mask[:, -1] = False
-    return Case(m, dict(hidden_states=rnd(1, h * h, 16), encoder_hidden_states=rnd(1, text, 3, 16, seed=2),
-                        timestep=t(0.5), position_ids=pos, encoder_attention_mask=mask))
+    kw = dict(hidden_states=rnd(1, h * h, 16), encoder_hidden_states=rnd(1, text, 3, 16, seed=2),
+              timestep=t(0.5), position_ids=pos, encoder_attention_mask=mask)
+    return Case(m, kw)
 
 
 @_model("LongCatAudioDiTTransformer")
@@ -1390,7 +1417,8 @@ def _longcat_audio_dit(cls):
     emask = torch.ones(1, 6, dtype=torch.bool)
     emask[:, 4:] = False
     return Case(m, dict(hidden_states=rnd(1, 8, 8), encoder_hidden_states=rnd(1, 6, 16, seed=2),
-                        encoder_attention_mask=emask, attention_mask=torch.ones(1, 8, dtype=torch.bool),
+                        encoder_attention_mask=emask,
+                        attention_mask=torch.ones(1, 8, dtype=torch.bool),
                         timestep=t(1.0)))
 
 
@@ -1401,9 +1429,9 @@ def _ltx(cls):
             caption_channels=16)
     mask = torch.ones(1, 6)
     mask[:, 4:] = 0
-    return Case(m, dict(hidden_states=rnd(1, 2 * 4 * 4, 4), encoder_hidden_states=rnd(1, 6, 16, seed=2),
-                        timestep=t(10.0), encoder_attention_mask=mask, num_frames=2, height=4,
-                        width=4))
+    kw = dict(hidden_states=rnd(1, 2 * 4 * 4, 4), encoder_hidden_states=rnd(1, 6, 16, seed=2),
+              timestep=t(10.0), encoder_attention_mask=mask, num_frames=2, height=4, width=4)
+    return Case(m, kw)
 
 
 @_model("LTX2VideoTransformer3DModel")
@@ -1415,11 +1443,12 @@ def _ltx2(cls):
             caption_channels=16, rope_double_precision=False)
     mask = torch.ones(1, 6)
     mask[:, 4:] = 0
-    return Case(m, dict(hidden_states=rnd(1, 2 * 4 * 4, 4), audio_hidden_states=rnd(1, 5, 4, seed=2),
-                        encoder_hidden_states=rnd(1, 6, 16, seed=3),
-                        audio_encoder_hidden_states=rnd(1, 6, 16, seed=4), timestep=t(100.0),
-                        encoder_attention_mask=mask, num_frames=2, height=4, width=4,
-                        audio_num_frames=5, fps=25.0))
+    kw = dict(hidden_states=rnd(1, 2 * 4 * 4, 4), audio_hidden_states=rnd(1, 5, 4, seed=2),
+              encoder_hidden_states=rnd(1, 6, 16, seed=3),
+              audio_encoder_hidden_states=rnd(1, 6, 16, seed=4), timestep=t(100.0),
+              encoder_attention_mask=mask, num_frames=2, height=4, width=4, audio_num_frames=5,
+              fps=25.0)
+    return Case(m, kw)
 
 
 @_model("MiniMaxH3Transformer3DModel")
@@ -1463,8 +1492,9 @@ def _motif_video(cls):
             patch_size_t=1, qk_norm="rms_norm", norm_type="layer_norm", text_embed_dim=16,
             image_embed_dim=4, rope_theta=256.0, rope_axes_dim=(4, 4, 4),
             enable_text_cross_attention_dual=False, enable_text_cross_attention_single=False)
-    return Case(m, dict(hidden_states=rnd(1, 9, 1, 4, 4), encoder_hidden_states=rnd(1, 6, 16, seed=2),
-                        timestep=t(10.0)))
+    kw = dict(hidden_states=rnd(1, 9, 1, 4, 4), encoder_hidden_states=rnd(1, 6, 16, seed=2),
+              timestep=t(10.0))
+    return Case(m, kw)
 
 
 @_model("PRXTransformer2DModel")
@@ -1542,3 +1572,293 @@ def _z_image_controlnet(cls):
     m = cls.from_transformer(m, transformer)
     return Case(m, dict(x=[rnd(16, 1, 8, 8)], t=t(0.5), cap_feats=[rnd(6, 16, seed=2)],
                         control_context=[rnd(16, 1, 8, 8, seed=3)]))
+
+
+@_model("Flux3Transformer2DModel")
+def _flux3(cls):
+    m = cls(in_channels=4, cond_in_channels=4, num_layers=1, num_single_layers=1,
+            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
+            timestep_channels=32, mlp_ratio=2.0, axes_dims_rope=(4, 4, 4, 4))
+    img_ids, txt_ids = _flux2_ids()
+    cond_ids = img_ids[0].clone()
+    cond_ids[:, 0] = 1
+    return Case(m, dict(hidden_states=rnd(1, 16, 4), encoder_hidden_states=rnd(1, 6, 16, seed=2),
+                        timestep=t(0.5), img_ids=img_ids[0], txt_ids=txt_ids[0],
+                        image_cond_hidden_states=rnd(1, 16, 4, seed=3), image_cond_ids=cond_ids))
+
+
+@_model("BriaFibo2Transformer2DModel")
+def _bria_fibo2(cls):
+    m = cls(in_channels=4, patch_size=2, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2,
+            cap_feat_dim=16, injection_layer_ids=(1,), perceiver_num_layers=1,
+            min_num_gist_tokens=2, max_num_gist_tokens=4, gist_step=2, gist_min_text_len=2,
+            gist_max_text_len=8, axes_dims=(4, 6, 6), axes_lens=(64, 16, 16))
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    mask[:, 4:] = False
+    return Case(m, dict(hidden_states=rnd(1, 4, 8, 8), timestep=t(0.5),
+                        encoder_hidden_states=rnd(1, 2, 6, 16, seed=2),
+                        encoder_attention_mask=mask))
+
+
+@_model("QwenImage21Transformer2DModel")
+def _qwenimage21(cls):
+    m = cls(patch_size=1, in_channels=8, out_channels=8, num_layers=1, attention_head_dim=16,
+            num_attention_heads=2, context_in_dim=16, mlp_ratio=2, axes_dims_rope=(4, 6, 6))
+    # 4 text tokens, then the target image's slot: one slot stands for 2x2 latent tokens
+    img_mask = torch.tensor([[False, False, False, False, True]])
+    text_mask = torch.ones(1, 4, dtype=torch.bool)
+    text_mask[:, 3:] = False
+    return Case(m, dict(hidden_states=rnd(1, 4, 8), encoder_hidden_states=rnd(1, 4, 16, seed=2),
+                        timestep=t(0.5), img_shapes=[[(1, 2, 2)]], img_mask=img_mask,
+                        encoder_hidden_states_mask=text_mask))
+
+
+@_model("Kandinsky5Transformer3DModel")
+def _kandinsky5(cls):
+    m = cls(in_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16, out_visual_dim=4,
+            patch_size=(1, 2, 2), model_dim=16, ff_dim=32, num_text_blocks=1, num_visual_blocks=1,
+            axes_dims=(2, 2, 4), visual_cond=False, attention_type="regular")
+    f, hw = 2, 8
+    kw = dict(hidden_states=rnd(1, f, hw, hw, 4), encoder_hidden_states=rnd(1, 6, 16, seed=2),
+              timestep=t(10.0), pooled_projections=rnd(1, 8, seed=3),
+              visual_rope_pos=[torch.arange(f), torch.arange(hw // 2), torch.arange(hw // 2)],
+              text_rope_pos=torch.arange(6), scale_factor=(1.0, 1.0, 1.0))
+    return Case(m, kw)
+
+
+@_model("Kandinsky6Transformer3DModel")
+def _kandinsky6(cls):
+    m = cls(in_visual_dim=4, out_visual_dim=4, in_text_dim=16, in_text_dim2=8, time_dim=16,
+            patch_size=(1, 2, 2), model_dim=16, ff_dim=32, num_text_blocks=1, num_visual_blocks=1,
+            axes_dims=(2, 2, 4), visual_cond=True, in_audio_dim=4, out_audio_dim=4)
+    mask = torch.ones(1, 6, dtype=torch.bool)
+    mask[:, 4:] = False
+    kw = dict(hidden_states=rnd(1, 2, 8, 8, 9), encoder_hidden_states=rnd(1, 6, 16, seed=2),
+              pooled_projections=rnd(1, 8, seed=3), timestep=t(10.0),
+              audio_hidden_states=rnd(1, 4, 4, seed=4), encoder_attention_mask=mask)
+    return Case(m, kw)
+
+
+@_model("Kandinsky6SRTransformer3DModel")
+def _kandinsky6_sr(cls):
+    # NABLA block-sparse attention on the flex backend: the token grid must be a multiple of 8
+    m = cls(in_visual_dim=4, out_visual_dim=4, time_dim=16, patch_size=(1, 1, 1), model_dim=16,
+            ff_dim=32, num_visual_blocks=1, axes_dims=(2, 2, 4), nabla_window=(3, 3, 3))
+    return Case(m, dict(hidden_states=rnd(1, 1, 8, 8, 9), timestep=t(10.0)))
+
+
+@_model("Kandinsky6SRLatentUpscalerBank", no_softmax="convolutional latent upscalers, no attention")
+def _kandinsky6_sr_upscaler(cls):
+    m = cls(in_channels=4, stage_channels=(16, 8, 8), num_pre_blocks=1, num_mid_blocks=1,
+            num_post_blocks=1, num_x2_adapter_blocks=1, scales=(2,))
+    return Case(m, dict(latents=rnd(1, 4, 1, 4, 4), scale=2))
+
+
+@_model("SanaWMTransformer3DModel")
+def _sana_wm(cls):
+    m = cls(in_channels=4, num_layers=2, hidden_size=32, num_attention_heads=2,
+            softmax_every_n=2, linear_head_dim=16, caption_channels=16, image_size=64,
+            chunk_plucker_post_attn_blocks=0, use_chunk_plucker_post_attn=False,
+            mixed_precision="fp32")
+    f, hw = 2, 4
+    return Case(m, dict(hidden_states=rnd(1, 4, f, hw, hw), timestep=torch.full((1, 1, f), 10.0),
+                        encoder_hidden_states=rnd(1, 1, 6, 16, seed=2),
+                        encoder_attention_mask=torch.ones(1, 6)))
+
+
+@_model("SanaWMLTX2RefinerTransformer3DModel")
+def _sana_wm_refiner(cls):
+    m = cls(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+            cross_attention_dim=16, audio_in_channels=4, audio_num_attention_heads=2,
+            audio_attention_head_dim=4, audio_cross_attention_dim=8, num_layers=1,
+            caption_channels=16, rope_double_precision=False)
+    f, hw = 2, 4
+    rope = m.build_rotary_emb_for_absolute_positions(1, list(range(f)), hw, hw, torch.device("cpu"),
+                                                      fps=24.0)
+    kw = dict(hidden_states=rnd(1, f * hw * hw, 4), encoder_hidden_states=rnd(1, 6, 16, seed=2),
+              timestep=torch.full((1, f * hw * hw), 100.0), video_rotary_emb=rope,
+              encoder_attention_mask=torch.ones(1, 6))
+    return Case(m, kw)
+
+
+@_model("RFD4ProteinaTransformer")
+def _rfd4_transformer(cls):
+    m = cls(nlayers=1, token_dim=16, nheads=2, dim_cond=8, pair_repr_dim=8, latent_dim=4,
+            token_type_emb_dim=4, cath_emb_dim=4, t_emb_dim=8, seq_sep_dim=4, xt_pair_dist_dim=4,
+            update_pair_repr_every_n=1, tri_mult_c=8, num_sequence_classes=4, num_token_types=2,
+            feats_seq=("xt_bb_ca", "xt_local_latents", "token_type"),
+            feats_cond_seq=("time_emb_bb_ca", "time_emb_local_latents"),
+            feats_pair_repr=("xt_bb_ca_pair_dists",), feats_pair_cond=("time_emb_bb_ca",))
+    n = 6
+    kw = dict(bb_ca=rnd(1, n, 3), local_latents=rnd(1, n, 4, seed=2), bb_ca_time=t(0.5),
+              local_latents_time=t(0.5), padding_mask=torch.ones(1, n, dtype=torch.bool),
+              token_type=torch.zeros(1, n, dtype=torch.long),
+              conditioning=dict(is_in_context_conditioning=torch.zeros(1, n, dtype=torch.bool),
+                                supports_local_latent=torch.ones(1, n, dtype=torch.bool)))
+    return Case(m, kw)
+
+
+@_model("DreamLiteTransformer2DModel")
+def _dreamlite_transformer(cls):
+    m = cls(num_attention_heads=2, attention_head_dim=8, in_channels=16, num_layers=1,
+            norm_num_groups=4, cross_attention_dim=8, qk_norm="rms_norm")
+    return Case(m, dict(hidden_states=rnd(1, 16, 4, 4), encoder_hidden_states=rnd(1, 4, 8, seed=2)))
+
+
+@_model("T5FilmDecoder")
+def _t5_film(cls):
+    m = cls(input_dims=8, targets_length=8, d_model=16, num_layers=1, num_heads=2, d_kv=8,
+            d_ff=32, dropout_rate=0.0)
+    enc_mask = torch.ones(1, 6, dtype=torch.bool)
+    enc_mask[:, 4:] = False
+    return Case(m, dict(encodings_and_masks=[(rnd(1, 6, 16, seed=2), enc_mask)],
+                        decoder_input_tokens=rnd(1, 8, 8), decoder_noise_time=t(0.5)))
+
+
+@_model("AnimaTextConditioner")
+def _anima(cls):
+    m = cls(source_dim=16, target_dim=16, model_dim=16, num_layers=1, num_attention_heads=2,
+            mlp_ratio=2.0, target_vocab_size=64, use_self_attention=True, min_sequence_length=8)
+    mask = torch.ones(1, 6, dtype=torch.long)
+    mask[:, 4:] = 0
+    return Case(m, dict(source_hidden_states=rnd(1, 6, 16), target_input_ids=ids(1, 6),
+                        target_attention_mask=mask,
+                        source_attention_mask=torch.ones(1, 6, dtype=torch.long)))
+
+
+@_model("MiniMaxMusic3ConditionEncoder",
+        no_softmax="mixes layers with a softmax over learned weights; no attention")
+def _minimax_music3_condition(cls):
+    m = cls(condition_hidden_dim=8, num_condition_layers=2, out_dim=8)
+    return Case(m, dict(hidden_states=rnd(1, 4, 16)))
+
+
+@_model("MiniMaxMusic3RVQDepthDecoder")
+def _minimax_music3_rvq(cls):
+    m = cls(hidden_size=16, num_layers=1, num_attention_heads=2, intermediate_size=32,
+            audio_vocab_size=16, num_codebooks=2, max_position_embeddings=4)
+    return Case(m, dict(inputs_embeds=rnd(1, 3, 16)))
+
+
+# === transformers: the text / image encoders diffusers pipelines load ==========================
+
+def _text(ids_shape=(2, 7), vocab=64):
+    """Right-padded batch: row 1 has two padding tokens (their output rows are not compared)."""
+    input_ids = ids(*ids_shape, high=vocab)
+    mask = torch.ones(*ids_shape, dtype=torch.long)
+    mask[1, -2:] = 0
+    return dict(input_ids=input_ids, attention_mask=mask), mask.bool()
+
+
+def _tf(name: str):
+    return _model(name, library="transformers")
+
+
+def _decoder_cfg(**extra):
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    cfg.update(extra)
+    return cfg
+
+
+@_tf("CLIPTextModel")
+def _clip_text(cls):
+    from transformers import CLIPTextConfig
+    m = cls(CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                           num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
+                           eos_token_id=2, pad_token_id=1))
+    kw, valid = _text()
+    return Case(m, kw, valid=valid)
+
+
+@_tf("CLIPVisionModelWithProjection")
+def _clip_vision(cls):
+    from transformers import CLIPVisionConfig
+    m = cls(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, image_size=8, patch_size=4, num_channels=3,
+                             projection_dim=8))
+    return Case(m, dict(pixel_values=rnd(1, 3, 8, 8)))
+
+
+@_tf("SiglipVisionModel")
+def _siglip_vision(cls):
+    # vision_use_head: the pooling head attends with torch.nn.MultiheadAttention
+    from transformers import SiglipVisionConfig
+    m = cls(SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, image_size=8, patch_size=4, num_channels=3,
+                               vision_use_head=True))
+    return Case(m, dict(pixel_values=rnd(1, 3, 8, 8)))
+
+
+@_tf("T5EncoderModel")
+def _t5_encoder(cls):
+    from transformers import T5Config
+    m = cls(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                     relative_attention_num_buckets=8, dropout_rate=0.0))
+    kw, valid = _text()
+    return Case(m, kw, valid=valid)
+
+
+@_tf("UMT5EncoderModel")
+def _umt5_encoder(cls):
+    from transformers import UMT5Config
+    m = cls(UMT5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2,
+                       relative_attention_num_buckets=8, dropout_rate=0.0))
+    kw, valid = _text()
+    return Case(m, kw, valid=valid)
+
+
+@_tf("BertModel")
+def _bert(cls):
+    from transformers import BertConfig
+    m = cls(BertConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                       num_attention_heads=2, max_position_embeddings=16))
+    kw, valid = _text()
+    return Case(m, kw, valid=valid)
+
+
+@_tf("LlamaModel")
+def _llama(cls):
+    from transformers import LlamaConfig
+    kw, valid = _text()
+    return Case(cls(LlamaConfig(**_decoder_cfg())), kw, valid=valid)
+
+
+@_tf("MistralModel")
+def _mistral(cls):
+    from transformers import MistralConfig
+    kw, valid = _text()
+    return Case(cls(MistralConfig(**_decoder_cfg(sliding_window=4))), kw, valid=valid)
+
+
+@_tf("Qwen2Model")
+def _qwen2(cls):
+    from transformers import Qwen2Config
+    kw, valid = _text()
+    return Case(cls(Qwen2Config(**_decoder_cfg())), kw, valid=valid)
+
+
+@_tf("Qwen3Model")
+def _qwen3(cls):
+    from transformers import Qwen3Config
+    kw, valid = _text()
+    return Case(cls(Qwen3Config(**_decoder_cfg(head_dim=8))), kw, valid=valid)
+
+
+@_tf("Gemma2Model")
+def _gemma2(cls):
+    # attention logits soft-capped (attn_logit_softcapping), sliding-window layers interleaved
+    from transformers import Gemma2Config
+    m = cls(Gemma2Config(**_decoder_cfg(head_dim=8, sliding_window=4)))
+    kw, valid = _text()
+    return Case(m, kw, valid=valid)
+
+
+@_tf("Qwen2_5_VLTextModel")
+def _qwen2_5_vl_text(cls):
+    from transformers import Qwen2_5_VLTextConfig
+    cfg = Qwen2_5_VLTextConfig(**_decoder_cfg(rope_scaling={"type": "mrope",
+                                                            "mrope_section": [1, 1, 2]},
+                                              bos_token_id=0, eos_token_id=2))
+    kw, valid = _text()
+    return Case(cls(cfg), kw, valid=valid)

@@ -11,9 +11,6 @@ the end of the session (``tests/integrations/conftest.py``).
 
 from __future__ import annotations
 
-import importlib
-import inspect
-import pkgutil
 from collections import Counter
 from typing import Optional
 
@@ -25,13 +22,14 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 import attnpatch
 from tests.tiny_models import rel_error
-from tests.zoo_models import FACTORIES, NO_SOFTMAX_ATTENTION, NOT_STANDALONE, Case, build
+from tests.zoo_models import (FACTORIES, NO_SOFTMAX_ATTENTION, NOT_STANDALONE, Case, build,
+                              installed_model_classes)
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
 TOL = 1e-5
-ZOO = sorted(n for n in FACTORIES if n not in NO_SOFTMAX_ATTENTION)
+ZOO = sorted(n for n in FACTORIES if n not in NO_SOFTMAX_ATTENTION)  # softmax attention
 
 
 # --- an attention counter that knows nothing of attnpatch -------------------------------------
@@ -203,14 +201,29 @@ def _short(text: Optional[str], n: int = 90) -> str:
 
 # --- the zoo ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", sorted(ZOO))
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread is faster, and far faster on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _row(zoo_table: list, name: str) -> dict:
+    row = {"model": name, "routed": "-", "counted": "-", "not_routed": "-", "max_rel_err": "-",
+           "status": "FAIL", "reasons": ""}
+    zoo_table.append(row)
+    return row
+
+
+@pytest.mark.parametrize("name", ZOO)
 def test_zoo_model(name, zoo_table):
     case = build(name)  # skips when the installed library lacks the class
     model = case.model
-    row = {"model": name, "routed": "-", "counted": "-", "not_routed": "-", "max_rel_err": "-",
-           "status": "FAIL"}
-    zoo_table.append(row)
+    row = _row(zoo_table, name)
 
+    # the unpatched model runs, and the counter sees its attention
     ref = _forward(case)
     assert ref, f"{name}: the forward returned no floating tensor"
     assert all(torch.isfinite(t).all() for t in ref), f"{name}: unpatched output not finite"
@@ -219,69 +232,119 @@ def test_zoo_model(name, zoo_table):
     counts = counter.counts
     row["counted"] = sum(counts.values())
     assert counts, f"{name}: the counter saw no attention call in the unpatched forward"
-    assert _max_rel_error(case, counted_out, ref) <= TOL  # the counter itself changes nothing
+    assert _max_rel_error(case, counted_out, ref) <= TOL  # counting changes nothing
     keys = list(model.state_dict())
 
-    handle = attnpatch.patch(model)
+    # patched: same output, and a report that matches the count
+    try:
+        handle = attnpatch.patch(model)
+    except Exception as err:
+        row["status"] = f"patch() raised {type(err).__name__}"
+        row["reasons"] = _short(str(err), 160)
+        raise
     try:
         out = _forward(case)
         report = handle.report()
-        assert list(model.state_dict()) == keys
+        keys_patched = list(model.state_dict())
+    except Exception as err:
+        row["status"] = f"patched forward raised {type(err).__name__}"
+        row["reasons"] = _short(str(err), 160)
+        raise
     finally:
         handle.unpatch()
     err = _max_rel_error(case, out, ref)
-    routed = sum(r.calls for r in report if r.routed)
     skipped = [r for r in report if not r.routed]
-    row.update(routed=routed, max_rel_err=f"{err:.1e}", not_routed=len(skipped),
+    row.update(routed=sum(r.calls for r in report if r.routed), max_rel_err=f"{err:.1e}",
+               not_routed=len(skipped),
                reasons="; ".join(sorted({f"{r.module_type}: {_short(r.note)}" for r in skipped})))
-    after = _forward(case)
     problems = routing_problems(counts, report)
 
+    # unpatched again: bitwise the first forward
+    after = _forward(case)
+    restored = len(after) == len(ref) and all(torch.equal(a, r) for a, r in zip(after, ref))
+
+    failures = [what for what, bad in (("output", err > TOL), ("report", bool(problems)),
+                                       ("state_dict", keys_patched != keys
+                                        or list(model.state_dict()) != keys),
+                                       ("restore", not restored)) if bad]
+    row["status"] = "ok" if not failures else "FAIL: " + ", ".join(failures)
     assert err <= TOL, f"{name}: patched output differs from unpatched: rel error {err:.2e}"
-    assert not problems, f"{name}: report does not match the counted attention calls: " + \
-        "; ".join(problems)
-    assert len(after) == len(ref) and all(torch.equal(a, r) for a, r in zip(after, ref)), \
-        f"{name}: the forward after unpatch() is not bitwise the unpatched one"
-    assert list(model.state_dict()) == keys
-    row["status"] = "ok"
+    assert not problems, (f"{name}: the report does not match the counted attention calls: "
+                          + "; ".join(problems))
+    assert keys_patched == keys and list(model.state_dict()) == keys, \
+        f"{name}: state_dict keys changed"
+    assert restored, f"{name}: the forward after unpatch() is not bitwise the unpatched one"
 
 
 @pytest.mark.parametrize("name", sorted(NO_SOFTMAX_ATTENTION))
-def test_no_softmax_attention_model_is_refused(name, zoo_table):
-    case = build(name, no_attention=True)
-    row = {"model": name, "routed": 0, "counted": "-", "not_routed": "-", "max_rel_err": "-",
-           "status": "FAIL"}
-    zoo_table.append(row)
-    if case is not None:  # the model runs and the counter sees no softmax attention in it
-        with AttentionCounter(case.model) as counter:
-            _forward(case)
-        row["counted"] = sum(counter.counts.values())
-        assert not counter.counts, f"{name}: listed as without softmax attention, but the " \
-                                   f"counter saw {dict(counter.counts)}"
-        model = case.model
-    else:
-        model = None
-    if model is not None:
-        with pytest.raises(attnpatch.AttnPatchError, match="no attention modules found"):
-            attnpatch.patch(model)
+def test_model_without_softmax_attention_is_refused(name, zoo_table):
+    """Models with no (softmax) attention: the counter finds none, and patch() says so."""
+    case = build(name)
+    row = _row(zoo_table, name)
+    row["routed"] = 0
+    ref = _forward(case)
+    assert all(torch.isfinite(t).all() for t in ref), f"{name}: unpatched output not finite"
+    with AttentionCounter(case.model) as counter:
+        _forward(case)
+    row["counted"] = sum(counter.counts.values())
+    assert not counter.counts, (f"{name} is listed as having no softmax attention, but the "
+                                f"counter saw {dict(counter.counts)}")
+    with pytest.raises(attnpatch.AttnPatchError) as raised:
+        attnpatch.patch(case.model)
+    assert "no attention modules found" in str(raised.value), str(raised.value)
     row["status"] = "ok (refused)"
 
 
+# --- the counter itself -----------------------------------------------------------------------
+
+def test_counter_counts_each_attention_once():
+    """Nested calls are not seen twice; a softmax over scores that never weighs V is not
+    attention; the call is booked on the innermost module."""
+    torch.manual_seed(0)
+
+    class HandWritten(torch.nn.Module):
+        def forward(self, q, k, v):
+            scores = torch.baddbmm(torch.empty(q.shape[0], q.shape[1], k.shape[1]), q,
+                                   k.transpose(1, 2), beta=0, alpha=0.5)
+            probs = (scores + 1.0).float().softmax(-1)
+            return torch.nn.functional.dropout(probs, 0.0) @ v
+
+    class BlockPicker(torch.nn.Module):  # NABLA-like: softmax over pooled QK^T picks blocks
+        def forward(self, q, k):
+            return torch.softmax(q @ k.transpose(1, 2), -1).cumsum(-1) > 0.5
+
+    class Router(torch.nn.Module):  # MoE gate: softmax over a learned projection
+        def __init__(self):
+            super().__init__()
+            self.gate = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return torch.softmax(self.gate(x), -1)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+            self.hand = HandWritten()
+            self.picker = BlockPicker()
+            self.router = Router()
+
+        def forward(self, x):
+            y = self.mha(x, x, x, need_weights=False)[0]  # SDPA inside, not counted again
+            y = y + self.hand(y, y, y)
+            y = y + torch.nn.functional.scaled_dot_product_attention(y, y, y)
+            self.picker(y, y)
+            return self.router(y @ torch.ones(8, 8))
+
+    net = Net().eval()
+    with torch.no_grad(), AttentionCounter(net) as counter:
+        net(torch.randn(2, 5, 8))
+    assert counter.counts == Counter({"mha": 1, "hand": 1, "": 1})
+    assert counter.kinds == Counter({"multi_head_attention_forward": 1, "softmax": 1,
+                                     "scaled_dot_product_attention": 1})
+
+
 # --- nothing in the installed diffusers slips by ----------------------------------------------
-
-def installed_model_classes() -> dict[str, type]:
-    """Every ModelMixin subclass defined in the installed ``diffusers.models`` packages."""
-    import diffusers.models as dm
-    from diffusers.models.modeling_utils import ModelMixin
-    found = {}
-    for info in pkgutil.walk_packages(dm.__path__, dm.__name__ + "."):
-        module = importlib.import_module(info.name)
-        for attr, obj in vars(module).items():
-            if (inspect.isclass(obj) and issubclass(obj, ModelMixin)
-                    and obj.__module__ == module.__name__):
-                found[attr] = obj
-    return found
-
 
 def test_every_installed_model_class_is_covered():
     classes = installed_model_classes()
