@@ -16,14 +16,12 @@ import importlib
 import inspect
 import logging
 import pkgutil
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import pytest
 import torch
 
-warnings.filterwarnings("ignore")
 logging.getLogger("diffusers").setLevel(logging.ERROR)
 logging.getLogger("transformers").setLevel(logging.ERROR)
 

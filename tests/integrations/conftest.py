@@ -24,7 +24,7 @@ def _lines(rows: list) -> list[str]:
     out.insert(1, "  ".join("-" * w for w in widths))
     reasons = [f"  {r['model']}: {r['reasons']}" for r in rows if r.get("reasons")]
     if reasons:
-        out += ["", "not routed, with the report's reasons:"] + reasons
+        out += ["", "not routed (the report's notes), unreported attention, errors:"] + reasons
     return out
 
 

@@ -199,6 +199,10 @@ def _short(text: Optional[str], n: int = 90) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
+def _error(err: BaseException) -> str:
+    return "raised: " + _short(str(err).split(" (diffusers attention modules")[0], 120)
+
+
 # --- the zoo ----------------------------------------------------------------------------------
 
 @pytest.fixture(autouse=True, scope="module")
@@ -240,7 +244,7 @@ def test_zoo_model(name, zoo_table):
         handle = attnpatch.patch(model)
     except Exception as err:
         row["status"] = f"patch() raised {type(err).__name__}"
-        row["reasons"] = _short(str(err), 160)
+        row["reasons"] = _error(err)
         raise
     try:
         out = _forward(case)
@@ -248,7 +252,7 @@ def test_zoo_model(name, zoo_table):
         keys_patched = list(model.state_dict())
     except Exception as err:
         row["status"] = f"patched forward raised {type(err).__name__}"
-        row["reasons"] = _short(str(err), 160)
+        row["reasons"] = _error(err)
         raise
     finally:
         handle.unpatch()
@@ -258,6 +262,9 @@ def test_zoo_model(name, zoo_table):
                not_routed=len(skipped),
                reasons="; ".join(sorted({f"{r.module_type}: {_short(r.note)}" for r in skipped})))
     problems = routing_problems(counts, report)
+    if problems:
+        row["reasons"] = "; ".join(filter(None, [row["reasons"]] + [
+            p for p in problems if not p.startswith("every module")]))
 
     # unpatched again: bitwise the first forward
     after = _forward(case)
