@@ -6,7 +6,7 @@
   itself): the module's class is swapped for a generated subclass whose methods are the same
   code with those calls rebound to attnpatch (:func:`attnpatch.processors.rebind.routed_class`),
   and swapped back on unpatch. ``isinstance``, weights and ``state_dict`` are unchanged.
-- Softmax attention written out by hand (a method with both a matrix product and a softmax,
+- Softmax attention written out by hand (a method with a softmax and two matrix products,
   and no call attnpatch can redirect): found by inspection and reported as *not routed*, with
   the method named, so a report that says "all routed" is true.
 """
@@ -40,15 +40,17 @@ def _codes(code: types.CodeType):
             yield from _codes(const)
 
 
-def _has_matrix_product(code: types.CodeType) -> bool:
+def _matrix_products(code: types.CodeType) -> int:
+    """How many matrix products a function's code spells (``@``, matmul, bmm, baddbmm, einsum)."""
+    count = 0
     for c in _codes(code):
-        if _MATMUL_NAMES & set(c.co_names):
-            return True
         for i in dis.get_instructions(c):
             if i.opname in ("BINARY_MATRIX_MULTIPLY", "INPLACE_MATRIX_MULTIPLY") or (
                     i.opname == "BINARY_OP" and i.argrepr in ("@", "@=")):  # 3.10 / 3.11+
-                return True
-    return False
+                count += 1
+            elif i.opname.startswith("LOAD_") and i.argval in _MATMUL_NAMES:
+                count += 1
+    return count
 
 
 @functools.lru_cache(maxsize=None)
@@ -60,15 +62,17 @@ def _hand_written(cls: type) -> Optional[str]:
             fn = getattr(attr, "__func__", attr)
             if not isinstance(fn, types.FunctionType):
                 continue
+            # softmax(q kᵀ) v: two matrix products around a softmax (one product and a softmax
+            # is a weighted mix, e.g. of layers, not attention)
             if any("softmax" in c.co_names for c in _codes(fn.__code__)) and \
-                    _has_matrix_product(fn.__code__):
+                    _matrix_products(fn.__code__) >= 2:
                 return f"{klass.__qualname__}.{name}"
     return None
 
 
 def hand_written_attention(module: Any) -> Optional[str]:
-    """``Class.method`` where ``module`` computes softmax attention by hand (a matrix product
-    and a softmax in one method), or None."""
+    """``Class.method`` where ``module`` computes softmax attention by hand (a softmax and two
+    matrix products in one method), or None."""
     if not isinstance(module, torch.nn.Module):
         return None
     return _hand_written(type(module))

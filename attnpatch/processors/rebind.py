@@ -141,6 +141,9 @@ def make_sdpa(record) -> Callable:
 
     def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0,
                                      is_causal=False, scale=None, enable_gqa=False):
+        if query.dim() != 4:  # SDPA takes any number of batch dims: (..., S, D)
+            return _as_four_dims(scaled_dot_product_attention, query, key, value, attn_mask,
+                                 dropout_p, is_causal, scale)
         if _is_dynamo_compiling():
             return _dispatch_traced(query, key, value, attn_mask, is_causal,
                                     record.scale if scale is None else scale, dropout_p, None,
@@ -149,6 +152,29 @@ def make_sdpa(record) -> Callable:
                                "bhsd", False, None, record.default, record)[0]
 
     return scaled_dot_product_attention
+
+
+def _as_four_dims(sdpa: Callable, query, key, value, attn_mask, dropout_p, is_causal, scale):
+    """``sdpa`` on (..., S, D) inputs of any rank (as ``F.scaled_dot_product_attention`` takes
+    them): the batch dims become (B, H) — padded with ones below 4-D, flattened above — and
+    the output gets the caller's shape back."""
+    rank = query.dim()
+    if rank < 2 or key.dim() != rank or value.dim() != rank:
+        raise AttnPatchError(f"scaled_dot_product_attention: query, key and value must have the "
+                             f"same rank >= 2, got {query.dim()}, {key.dim()}, {value.dim()}")
+
+    def four(t):
+        if rank < 4:
+            return t.reshape((1,) * (4 - rank) + tuple(t.shape))
+        return t.flatten(0, rank - 4)
+
+    if attn_mask is not None:
+        attn_mask = attn_mask.reshape((1,) * (rank - attn_mask.dim()) + tuple(attn_mask.shape))
+        if rank > 4:
+            attn_mask = attn_mask.expand(*query.shape[:-2], *attn_mask.shape[-2:])
+        attn_mask = four(attn_mask)
+    out = sdpa(four(query), four(key), four(value), attn_mask, dropout_p, is_causal, scale)
+    return out.reshape(*query.shape[:-1], out.shape[-1])
 
 
 def _diffusers_backend_name(backend) -> str:
@@ -192,10 +218,16 @@ def make_dispatch(record, original: Callable) -> Callable:
                     record.note_external(f"diffusers:{name}")
                 return out
             default = (mapped[name], {})
-        if (attn_mask is not None and attn_mask.dim() == 2
-                and attn_mask.shape[0] == query.shape[0] and attn_mask.shape[1] == key.shape[1]):
-            attn_mask = attn_mask[:, None, None, :]  # (B, Sk) key padding -> (B, 1, 1, Sk)
         options = dict(attention_kwargs) if attention_kwargs else None
+        if attn_mask is not None and not isinstance(attn_mask, torch.Tensor):
+            # a FlexAttention BlockMask (models whose processors require diffusers' flex
+            # backend): it is flex's block_mask option, so auto picks flex, and a backend
+            # that can't take it says so
+            options = {**(options or {}), "block_mask": attn_mask}
+            attn_mask = None
+        elif (attn_mask is not None and attn_mask.dim() == 2
+              and attn_mask.shape[0] == query.shape[0] and attn_mask.shape[1] == key.shape[1]):
+            attn_mask = attn_mask[:, None, None, :]  # (B, Sk) key padding -> (B, 1, 1, Sk)
         if _is_dynamo_compiling():
             return _dispatch_traced(query, key, value, attn_mask, is_causal,
                                     record.scale if scale is None else scale, dropout_p, None,
@@ -335,4 +367,7 @@ def _why_not(cls: type) -> str:
                 "numerically equivalent SDPA processor here")
     if "xformers" in names or "memory_efficient_attention" in names:
         return f"{cls.__name__} calls xformers directly"
+    if "softmax" not in names:
+        return (f"{cls.__name__} calls no softmax attention (no SDPA, dispatch_attention_fn or "
+                "softmax: linear attention): nothing to route")
     return f"{cls.__name__} has no F.scaled_dot_product_attention / dispatch_attention_fn call"
