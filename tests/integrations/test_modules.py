@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 import attnpatch
 from attnpatch import AttnPatchError
@@ -277,3 +278,52 @@ def test_module_routed_under_an_accelerate_hook():
     assert model.attn._old_forward == old
     remove_hook_from_module(model.attn)
     assert type(model.attn) is torch.nn.MultiheadAttention
+
+
+class _AnyRank(torch.nn.Module):
+    """F.scaled_dot_product_attention on (..., S, D) inputs of rank 3 and 5, with masks."""
+
+    def forward(self, q3, k3, v3, mask3, q5, k5, v5, mask5):
+        a = torch.nn.functional.scaled_dot_product_attention(q3, k3, v3, attn_mask=mask3)
+        b = torch.nn.functional.scaled_dot_product_attention(q5, k5, v5, attn_mask=mask5,
+                                                             is_causal=False)
+        return a, b
+
+
+def test_sdpa_of_any_rank_is_routed():
+    model = _AnyRank()
+    q3, k3, v3 = _randn(3, 7, 8, seed=1), _randn(3, 5, 8, seed=2), _randn(3, 5, 6, seed=3)
+    mask3 = _randn(7, 5, seed=4)  # float bias broadcast over the batch dim
+    q5, k5, v5 = (_randn(2, 3, 2, 7, 8, seed=s) for s in (5, 6, 7))
+    mask5 = _randn(2, 3, 1, 1, 7, seed=8) > -0.5  # bool, broadcast over heads and queries
+    args = (q3, k3, v3, mask3, q5, k5, v5, mask5)
+    ref = model(*args)
+    with counting_backend() as counting, attnpatch.patch(model, backend="counting") as handle:
+        out = model(*args)
+        assert handle.report()[0].calls == 2
+    assert counting.calls == 2
+    for o, r in zip(out, ref):
+        assert o.shape == r.shape and rel_error(o, r) <= 1e-5
+
+
+class _FlexOnly(torch.nn.Module):
+    def forward(self, q, k, v, block_mask):
+        return dispatch_attention_fn(q, k, v, attn_mask=block_mask, backend="flex")
+
+
+def test_flex_block_mask_from_a_diffusers_processor_runs_on_flex():
+    """diffusers processors that require its flex backend pass a BlockMask as attn_mask: it
+    becomes flex's block_mask option (auto picks flex; sdpa says it can't take it)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+    model = _FlexOnly()
+    q, k, v = (_randn(1, 128, 2, 16, seed=s) for s in (1, 2, 3))  # (B, S, H, D)
+    block_mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 128, 128,
+                                   device="cpu")
+    ref = model(q, k, v, block_mask)
+    with attnpatch.patch(model) as handle:
+        out = model(q, k, v, block_mask)
+        assert handle.report()[0].backend == "flex"
+        handle.set_backend("sdpa")
+        with pytest.raises(AttnPatchError, match="block_mask"):
+            model(q, k, v, block_mask)
+    assert rel_error(out, ref) <= 1e-5
