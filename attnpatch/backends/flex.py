@@ -9,7 +9,6 @@ compiling it there takes tens of seconds per shape, and eager flex computes the 
 
 from __future__ import annotations
 
-import functools
 import types
 import warnings
 from typing import Any, Callable, Optional
@@ -130,7 +129,11 @@ class FlexBackend(Backend):
                       enable_gqa=call.is_gqa, kernel_options=kernel_options)
         if call.return_lse:
             kwargs["return_aux"] = _flex_module.AuxRequest(lse=True)
-        if compile:
+        if torch.compiler.is_compiling():
+            # inside a graph torch.compile is tracing: flex_attention is traced (and compiled
+            # with that graph) as it is; no nested compiled function, no warnings context
+            result = _flex_module.flex_attention(call.query, call.key, call.value, **kwargs)
+        elif compile:
             signature = (call.query.shape, call.key.shape, call.value.shape, call.dtype,
                          call.device, call.mask_kind, score_mod is not None,
                          block_mask is not None, call.return_lse, call.softcap)
@@ -145,10 +148,8 @@ class FlexBackend(Backend):
         return result
 
 
-@functools.lru_cache(maxsize=64)
 def _softcap_mod(cap: float) -> Callable:
-    """The ``score_mod`` of logit softcapping: ``cap * tanh(score / cap)`` (one function per
-    value, so a compiled kernel sees the same object every call)."""
+    """The ``score_mod`` of logit softcapping: ``cap * tanh(score / cap)``."""
     def softcap(score, b, h, q_idx, kv_idx):
         return torch.tanh(score / cap) * cap
     return softcap
