@@ -23,16 +23,20 @@ class AttentionCall:
     ``query`` is (B, H, Sq, D), ``key`` (B, Hkv, Sk, D), ``value`` (B, Hkv, Sk, Dv), all views of
     what the caller passed (``layout="bshd"`` inputs are transposed views, never copies).
     ``attn_mask`` is None or a 4-D view broadcastable to (B, H, Sq, Sk): True/0 means "attend",
-    False/-inf means "skip". ``scale`` is resolved (default ``1/sqrt(D)``).
+    False/-inf means "skip". ``scale`` is resolved (default ``1/sqrt(D)``). ``softcap`` is None
+    or a positive float: the scaled scores become ``softcap * tanh(q·kᵀ·scale / softcap)``
+    before the mask is added (Gemma 2's attention logit softcapping).
     """
 
     __slots__ = (
         "query", "key", "value", "attn_mask", "mask_kind", "is_causal", "scale", "dropout_p",
         "layout", "return_lse", "requires_grad", "device", "default_scale", "is_gqa",
+        "softcap",
     )
 
     def __init__(self, query, key, value, attn_mask, mask_kind, is_causal, scale, dropout_p,
-                 layout, return_lse, requires_grad, default_scale=False, is_gqa=None):
+                 layout, return_lse, requires_grad, default_scale=False, is_gqa=None,
+                 softcap=None):
         self.query = query
         self.key = key
         self.value = value
@@ -49,6 +53,8 @@ class AttentionCall:
         self.default_scale = default_scale
         #: fewer key/value heads than query heads (grouped-query / multi-query attention)
         self.is_gqa = query.shape[1] != key.shape[1] if is_gqa is None else is_gqa
+        #: None, or the cap c of ``c * tanh(score / c)`` on the scaled scores, before the mask
+        self.softcap = softcap
 
     # --- shapes -------------------------------------------------------------------------------
     @property
@@ -106,7 +112,8 @@ class AttentionCall:
     def __repr__(self) -> str:
         return (f"AttentionCall(q={tuple(self.query.shape)}, k={tuple(self.key.shape)}, "
                 f"v={tuple(self.value.shape)}, dtype={self.dtype}, device={self.device}, "
-                f"mask={self.mask_kind}, is_causal={self.is_causal}, dropout_p={self.dropout_p})")
+                f"mask={self.mask_kind}, is_causal={self.is_causal}, dropout_p={self.dropout_p}"
+                + ("" if self.softcap is None else f", softcap={self.softcap}") + ")")
 
 
 _CAUSAL_CACHE: dict = {}
@@ -134,7 +141,8 @@ def classify_mask(mask: Optional[torch.Tensor]) -> str:
     return "float"
 
 
-def validate(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, return_lse) -> None:
+def validate(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, return_lse,
+             softcap=None) -> None:
     """Raise :class:`AttnPatchError` naming the argument when the inputs are not a valid call."""
     if layout not in LAYOUTS:
         raise AttnPatchError(f"layout={layout!r} is not one of {LAYOUTS}: use 'bhsd' for "
@@ -182,6 +190,8 @@ def validate(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, 
     if (not isinstance(dropout_p, (int, float)) or isinstance(dropout_p, bool)
             or not math.isfinite(dropout_p) or not 0.0 <= dropout_p <= 1.0):
         raise AttnPatchError(f"dropout_p must be a number in [0, 1], got {dropout_p!r}")
+    if softcap is not None:
+        validate_softcap(softcap)
     if attn_mask is None:
         return
     if not isinstance(attn_mask, torch.Tensor):
@@ -205,8 +215,16 @@ def validate(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, 
             f"{target}; a key-padding mask has shape (B, 1, 1, Sk) = ({b}, 1, 1, {sk})")
 
 
+def validate_softcap(softcap) -> None:
+    """Raise :class:`AttnPatchError` unless ``softcap`` is None or a positive finite number."""
+    if softcap is not None and (not isinstance(softcap, (int, float)) or isinstance(softcap, bool)
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise AttnPatchError(f"softcap must be None or a positive finite number (the cap c of "
+                             f"c * tanh(score / c)), got {softcap!r}")
+
+
 def build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, return_lse,
-               requires_grad) -> AttentionCall:
+               requires_grad, softcap=None) -> AttentionCall:
     """Normalize already-validated inputs into an :class:`AttentionCall` (views only)."""
     if layout == "bshd":
         query, key, value = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
@@ -221,11 +239,11 @@ def build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout
         scale = query.shape[-1] ** -0.5
     return AttentionCall(query, key, value, attn_mask, classify_mask(attn_mask), is_causal,
                          float(scale), float(dropout_p), layout, return_lse, requires_grad,
-                         default_scale)
+                         default_scale, None, softcap)
 
 
 def metadata_call(heads, kv_heads, head_dim, head_dim_v, dtype, device, mask, is_causal, scale,
-                  dropout_p, return_lse, requires_grad) -> AttentionCall:
+                  dropout_p, return_lse, requires_grad, softcap=None) -> AttentionCall:
     """An :class:`AttentionCall` on meta tensors for selection while ``torch.compile`` traces
     (no real tensors, and batch/sequence sizes may be symbolic). ``mask`` is None or
     ``(dtype, shared by heads, shared by queries)``. Sizes stand in as batch 1, length 2."""
@@ -237,7 +255,8 @@ def metadata_call(heads, kv_heads, head_dim, head_dim_v, dtype, device, mask, is
         mask_dtype, per_head_shared, per_query_shared = mask
         shape = (1, 1 if per_head_shared else heads, 1 if per_query_shared else 2, 2)
         mask_t = torch.empty(shape, dtype=mask_dtype, device="meta")
+    validate_softcap(softcap)  # traced calls skip validate(): name a bad softcap here
     call = build_call(q, k, v, mask_t, is_causal, scale, dropout_p, "bhsd", return_lse,
-                      requires_grad)
+                      requires_grad, softcap)
     call.device = device
     return call

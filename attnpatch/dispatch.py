@@ -91,7 +91,8 @@ _VERSION = registry._VERSION
 
 
 def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
-              backend=None, layout="bhsd", return_lse=False, options=None, default=None):
+              backend=None, layout="bhsd", return_lse=False, options=None, default=None,
+              softcap=None):
     """Run one call; returns ``(result, Selection)``. Used by ``attention`` and the processors.
 
     The hot path (selection cached) only builds the signature, looks it up and runs the kernel;
@@ -99,19 +100,20 @@ def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dr
     """
     if _is_compiling():
         return _dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p,
-                                backend, layout, return_lse, options or {}, default)
+                                backend, layout, return_lse, options or {}, default, softcap)
     return _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, backend,
-                           layout, return_lse, options, default)
+                           layout, return_lse, options, default, None, softcap)
 
 
 def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
-                    return_lse, options, default, record=None):
+                    return_lse, options, default, record=None, softcap=None):
     """``_dispatch`` outside torch.compile (callers that already checked call this directly).
 
     ``record``: the :class:`~attnpatch._record.ModuleRecord` of the patched diffusers module
     making the call, or None. The call is booked on it, its ``scale`` stands in for a missing
     ``scale``, and its text position makes the call's token layout visible to the backend
-    (``current_token_layout``).
+    (``current_token_layout``). ``softcap``: None or the call's logit cap (``c * tanh(s / c)``
+    on the scaled scores, before the mask); part of the cache key.
     """
     if scale is None and record is not None:
         scale = record.scale
@@ -126,25 +128,27 @@ def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, b
                 value.shape, query.dtype, key.dtype, value.dtype, query.device,
                 None if attn_mask is None else (attn_mask.shape, attn_mask.dtype),
                 is_causal if is_causal.__class__ is bool else None, scale, dropout_p, layout,
-                return_lse if return_lse.__class__ is bool else None,
+                return_lse if return_lse.__class__ is bool else None, softcap,
                 _grad_enabled() and (query.requires_grad or key.requires_grad
                                      or value.requires_grad))
         entry = _CACHE.get(key_)
     except (AttributeError, TypeError):  # not tensors / unhashable flags: let validate() say so
         key_, entry = None, None
     if entry is None:
-        validate(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, return_lse)
+        validate(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, return_lse,
+                 softcap)
         grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
                                             or value.requires_grad)
         call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
-                          return_lse, grad)
+                          return_lse, grad, softcap)
         selection = registry.select(name, call, options)
         if selection.rejected:
             logger.info("attnpatch auto chose %r for %s; passed over: %s", selection.backend.name,
                         call, "; ".join(f"{n}: {', '.join(r)}" for n, r in
                                         selection.rejected.items()))
         kernel = None
-        if attn_mask is None and not return_lse and not options:
+        if attn_mask is None and not return_lse and not options and (
+                softcap is None or selection.backend.supports_softcap):
             # not with options: the key holds their names, not their values
             kernel = selection.backend.specialize(call)
         if key_ is not None:
@@ -167,10 +171,10 @@ def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, b
         if attn_mask is None and layout == "bhsd":
             call = AttentionCall(query, key, value, None, "none", is_causal, resolved_scale,
                                  dropout_p, layout, return_lse, key_[-1], scale is None,
-                                 is_gqa)
+                                 is_gqa, softcap)
         else:
             call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
-                              return_lse, key_[-1])
+                              return_lse, key_[-1], softcap)
     if record is None:
         result = selection.backend.forward(call, **options)
     else:
@@ -222,7 +226,7 @@ def _select_traced(name, option_names, sig):
 
 
 def _dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
-                     return_lse, options, default):
+                     return_lse, options, default, softcap=None):
     """``_dispatch`` while torch.compile traces: the backend is chosen at trace time, from
     metadata, and becomes a constant of the graph (the backend's kernel is what is traced).
 
@@ -243,10 +247,10 @@ def _dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p, 
         mask = (attn_mask.dtype, attn_mask.dim() < 3 or attn_mask.shape[-3] == 1,
                 attn_mask.shape[-2] == 1)
     meta = (query.shape[h], key.shape[h], query.shape[-1], value.shape[-1], query.dtype,
-            query.device, mask, is_causal, scale, dropout_p, return_lse, grad)
+            query.device, mask, is_causal, scale, dropout_p, return_lse, grad, softcap)
     chosen = registry.get_backend(_select_traced(name, tuple(options), meta))
     call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
-                      return_lse, grad)
+                      return_lse, grad, softcap)
     result = chosen.forward(call, **options)
     if layout == "bshd":
         result = (result[0].transpose(1, 2), result[1]) if return_lse else result.transpose(1, 2)
@@ -257,13 +261,16 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
               scale: Optional[float] = None, dropout_p: float = 0.0,
               backend: Optional[str] = None, layout: str = "bhsd", return_lse: bool = False,
-              **options: Any):
+              *, softcap: Optional[float] = None, **options: Any):
     """Scaled dot-product attention through the selected backend.
 
     Shapes (``layout="bhsd"``): query (B, H, Sq, D), key (B, Hkv, Sk, D), value (B, Hkv, Sk, Dv)
     with H % Hkv == 0 (GQA/MQA); ``layout="bshd"`` swaps the S and H axes, in and out.
     ``attn_mask``: bool (True = attend) or additive float, broadcastable to (B, H, Sq, Sk).
     ``is_causal``: top-left aligned, as in ``F.scaled_dot_product_attention``.
+    ``softcap``: None, or a positive cap ``c``: the scaled scores become ``c * tanh(s / c)``
+    before the mask is added (Gemma 2's attention logit softcapping); backends that do not
+    compute it (``supports_softcap``) refuse the call with a reason.
     ``backend``: a name or alias; None uses ``attention_backend(...)``, then
     ``$ATTNPATCH_BACKEND``, then ``"auto"``. ``options`` go to the backend.
 
@@ -273,7 +280,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     requested backend (or every ``auto`` candidate) cannot run the call.
     """
     return _dispatch(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
-                     return_lse, options)[0]
+                     return_lse, options, None, softcap)[0]
 
 
 @dataclass
@@ -299,18 +306,19 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
             scale: Optional[float] = None, dropout_p: float = 0.0,
             backend: Optional[str] = None, layout: str = "bhsd", return_lse: bool = False,
-            **options: Any) -> Explanation:
+            *, softcap: Optional[float] = None, **options: Any) -> Explanation:
     """For the call ``attention(...)`` would get with these arguments: the backend it would run,
     and the reasons of every registered backend (an empty list means it could run).
 
     Raises :class:`AttnPatchError` for bad input, like ``attention``.
     """
     name, options = resolve(backend, options)
-    validate(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, return_lse)
+    validate(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, return_lse,
+             softcap)
     grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
                                         or value.requires_grad)
     call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
-                      return_lse, grad)
+                      return_lse, grad, softcap)
     reasons = {b.name: registry.candidate_reasons(b, call, options)
                or (b.auto_reasons(call) if name == "auto" else [])
                for b in registry.all_backends()}

@@ -48,6 +48,8 @@ class Backend:
     supports_backward: ClassVar[bool] = True
     supports_lse: ClassVar[bool] = False
     supports_value_head_dim: ClassVar[bool] = True  # value head_dim may differ from query's
+    #: computes ``call.softcap`` (``c * tanh(score / c)`` on the scaled scores, before the mask)
+    supports_softcap: ClassVar[bool] = False
     requires_package: ClassVar[Optional[str]] = None
     requires_pip_name: ClassVar[Optional[str]] = None
     #: names of the keyword options ``forward`` accepts; any other option is refused
@@ -91,6 +93,8 @@ class Backend:
             reasons.append("return_lse=True not supported")
         if call.head_dim_v != call.head_dim and not self.supports_value_head_dim:
             reasons.append(f"value head_dim {call.head_dim_v} != query head_dim {call.head_dim}")
+        if call.softcap is not None and not self.supports_softcap:
+            reasons.append(f"softcap={call.softcap} not supported")
         return reasons
 
     def auto_reasons(self, call: AttentionCall) -> list[str]:
@@ -112,7 +116,9 @@ class Backend:
     def specialize(self, call: AttentionCall) -> Optional[Callable]:
         """A kernel ``fn(query, key, value) -> out`` on (B, H, S, D) tensors that computes exactly
         what :meth:`forward` computes for *every* call with ``call``'s signature (shapes, dtypes,
-        flags, scale; never asked for calls with a mask, options or ``return_lse``), or None.
+        flags, scale; never asked for calls with a mask, options or ``return_lse``, nor for calls
+        with a ``softcap`` unless the backend declares ``supports_softcap``: then ``fn`` must
+        apply ``call.softcap``), or None.
 
         Asked once per signature; the dispatcher then calls ``fn`` directly, without building
         an :class:`AttentionCall` (the per-call Python that shows in launch-bound models). Only
@@ -136,6 +142,7 @@ class Backend:
             "gqa": cls.supports_gqa,
             "backward": cls.supports_backward,
             "returns_lse": cls.supports_lse,
+            "softcap": cls.supports_softcap,
             "requires_package": cls.requires_package,
             "options": sorted(cls.options),
         }

@@ -52,14 +52,17 @@ def make_inputs(batch=2, heads=4, kv_heads=None, seq_q=16, seq_k=None, head_dim=
     return q, k, v, attn_mask
 
 
-def reference(q, k, v, attn_mask=None, is_causal=False, scale=None):
-    """Float64 attention written out independently of attnpatch (top-left causal)."""
+def reference(q, k, v, attn_mask=None, is_causal=False, scale=None, softcap=None):
+    """Float64 attention written out independently of attnpatch (top-left causal; ``softcap``
+    caps the scaled scores, c * tanh(s / c), before the mask, as Gemma 2 does)."""
     q, k, v = q.double(), k.double(), v.double()
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
     v = v.repeat_interleave(group, dim=1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))

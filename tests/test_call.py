@@ -31,6 +31,13 @@ def q4(*shape, dtype=torch.float32):
     (dict(dropout_p=1.5), "dropout_p"),
     (dict(scale=float("inf")), "scale must be None or a finite number"),
     (dict(is_causal=1), "is_causal must be a bool"),
+    (dict(softcap=0.0), "softcap must be None or a positive finite number"),
+    (dict(softcap=-30.0), "softcap must be None or a positive finite number.*-30.0"),
+    (dict(softcap=float("inf")), "softcap"),
+    (dict(softcap=float("nan")), "softcap"),
+    (dict(softcap=True), "softcap.*True"),
+    (dict(softcap="50"), "softcap.*'50'"),
+    (dict(softcap=torch.tensor(50.0)), "softcap"),
     (dict(layout="sbhd"), "layout='sbhd' is not one of"),
     (dict(key=q4(2, 4, 0, 16), value=q4(2, 4, 0, 16)), "empty attention"),
 ])

@@ -265,3 +265,95 @@ def test_a_warm_cache_still_refuses_bad_input():
         attnpatch.attention(q, k.double(), v.double(), backend="math", is_causal=True)
     with pytest.raises(attnpatch.AttnPatchError, match="is_causal must be a bool"):
         attnpatch.attention(q, k, v, backend="math", is_causal=1)
+
+
+# --- softcap ----------------------------------------------------------------------------------
+def test_softcap_is_part_of_the_cache_key():
+    q, k, v, _ = make_inputs(seq_q=13, seq_k=17, head_dim=16)
+    attnpatch.dispatch._CACHE.clear()
+    outs = {}
+    for cap in (None, 0.5, 2.0, None, 0.5, 2.0):  # cold, then warm: never another's entry
+        out = attnpatch.attention(q, k, v, softcap=cap, backend="math")
+        ref, _ = reference(q, k, v, softcap=cap)
+        assert rel_error(out, ref) <= 1e-5, cap
+        assert cap not in outs or torch.equal(outs[cap], out)
+        outs[cap] = out
+    assert len(attnpatch.dispatch._CACHE) == 3
+    # auto: sdpa without a cap (a specialized kernel), a backend that computes it with one
+    assert _dispatch(q, k, v)[1].backend.name == "sdpa"
+    assert _dispatch(q, k, v, softcap=0.5)[1].backend.supports_softcap
+    assert _dispatch(q, k, v)[1].backend.name == "sdpa"
+    with pytest.raises(attnpatch.BackendUnavailableError, match="softcap=0.5 not supported"):
+        attnpatch.attention(q, k, v, softcap=0.5, backend="sdpa")
+    attnpatch.attention(q, k, v, softcap=0.5, backend="math")
+    with pytest.raises(attnpatch.AttnPatchError, match="softcap must be"):  # warm: still refused
+        attnpatch.attention(q, k, v, softcap=-0.5, backend="math")
+
+
+def test_specialize_is_never_asked_for_a_softcap_it_does_not_compute():
+    asked = []
+
+    class Lax(attnpatch.Backend):
+        """Declares no softcap support but (wrongly) refuses nothing: the dispatcher must still
+        never hand a softcap call to its specialized kernel."""
+        name = "lax_test"
+        priority = None
+
+        def not_supported_reasons(self, call):
+            return []
+
+        def forward(self, call, **options):
+            return attnpatch.attention(call.query, call.key, call.value, scale=call.scale,
+                                       softcap=call.softcap, backend="math")
+
+        def specialize(self, call):
+            asked.append(call.softcap)
+            return torch.nn.functional.scaled_dot_product_attention
+
+    class Capping(Lax):
+        name = "capping_test"
+        supports_softcap = True
+
+        def specialize(self, call):
+            asked.append(call.softcap)
+            cap = call.softcap
+            return lambda q, k, v: attnpatch.attention(q, k, v, softcap=cap, backend="math")
+
+    attnpatch.register_backend(Lax)
+    attnpatch.register_backend(Capping)
+    try:
+        q, k, v, _ = make_inputs(seq_q=9, head_dim=16)
+        for _ in range(2):
+            out = attnpatch.attention(q, k, v, softcap=0.5, backend="lax_test")
+            assert rel_error(out, reference(q, k, v, softcap=0.5)[0]) <= 1e-5
+        assert asked == []
+        attnpatch.attention(q, k, v, backend="lax_test")
+        assert asked == [None]
+        for _ in range(2):
+            out = attnpatch.attention(q, k, v, softcap=0.5, backend="capping_test")
+            assert rel_error(out, reference(q, k, v, softcap=0.5)[0]) <= 1e-5
+        assert asked == [None, 0.5]
+    finally:
+        attnpatch.unregister_backend("lax_test")
+        attnpatch.unregister_backend("capping_test")
+
+
+def test_softcap_under_compile():
+    """The traced path selects with the softcap (a constant of the graph) and validates it."""
+    q, k, v, _ = make_inputs(seq_q=8, seq_k=11, head_dim=16)
+
+    def compiled(cap):
+        # dynamic=False: a float that changes between calls would otherwise turn symbolic, and
+        # selection needs it constant (the same holds for `scale`)
+        return torch.compile(lambda q, k, v: attnpatch.attention(q, k, v, softcap=cap) * 2,
+                             backend="eager", fullgraph=True, dynamic=False)
+
+    for cap in (0.5, 2.0):  # auto picks a backend that computes it, per value
+        torch.testing.assert_close(compiled(cap)(q, k, v),
+                                   2 * reference(q, k, v, softcap=cap)[0].float())
+    with pytest.raises(Exception, match="softcap must be None or a positive finite number"):
+        compiled(-1.0)(q, k, v)
+    torch._dynamo.reset()  # a later attention_backend block does not retrace a graph
+    with attnpatch.attention_backend("sdpa"):
+        with pytest.raises(Exception, match="softcap=0.5 not supported"):
+            compiled(0.5)(q, k, v)

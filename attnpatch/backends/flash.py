@@ -14,7 +14,9 @@ one signature. What they have in common is done once, with exact pure-torch help
   element, queries kept dense (``cu_seqlens_q = arange * Sq``), out and lse padded back;
 * SDPA's top-left ``is_causal`` is rewritten for flash's bottom-right alignment, so results
   equal SDPA's for ``Sq != Sk`` (see :func:`._padding.causal_plan`);
-* head dims are zero-padded to a multiple of 8 (exact; the output is sliced back).
+* head dims are zero-padded to a multiple of 8 (exact; the output is sliced back);
+* a call's ``softcap`` goes to the kernels' own ``softcap=`` (scale, then cap, then mask: what
+  Gemma 2 computes); a build whose entry point takes no ``softcap=`` refuses it with a reason.
 
 Any other mask is refused (no arbitrary masks in these kernels), as is ``is_causal`` together
 with a key-padding mask (unpadding moves keys, so the causal diagonal would move with them).
@@ -94,6 +96,7 @@ class _FlashAttention(Backend):
     supports_gqa = True
     supports_lse = True
     supports_value_head_dim = False
+    supports_softcap = True
 
     #: importable module found without importing (presence) ...
     probe: ClassVar[str]
@@ -140,9 +143,28 @@ class _FlashAttention(Backend):
         if call.return_lse and call.requires_grad and not self.lse_has_grad:
             reasons.append(f"return_lse=True with backward not supported ({self.package} gives "
                            "no gradient through the lse)")
+        if call.softcap is not None:
+            reasons += self.softcap_reasons(call)
         if call.device.type == "cuda":
             reasons += self.device_reasons(call, C.compute_capability(call.device))
         return reasons
+
+    def softcap_reasons(self, call: AttentionCall) -> list[str]:
+        """Why the installed build cannot cap logits: its entry point for ``call`` (dense, or
+        varlen for a key-padding mask) takes no ``softcap=`` (flash-attn 2 < 2.6). Nothing is
+        imported for a package that is not there (its availability reasons say so)."""
+        if not C.module_present(self.probe):
+            return []
+        mod, _ = _import(self.module)
+        if mod is None:
+            return []
+        entry = ("flash_attn_varlen_func" if call.mask_kind == "key_padding"
+                 else "flash_attn_func")
+        fn = getattr(mod, entry, None)
+        if fn is not None and not _takes(fn, "softcap"):
+            return [f"softcap={call.softcap} not supported by this {self.package} build "
+                    f"({self.module}.{entry} takes no softcap=)"]
+        return []
 
     def device_reasons(self, call: AttentionCall, capability: tuple[int, int]) -> list[str]:
         """Limits that depend on the GPU generation (beyond ``min_compute_capability``)."""
@@ -244,6 +266,11 @@ class Flash4Backend(_FlashAttention):
         elif major == 12 and max(d, dv) > 128:
             reasons.append(f"head_dim {max(d, dv)} > 128 on compute capability "
                            f"{major}.{capability[1]}")
+        if call.softcap is not None and major in (10, 11) and (d, dv) == (256, 256):
+            # flash_attn.cute's dedicated head_dim-256 kernels (forward and backward) assert
+            # softcap is None
+            reasons.append(f"softcap={call.softcap} with head_dim 256 not supported on compute "
+                           f"capability {major}.{capability[1]}")
         return reasons
 
     def _dense(self, mod, call, q, k, v, causal, window):
@@ -256,16 +283,19 @@ class Flash4Backend(_FlashAttention):
             kw["causal"] = True
         if window != P.NO_WINDOW:
             kw["window_size"] = window
+        if call.softcap is not None:
+            kw["softcap"] = call.softcap
         if call.return_lse:
             kw["return_lse"] = True
         out, lse = mod.flash_attn_func(q, k, v, **kw)
         return out, (lse if call.return_lse else None)
 
     def _varlen(self, mod, call, q, k, v, cu_q, cu_k, max_q, max_k):
+        kw = {} if call.softcap is None else {"softcap": call.softcap}
         out, lse = mod.flash_attn_varlen_func(
             q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
             max_seqlen_k=max_k, softmax_scale=call.scale, causal=False,
-            return_lse=call.return_lse)
+            return_lse=call.return_lse, **kw)
         return out, (lse if call.return_lse else None)
 
 
@@ -287,8 +317,11 @@ class Flash3Backend(_FlashAttention):
 
     def _lse_kwargs(self, fn, call) -> dict:
         # newer builds return (out, lse) only with return_attn_probs=True, older ones always
-        return {"return_attn_probs": True} if call.return_lse and _takes(
+        kw = {"return_attn_probs": True} if call.return_lse and _takes(
             fn, "return_attn_probs") else {}
+        if call.softcap is not None:
+            kw["softcap"] = call.softcap
+        return kw
 
     def _dense(self, mod, call, q, k, v, causal, window):
         fn = mod.flash_attn_func
@@ -339,6 +372,8 @@ class Flash2Backend(_FlashAttention):
         kw = dict(dropout_p=call.dropout_p, softmax_scale=call.scale, causal=causal)
         if window != P.NO_WINDOW:
             kw["window_size"] = _fa2_window(window)
+        if call.softcap is not None:
+            kw["softcap"] = call.softcap
         if call.return_lse:
             kw["return_attn_probs"] = True
         return _split_result(mod.flash_attn_func(q, k, v, **kw), q.shape[1], call.return_lse,
@@ -346,6 +381,8 @@ class Flash2Backend(_FlashAttention):
 
     def _varlen(self, mod, call, q, k, v, cu_q, cu_k, max_q, max_k):
         kw = {"return_attn_probs": True} if call.return_lse else {}
+        if call.softcap is not None:
+            kw["softcap"] = call.softcap
         result = mod.flash_attn_varlen_func(
             q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q,
             max_seqlen_k=max_k, dropout_p=call.dropout_p, softmax_scale=call.scale,
@@ -374,6 +411,7 @@ class FlashBackend(Backend):
     supports_causal_with_mask = False
     supports_dropout = True
     supports_lse = True
+    supports_softcap = True
 
     def _member_backends(self) -> list[Backend]:
         out = []

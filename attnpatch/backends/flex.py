@@ -1,7 +1,9 @@
 """FlexAttention: masks as ``BlockMask``/``mask_mod``/``score_mod``, compiled per signature on CUDA.
 
 Tensor masks become a ``score_mod`` (no block sparsity to exploit), causal becomes a cached
-``BlockMask`` so fully masked blocks are skipped. On CPU the kernel runs eagerly by default:
+``BlockMask`` so fully masked blocks are skipped. A call's ``softcap`` is a ``score_mod`` too,
+applied first (to the scaled score, as in Gemma 2): softcap, then the user's ``score_mod``, then
+the tensor mask. On CPU the kernel runs eagerly by default:
 compiling it there takes tens of seconds per shape, and eager flex computes the same result.
 """
 
@@ -77,7 +79,8 @@ class FlexBackend(Backend):
 
     Options: ``block_mask`` (a BlockMask), ``mask_mod`` (``fn(b, h, q_idx, kv_idx) -> bool``;
     a BlockMask is built and cached per mask_mod and shape), ``score_mod``
-    (``fn(score, b, h, q_idx, kv_idx) -> score``), ``compile`` (default: True on CUDA, False on
+    (``fn(score, b, h, q_idx, kv_idx) -> score``; with a call's ``softcap`` it receives the
+    capped score), ``compile`` (default: True on CUDA, False on
     CPU), ``kernel_options`` (passed to flex_attention).
     """
 
@@ -88,6 +91,7 @@ class FlexBackend(Backend):
     supports_dropout = False
     supports_lse = True
     supports_value_head_dim = True
+    supports_softcap = True
     options = frozenset({"block_mask", "mask_mod", "score_mod", "compile", "kernel_options"})
 
     def availability_reasons(self) -> list[str]:
@@ -118,17 +122,21 @@ class FlexBackend(Backend):
         elif block_mask is not None and call.is_causal:
             raise AttnPatchError("flex: is_causal=True with a prebuilt block_mask is ambiguous: "
                                  "fold the causal pattern into the BlockMask, or pass mask_mod=")
-        score_mod = _with_tensor_mask(score_mod, call)
+        score_mod = _with_tensor_mask(_with_softcap(score_mod, call.softcap), call)
         if compile is None:
             compile = call.device.type == "cuda"
         kwargs = dict(score_mod=score_mod, block_mask=block_mask, scale=call.scale,
                       enable_gqa=call.is_gqa, kernel_options=kernel_options)
         if call.return_lse:
             kwargs["return_aux"] = _flex_module.AuxRequest(lse=True)
-        if compile:
+        if torch.compiler.is_compiling():
+            # inside a graph torch.compile is tracing: flex_attention is traced (and compiled
+            # with that graph) as it is; no nested compiled function, no warnings context
+            result = _flex_module.flex_attention(call.query, call.key, call.value, **kwargs)
+        elif compile:
             signature = (call.query.shape, call.key.shape, call.value.shape, call.dtype,
                          call.device, call.mask_kind, score_mod is not None,
-                         block_mask is not None, call.return_lse)
+                         block_mask is not None, call.return_lse, call.softcap)
             result = _compiled_flex(signature)(call.query, call.key, call.value, **kwargs)
         else:
             with warnings.catch_warnings():
@@ -138,6 +146,26 @@ class FlexBackend(Backend):
         if call.return_lse:
             return result[0], result[1].lse.float()
         return result
+
+
+def _softcap_mod(cap: float) -> Callable:
+    """The ``score_mod`` of logit softcapping: ``cap * tanh(score / cap)``."""
+    def softcap(score, b, h, q_idx, kv_idx):
+        return torch.tanh(score / cap) * cap
+    return softcap
+
+
+def _with_softcap(score_mod: Optional[Callable], cap: Optional[float]) -> Optional[Callable]:
+    """``score_mod`` applied to the softcapped score (the cap comes first, as in Gemma 2)."""
+    if cap is None:
+        return score_mod
+    capped = _softcap_mod(cap)
+    if score_mod is None:
+        return capped
+
+    def both(score, b, h, q_idx, kv_idx):
+        return score_mod(capped(score, b, h, q_idx, kv_idx), b, h, q_idx, kv_idx)
+    return both
 
 
 def _with_tensor_mask(score_mod: Optional[Callable], call: AttentionCall) -> Optional[Callable]:

@@ -1,4 +1,5 @@
-"""The reference backend: softmax(QKᵀ·scale + mask)·V with fp32 (fp64 for fp64) accumulation."""
+"""The reference backend: softmax(cap(QKᵀ·scale) + mask)·V with fp32 (fp64 for fp64)
+accumulation, where cap(s) = c·tanh(s / c) when the call has a softcap c, else s."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ def reference_attention(call: AttentionCall, accumulate: torch.dtype | None = No
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
     scores = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * call.scale
+    if call.softcap is not None:  # Gemma 2's order: scale, then cap, then the mask
+        scores = torch.tanh(scores / call.softcap) * call.softcap
     mask = call.combined_mask()
     if mask is not None:
         if mask.dtype == torch.bool:
@@ -50,6 +53,7 @@ class MathBackend(Backend):
     description = "reference softmax(QK^T)V, fp32 accumulation"
     priority = 1000
     supports_lse = True
+    supports_softcap = True
 
     def forward(self, call: AttentionCall, **options):
         out, lse = reference_attention(call)

@@ -11,7 +11,10 @@ The function gets ``module``, so records (and backends) are per attention module
 ``sdpa_attention_forward``'s conventions: ``is_causal`` from the call or ``module.is_causal``
 (only when there is no mask and more than one query), T5's ``position_bias`` folded into the
 mask, ``scaling`` as the scale (T5: 1.0), ``dropout`` as the model passes it (0.0 in eval), GQA
-(fewer key/value heads), output (B, S, H, D) and no weights.
+(fewer key/value heads), output (B, S, H, D) and no weights. ``softcap`` (Gemma 2's
+``attn_logit_softcapping``) becomes the call's softcap: backends that compute it run it, others
+refuse it with a reason. Attention sinks (``s_aux``, GPT-OSS) are computed by no backend: a
+module whose forward passes them is refused when it is patched (:func:`unsupported_reason`).
 """
 
 from __future__ import annotations
@@ -26,8 +29,8 @@ from .._errors import AttnPatchError
 from .._record import ModuleRecord
 from ..dispatch import _dispatch, _dispatch_eager
 
-__all__ = ["ATTN_NAME", "is_pretrained_model", "is_attention_module", "TransformersSite",
-           "attnpatch_attention"]
+__all__ = ["ATTN_NAME", "is_pretrained_model", "is_attention_module", "unsupported_reason",
+           "TransformersSite", "attnpatch_attention"]
 
 #: the implementation name; avoids the substrings (flash, sdpa, flex_attention) and the
 #: org/repo pattern that make transformers take special code paths
@@ -78,6 +81,44 @@ def is_attention_module(module: Any) -> bool:
                for f in _functions_behind(forward))
 
 
+#: keywords an attention module may pass to its attention function that no attnpatch backend
+#: computes: (what they are, the module attribute that holds them, None where a layer has none)
+UNSUPPORTED_KEYWORDS = {"s_aux": ("attention sinks", "sinks")}
+
+
+def _keywords_passed(fn: types.FunctionType) -> set[str]:
+    """Keyword names ``fn``'s code passes in calls: CPython keeps them as tuples of strings
+    among the code's constants (``f(a, b=...)``, also with ``**kwargs``)."""
+    names: set[str] = set()
+    for const in fn.__code__.co_consts:
+        if isinstance(const, tuple) and all(isinstance(c, str) for c in const):
+            names.update(const)
+    return names
+
+
+def unsupported_reason(module: Any, name: str = "") -> Optional[str]:
+    """Why ``module`` (a transformers attention module) cannot be routed through attnpatch, or
+    None. Found by inspecting its class's forward (behind decorators), so that ``patch()`` can
+    refuse it before anything changes instead of failing at the first forward: today, a forward
+    that passes attention sinks (``s_aux=``, as GPT-OSS does), which no backend computes. A
+    module whose ``sinks`` attribute is None (MiMo-V2-Flash's full-attention layers pass
+    ``s_aux=self.sinks`` = None) is not refused."""
+    forward = getattr(type(module), "forward", None)
+    passed = set()
+    for f in _functions_behind(forward):
+        passed |= _keywords_passed(f)
+    found = [kw for kw, (_, attr) in UNSUPPORTED_KEYWORDS.items()
+             if kw in passed and getattr(module, attr, True) is not None]
+    if not found:
+        return None
+    what = ", ".join(f"{UNSUPPORTED_KEYWORDS[kw][0]} ({kw}=)" for kw in found)
+    label = f"{name} ({type(module).__name__})" if name else type(module).__name__
+    exclude = f"exclude={name!r}" if name else "exclude=<its name>"
+    return (f"{label} passes {what} to its attention function, which no attnpatch backend "
+            f"computes: exclude it from the patch (patch(..., {exclude})) or leave this model "
+            "unpatched (attnpatch.unpatch)")
+
+
 # --- the attention function -------------------------------------------------------------------
 
 def _passthrough(module, query, key, value, attention_mask, impl: str, **kwargs):
@@ -105,13 +146,10 @@ def attnpatch_attention(module, query, key, value, attention_mask, dropout=0.0, 
         return _passthrough(module, query, key, value, attention_mask, impl, dropout=dropout,
                             scaling=scaling, is_causal=is_causal, position_bias=position_bias,
                             cache=cache, **kwargs)
-    if kwargs.get("softcap") is not None:
-        raise AttnPatchError(f"{record.name}: attention logit softcapping (softcap="
-                             f"{kwargs['softcap']}) is not supported by attnpatch backends; "
-                             "exclude this model from the patch")
-    if kwargs.get("s_aux") is not None:
-        raise AttnPatchError(f"{record.name}: attention sinks (s_aux) are not supported by "
-                             "attnpatch backends; exclude this model from the patch")
+    if kwargs.get("s_aux") is not None:  # patch() refuses such modules; this is the backstop
+        raise AttnPatchError(f"{record.name}: attention sinks (s_aux) are not computed by any "
+                             "attnpatch backend; exclude this module from the patch")
+    softcap = kwargs.get("softcap")  # Gemma 2: attn_logit_softcapping (None when off)
     if cache is not None:
         from transformers.generation.continuous_batching.cache import PagedAttentionCache
         if isinstance(cache, PagedAttentionCache):
@@ -132,10 +170,11 @@ def attnpatch_attention(module, query, key, value, attention_mask, dropout=0.0, 
         is_causal = False
     if torch.compiler.is_compiling():
         out = _dispatch(query, key, value, attention_mask, is_causal, scaling, dropout, None,
-                        "bhsd", False, None, record.default)[0]
+                        "bhsd", False, None, record.default, softcap)[0]
     else:
         out, selection = _dispatch_eager(query, key, value, attention_mask, is_causal, scaling,
-                                         dropout, None, "bhsd", False, None, record.default)
+                                         dropout, None, "bhsd", False, None, record.default,
+                                         None, softcap)
         record.note(selection)
     return out.transpose(1, 2).contiguous(), None
 

@@ -302,3 +302,134 @@ def test_auto_prefers_flash4_only_where_it_measured_faster():
     assert flash4.auto_reasons(long) == []
     assert "auto prefers sdpa" in flash4.auto_reasons(short)[0]
     assert "auto prefers sdpa" in flash4.auto_reasons(sdxl)[0]
+
+
+# --- softcap: the kernels' own softcap=, exercised through stand-in entry points ----------------
+# A module with flash-attn's two entry points, computed by the math backend with flash's own
+# masking rule (bottom-right causal/window; see test_padding.py). Every call is recorded, so the
+# tests see what each backend passes to the kernel.
+FAKE_FLASH = '''
+import torch
+import attnpatch
+from attnpatch.backends import _padding as P
+
+calls = []
+
+
+def _attend(q, k, v, visible, softmax_scale, softcap):
+    return attnpatch.attention(q, k, v, attn_mask=visible, scale=softmax_scale,
+                               softcap=softcap or None, backend="math", layout="bshd",
+                               return_lse=True)
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
+                    window_size=(-1, -1), {softcap}return_attn_probs=False, return_lse=False):
+    softcap = locals().get("softcap", 0.0)
+    calls.append(("dense", softcap))
+    window = tuple(None if w is None or w < 0 else w for w in window_size)
+    visible = P.flash_visible(q.shape[1], k.shape[1], causal, window)
+    return _attend(q, k, v, visible, softmax_scale, softcap)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p=0.0, softmax_scale=None, causal=False, {softcap}
+                           return_attn_probs=False, return_lse=False):
+    softcap = locals().get("softcap", 0.0)
+    calls.append(("varlen", softcap))
+    assert not causal
+    outs, lses = [], []
+    for b in range(cu_seqlens_q.numel() - 1):
+        qs = q[cu_seqlens_q[b]:cu_seqlens_q[b + 1]][None]
+        ks = k[cu_seqlens_k[b]:cu_seqlens_k[b + 1]][None]
+        vs = v[cu_seqlens_k[b]:cu_seqlens_k[b + 1]][None]
+        out, lse = _attend(qs, ks, vs, None, softmax_scale, softcap)
+        outs.append(out[0])
+        lses.append(lse[0])
+    return torch.cat(outs), torch.cat(lses, dim=1)
+'''
+
+
+@pytest.fixture
+def fake_flash(fresh_lookups):
+    """Make module ``name`` (with or without ``softcap=`` on its entry points) importable, and
+    a backend of each FlashAttention version running it."""
+    made = []
+
+    def make(cls, name="attnpatch_fake_flash", softcap=True):
+        path = fresh_lookups / f"{name}.py"
+        if not path.exists():
+            path.write_text(FAKE_FLASH.replace("{softcap}", "softcap=0.0, " if softcap else ""))
+            made.append(name)
+        fake = type(f"Fake{cls.__name__}", (cls,), dict(
+            name=f"test_fake_{cls.name}", probe=name, module=name, package=name))
+        return fake(), importlib.import_module(name)
+
+    yield make
+    for name in made:
+        sys.modules.pop(name, None)
+
+
+SOFTCAP_CASES = {
+    "dense": dict(seq_q=33, seq_k=47, head_dim=64),                      # one call, no padding
+    "padded_head_dim": dict(seq_q=33, seq_k=47, head_dim=36),             # zero-padded to 40
+    "gqa": dict(heads=4, kv_heads=2, seq_q=33, seq_k=47, head_dim=64),
+    "causal_q_longer": dict(seq_q=47, seq_k=33, head_dim=64, is_causal=True),  # window plan
+    "causal_k_longer": dict(seq_q=33, seq_k=47, head_dim=64, is_causal=True),  # key slice
+    "key_padding": dict(seq_q=33, seq_k=47, head_dim=64, mask="key_padding"),  # varlen
+}
+
+
+@pytest.mark.parametrize("case", list(SOFTCAP_CASES))
+@pytest.mark.parametrize("cls", VERSIONS, ids=lambda c: c.name)
+def test_softcap_reaches_the_kernel_and_equals_math(fake_flash, cls, case):
+    backend, fake = fake_flash(cls)
+    kw = dict(SOFTCAP_CASES[case])
+    is_causal = kw.pop("is_causal", False)
+    q, k, v, mask = make_inputs(dtype=torch.float64, mask=kw.pop("mask", None), **kw)
+    for cap in (0.7, None):
+        fake.calls.clear()
+        call = attnpatch.explain(q, k, v, attn_mask=mask, is_causal=is_causal, softcap=cap,
+                                 return_lse=True).call
+        out, lse = backend.forward(call)
+        ref, ref_lse = attnpatch.attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                           softcap=cap, backend="math", return_lse=True)
+        torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(lse.double(), ref_lse.double(), rtol=1e-6, atol=1e-6)
+        assert fake.calls and all(c == fake.calls[0] for c in fake.calls), fake.calls
+        assert fake.calls[0][0] == ("varlen" if case == "key_padding" else "dense")
+        assert fake.calls[0][1] == (cap or 0.0)  # no cap: the kernel's default (off)
+
+
+@pytest.mark.parametrize("cls", VERSIONS, ids=lambda c: c.name)
+def test_a_build_without_softcap_refuses_it(fake_flash, cls):
+    old, _ = fake_flash(cls, name="attnpatch_fake_flash_old", softcap=False)
+    new, _ = fake_flash(cls)
+    dense, _ = _calls_with_cap()
+    padded, _ = _calls_with_cap(mask="key_padding")
+    assert old.softcap_reasons(dense) == [
+        "softcap=0.7 not supported by this attnpatch_fake_flash_old build "
+        "(attnpatch_fake_flash_old.flash_attn_func takes no softcap=)"]
+    assert old.softcap_reasons(padded) == [
+        "softcap=0.7 not supported by this attnpatch_fake_flash_old build "
+        "(attnpatch_fake_flash_old.flash_attn_varlen_func takes no softcap=)"]
+    assert old.softcap_reasons(dense)[0] in old.not_supported_reasons(dense)
+    assert new.softcap_reasons(dense) == new.softcap_reasons(padded) == []
+    assert AbsentFlash4().softcap_reasons(dense) == []  # not installed: nothing imported
+
+
+def _calls_with_cap(**kw):
+    q, k, v, mask = make_inputs(dtype=torch.float16, seq_q=9, seq_k=11, head_dim=16, **kw)
+    return (attnpatch.explain(q, k, v, attn_mask=mask, softcap=0.7).call,
+            attnpatch.explain(q, k, v, attn_mask=mask).call)
+
+
+def test_flash4_refuses_softcap_at_head_dim_256_on_blackwell():
+    fa4 = Flash4Backend()
+    q, k, v, _ = make_inputs(dtype=torch.float16, seq_q=9, head_dim=256)
+    capped = attnpatch.explain(q, k, v, softcap=30.0).call
+    assert fa4.device_reasons(capped, (10, 0)) == [
+        "softcap=30.0 with head_dim 256 not supported on compute capability 10.0"]
+    assert fa4.device_reasons(capped, (9, 0)) == []
+    assert fa4.device_reasons(attnpatch.explain(q, k, v).call, (10, 0)) == []
+    q, k, v, _ = make_inputs(dtype=torch.float16, seq_q=9, head_dim=128)
+    assert fa4.device_reasons(attnpatch.explain(q, k, v, softcap=30.0).call, (10, 0)) == []

@@ -45,12 +45,14 @@ def _needs_flash4():
         pytest.skip("flash4 needs compute capability >= 9.0")
 
 
-def lowp_attention(q, k, v, mask, is_causal, scale):
+def lowp_attention(q, k, v, mask, is_causal, scale, softcap=None):
     """Naive attention in the inputs' low precision: scores and probabilities rounded to the
     dtype, as a flash kernel's inputs to its second matmul are. Returns (out, lse)."""
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-2, -1)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
     keep = torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)
     if is_causal:
         keep = keep.tril()
@@ -70,11 +72,12 @@ def within(got, ref, naive, factor, dtype, what):
         f"{what}: max error {err:.3g} vs naive low-precision {naive_err:.3g} (+{slack:.3g})")
 
 
-def check(q, k, v, mask=None, is_causal=False, return_lse=False, grad=True, backend="flash4"):
+def check(q, k, v, mask=None, is_causal=False, return_lse=False, grad=True, backend="flash4",
+          softcap=None):
     """flash4 vs the fp32 math reference (and the naive low-precision one), out/lse/grads."""
     scale = q.shape[-1] ** -0.5
     ex = attnpatch.explain(q, k, v, attn_mask=mask, is_causal=is_causal, return_lse=return_lse,
-                           backend=backend)
+                           backend=backend, softcap=softcap)
     assert ex.choice == backend, ex
 
     def run(fn, tensors):
@@ -93,12 +96,15 @@ def check(q, k, v, mask=None, is_causal=False, return_lse=False, grad=True, back
         return out.detach(), (None if lse is None else lse.detach()), grads
 
     got = run(lambda a, b, c: attnpatch.attention(a, b, c, attn_mask=mask, is_causal=is_causal,
-                                                  return_lse=return_lse, backend=backend),
+                                                  return_lse=return_lse, backend=backend,
+                                                  softcap=softcap),
               (q, k, v))
     ref = run(lambda a, b, c: attnpatch.attention(a, b, c, attn_mask=mask, is_causal=is_causal,
-                                                  return_lse=True, backend="math"),
+                                                  return_lse=True, backend="math",
+                                                  softcap=softcap),
               (q.float(), k.float(), v.float()))
-    naive = run(lambda a, b, c: lowp_attention(a, b, c, mask, is_causal, scale), (q, k, v))
+    naive = run(lambda a, b, c: lowp_attention(a, b, c, mask, is_causal, scale, softcap),
+                (q, k, v))
     assert got[0].dtype == q.dtype and got[0].shape == ref[0].shape
     assert torch.isfinite(got[0]).all()
     within(got[0], ref[0], naive[0], 2, q.dtype, "out")
@@ -252,3 +258,64 @@ def test_refusals_on_the_gpu():
     if not module_present("flash_attn.flash_attn_interface"):
         assert flash2 == ["package flash_attn not installed (pip install flash-attn); only "
                           "flash-attn-4's flash_attn.cute is there (backend flash4)"]
+
+
+# --- softcap: flash-attn-4's own softcap= ---------------------------------------------------------
+SOFTCAP_CASES = {
+    "dense": dict(seq_q=256, head_dim=128),
+    "odd": dict(seq_q=113, seq_k=77, head_dim=64),
+    "padded_head_dim": dict(seq_q=113, head_dim=100),  # zero-padded by the backend
+    "gqa": dict(heads=8, kv_heads=2, seq_q=113, seq_k=300, head_dim=128),
+}
+
+
+@pytest.mark.parametrize("softcap", [0.5, 5.0])
+@pytest.mark.parametrize("case", list(SOFTCAP_CASES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_softcap(dtype, case, softcap):
+    q, k, v, _ = inputs(dtype, batch=2, **{"heads": 4, **SOFTCAP_CASES[case]})
+    got = check(q, k, v, softcap=softcap, return_lse=True)
+    plain = attnpatch.attention(q, k, v, backend="flash4")
+    assert (got[0].float() - plain.float()).abs().max() > 1e-2  # the cap changed the result
+
+
+@pytest.mark.parametrize("seq_q,seq_k", [(113, 113), (113, 40), (40, 113)])
+def test_softcap_causal(seq_q, seq_k):
+    q, k, v, _ = inputs(torch.bfloat16, batch=2, heads=4, seq_q=seq_q, seq_k=seq_k, head_dim=64)
+    check(q, k, v, is_causal=True, softcap=0.5, return_lse=True)
+
+
+def test_softcap_key_padding_through_varlen():
+    q, k, v, _ = inputs(torch.bfloat16, batch=3, heads=4, seq_q=77, seq_k=113, head_dim=64)
+    lengths = torch.tensor([113, 37, 100], device="cuda")
+    mask = (torch.arange(113, device="cuda")[None] < lengths[:, None])[:, None, None, :]
+    check(q, k, v, mask=mask, softcap=0.5, return_lse=True)
+
+
+def test_gemma2_patched_with_flash4_equals_eager():
+    """Gemma 2 (Sana's text encoder family) with attn_logit_softcapping, bf16, on flash4 (no
+    padding, sequence within the sliding window: causal without a mask, which flash4 runs)."""
+    from transformers import Gemma2Config, Gemma2Model
+    torch.manual_seed(0)
+    model = Gemma2Model(Gemma2Config(
+        vocab_size=64, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
+        query_pre_attn_scalar=64, sliding_window=256, attn_logit_softcapping=5.0,
+        attn_implementation="eager")).eval().to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        for layer in model.layers:  # logits large enough for the cap to matter
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    ids = torch.randint(3, 60, (2, 200), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(1))
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state.float()
+        ref32 = model.float()(input_ids=ids).last_hidden_state
+        model.to(torch.bfloat16)
+        with attnpatch.patch(model, backend="flash4") as handle:
+            out = model(input_ids=ids).last_hidden_state.float()
+            report = handle.report()
+    assert [r.backend for r in report] == ["flash4", "flash4"] and all(r.calls == 1 for r in report)
+    eager_err = ((ref - ref32).norm() / ref32.norm()).item()
+    err = ((out - ref32).norm() / ref32.norm()).item()
+    assert err <= 2 * eager_err + 1e-3, (err, eager_err)

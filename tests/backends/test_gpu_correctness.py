@@ -116,3 +116,58 @@ def test_auto_prefers_a_fast_kernel_on_large_shapes():
                              device="cuda")
     explanation = attnpatch.explain(q, k, v)
     assert explanation.choice not in ("math", "sdpa_math")
+
+
+# --- softcap: computed by the backends that declare it, refused by the others --------------------
+SOFTCAP_BACKENDS = [b.name for b in attnpatch.list_backends()
+                    if b.capabilities["softcap"] and "cuda" in b.capabilities["devices"]
+                    and b.name != "flash"]  # flash: its members are tested in test_flash_gpu
+
+
+@pytest.mark.parametrize("structure", ["plain", "gqa", "bool", "float", "key_padding", "causal",
+                                       "causal+bool"])
+@pytest.mark.parametrize("backend", SOFTCAP_BACKENDS)
+def test_softcap_forward_and_gradients(backend, structure):
+    q, k, v, mask, is_causal = _case((113, 77, 64), structure, torch.bfloat16)
+    ref, _ = reference(q, k, v, mask, is_causal, softcap=0.5)
+    assert rel_error(reference(q, k, v, mask, is_causal)[0], ref) > 1e-2  # the cap matters
+    grads, outs = {}, {}
+    for name in ("ref", "math", backend):
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        if name == "ref":
+            leaves = [t.double().detach().requires_grad_() for t in leaves]
+            out = reference(*leaves, mask, is_causal, softcap=0.5)[0]
+        else:
+            out = _run_or_refuse(name, *leaves, mask, is_causal, softcap=0.5)
+            if out is None:  # refused (e.g. flash4's masks): never for the softcap itself
+                reasons = attnpatch.explain(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                            softcap=0.5, backend=name).reasons[name]
+                assert not any(r.startswith("softcap") for r in reasons), reasons
+                return
+        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
+                             dtype=torch.float64).to(out.device, out.dtype)
+        (out * weight).sum().backward()
+        grads[name], outs[name] = [t.grad for t in leaves], out.detach()
+    assert rel_error(outs[backend], ref) <= 2 * rel_error(outs["math"], ref) + 1e-3
+    for i, axis in enumerate("qkv"):
+        math_err = rel_error(grads["math"][i], grads["ref"][i])
+        assert rel_error(grads[backend][i], grads["ref"][i]) <= 2 * math_err + 1e-2, axis
+
+
+@pytest.mark.parametrize("backend", [b for b in GPU_BACKENDS if b not in SOFTCAP_BACKENDS])
+def test_softcap_refused_with_the_reason(backend):
+    q, k, v, mask, is_causal = _case((77, 77, 64), "plain", torch.bfloat16)
+    reasons = attnpatch.explain(q, k, v, softcap=0.5, backend=backend).reasons[backend]
+    assert "softcap=0.5 not supported" in reasons
+    with pytest.raises(attnpatch.BackendUnavailableError, match="softcap=0.5 not supported"):
+        attnpatch.attention(q, k, v, softcap=0.5, backend=backend)
+
+
+def test_auto_with_softcap_takes_a_backend_that_computes_it():
+    q, k, v, _ = make_inputs(batch=1, heads=8, seq_q=1024, head_dim=128, dtype=torch.bfloat16,
+                             device="cuda")
+    choice = attnpatch.explain(q, k, v, softcap=30.0).choice
+    assert choice in SOFTCAP_BACKENDS or choice.startswith("flash"), choice
+    out = attnpatch.attention(q, k, v, softcap=30.0)
+    ref, _ = reference(q, k, v, softcap=30.0)
+    assert rel_error(out, ref) <= 1e-2

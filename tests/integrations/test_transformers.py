@@ -235,3 +235,126 @@ def test_decorated_attention_forward_is_found_and_routed(wraps):
     assert len(report) == len(attn) and all(r.routed and r.calls == 1 for r in report)
     assert counting.calls == len(attn)
     assert rel_error(_valid("llama", kw, out), _valid("llama", kw, ref)) <= 1e-5
+
+
+# --- softcap (Gemma 2) and attention sinks (GPT-OSS) ---------------------------------------------
+def gemma2(softcap):
+    """A tiny Gemma2 (eager, as transformers requires for softcapping) whose q/k projections are
+    scaled up so that its attention logits are large enough for the cap to matter; sliding
+    window 4 on its first layer, so the sliding-window mask is exercised at length 7."""
+    from transformers import Gemma2Config, Gemma2Model
+    from tests.tiny_models import _ids_and_mask
+    torch.manual_seed(0)
+    m = Gemma2Model(Gemma2Config(vocab_size=64, hidden_size=32, intermediate_size=32,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=16, max_position_embeddings=32,
+                                 query_pre_attn_scalar=16, sliding_window=4,
+                                 attn_logit_softcapping=softcap,
+                                 attn_implementation="eager")).eval()
+    with torch.no_grad():
+        for layer in m.layers:
+            layer.self_attn.q_proj.weight.mul_(30)
+            layer.self_attn.k_proj.weight.mul_(30)
+    ids, mask = _ids_and_mask()
+    return m, dict(input_ids=ids, attention_mask=mask)
+
+
+def _softcap_backends():
+    from attnpatch import registry
+    return [b.name for b in registry.all_backends() if b.supports_softcap
+            and "cpu" in b.devices and not b.availability_reasons()]
+
+
+@pytest.mark.parametrize("backend", ["auto", *_softcap_backends()])
+@pytest.mark.parametrize("softcap", [50.0, 1.0])
+def test_gemma2_patched_equals_eager(softcap, backend):
+    model, kw = gemma2(softcap)
+    assert model.config._attn_implementation == "eager"
+    ref = run(model, kw)
+    attn = [m for m in model.modules() if itf.is_attention_module(m)]
+    for m in attn:  # the same model without the cap: the cap must change the result
+        m.attn_logit_softcapping = None
+    uncapped = run(model, kw)
+    for m in attn:
+        m.attn_logit_softcapping = softcap
+    assert rel_error(_valid("gemma2", kw, uncapped), _valid("gemma2", kw, ref)) > 1e-3
+    with attnpatch.patch(model, backend=backend) as handle:
+        assert model.config._attn_implementation == itf.ATTN_NAME
+        out = run(model, kw)
+        report = handle.report()
+    assert rel_error(_valid("gemma2", kw, out), _valid("gemma2", kw, ref)) <= 1e-5
+    assert len(report) == len(attn) == 2
+    from attnpatch import registry
+    for r in report:  # every module routed, once, on a backend that computes the cap
+        assert r.routed and r.calls == 1, r
+        assert registry.get_backend(r.backend).supports_softcap, r.backend
+    if backend != "auto":
+        assert {r.backend for r in report} == {backend}
+    assert model.config._attn_implementation == "eager"
+    assert torch.equal(run(model, kw), ref)
+    assert no_attnpatch_state(model) == []
+
+
+def test_gemma2_on_a_backend_without_softcap_is_refused_with_the_reason():
+    model, kw = gemma2(50.0)
+    with attnpatch.patch(model, backend="sdpa"):
+        with pytest.raises(attnpatch.BackendUnavailableError, match="softcap=50.0 not supported"):
+            run(model, kw)
+
+
+def gpt_oss():
+    from transformers import GptOssConfig, GptOssModel
+    torch.manual_seed(0)
+    m = GptOssModel(GptOssConfig(vocab_size=64, hidden_size=32, intermediate_size=32,
+                                 num_hidden_layers=2, num_attention_heads=4,
+                                 num_key_value_heads=2, head_dim=8, num_local_experts=2,
+                                 num_experts_per_tok=1, max_position_embeddings=32,
+                                 sliding_window=4)).eval()
+    return m, dict(input_ids=torch.randint(3, 60, (2, 7), generator=torch.Generator()
+                                           .manual_seed(1)))
+
+
+def test_unsupported_reason_finds_attention_sinks():
+    model, kw = gpt_oss()
+    run(model, kw)  # it builds and runs on CPU (eager)
+    attn = [(n, m) for n, m in model.named_modules() if itf.is_attention_module(m)]
+    assert [n for n, _ in attn] == ["layers.0.self_attn", "layers.1.self_attn"]
+    for name, m in attn:
+        reason = itf.unsupported_reason(m, name)
+        assert reason == (
+            f"{name} (GptOssAttention) passes attention sinks (s_aux=) to its attention "
+            f"function, which no attnpatch backend computes: exclude it from the patch "
+            f"(patch(..., exclude={name!r})) or leave this model unpatched (attnpatch.unpatch)")
+    # behind transformers' deprecate_kwarg decorator: the keyword is found in the wrapped code
+    assert "s_aux" not in {c for f in [type(attn[0][1]).forward]
+                           for t in f.__code__.co_consts if isinstance(t, tuple) for c in t}
+    # a layer whose sinks are None (MiMo-V2-Flash's full-attention layers) passes s_aux=None
+    attn[1][1].sinks = None
+    assert itf.unsupported_reason(attn[1][1]) is None
+    # attention modules that pass no sinks
+    gemma, _ = gemma2(50.0)
+    others = [m for mod in (gemma, llama()[0], *(f()[0] for f in TRANSFORMERS.values()))
+              for m in mod.modules() if itf.is_attention_module(m)]
+    assert others and all(itf.unsupported_reason(m) is None for m in others)
+
+
+def _patcher_checks_sinks() -> bool:
+    import inspect
+    from attnpatch import patcher
+    return "unsupported_reason" in inspect.getsource(patcher)
+
+
+@pytest.mark.xfail(not _patcher_checks_sinks(), strict=True,
+                   reason="patcher.py does not call integrations.transformers.unsupported_reason "
+                          "yet (the lines to add are in the softcap branch's report)")
+def test_patch_refuses_attention_sinks_at_patch_time():
+    model, kw = gpt_oss()
+    ref = run(model, kw)
+    with pytest.raises(AttnPatchError, match=r"layers\.0\.self_attn \(GptOssAttention\) passes "
+                                             r"attention sinks \(s_aux=\).*exclude"):
+        attnpatch.patch(model, backend="math")
+    # refused before anything changed
+    assert model.config._attn_implementation == "eager"
+    assert not itf.registered()
+    assert no_attnpatch_state(model) == []
+    assert torch.equal(run(model, kw), ref)
