@@ -526,6 +526,10 @@ def _patch(target, backend, include, exclude, options, implicit: bool) -> PatchH
     if not found.attention:
         raise AttnPatchError(_nothing_found(target, found))
     selected = _select(found.attention, include, exclude)
+    for name, module, kind in selected:  # refused before anything changes
+        why = tf.unsupported_reason(module, name) if kind == "transformers" else None
+        if why is not None:
+            raise AttnPatchError(why)
     plan = _backend_plan(backend, options, [n for n, _, _ in selected])
     handle = _handle_of(target)
     fresh = handle is None

@@ -338,15 +338,6 @@ def test_unsupported_reason_finds_attention_sinks():
     assert others and all(itf.unsupported_reason(m) is None for m in others)
 
 
-def _patcher_checks_sinks() -> bool:
-    import inspect
-    from attnpatch import patcher
-    return "unsupported_reason" in inspect.getsource(patcher)
-
-
-@pytest.mark.xfail(not _patcher_checks_sinks(), strict=True,
-                   reason="patcher.py does not call integrations.transformers.unsupported_reason "
-                          "yet (the lines to add are in the softcap branch's report)")
 def test_patch_refuses_attention_sinks_at_patch_time():
     model, kw = gpt_oss()
     ref = run(model, kw)
@@ -358,3 +349,12 @@ def test_patch_refuses_attention_sinks_at_patch_time():
     assert not itf.registered()
     assert no_attnpatch_state(model) == []
     assert torch.equal(run(model, kw), ref)
+
+
+def test_excluding_the_sink_modules_is_the_fix_the_error_names():
+    """The refusal names exclude=...; with the sink layers excluded (here: all of them, so
+    nothing is left) patch() says what it says for an empty selection, not a sink error."""
+    model, _ = gpt_oss()
+    with pytest.raises(AttnPatchError, match="leave no attention module"):
+        attnpatch.patch(model, exclude=["layers.0.self_attn", "layers.1.self_attn"])
+    assert no_attnpatch_state(model) == []
