@@ -63,11 +63,12 @@ def rel_error(out, ref) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-12)).item()
 
 
-def inputs(batch, seq, vocab, device):
+def inputs(batch, seq, vocab, device, padded=True):
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (batch, seq), generator=gen)
     mask = torch.ones(batch, seq, dtype=torch.long)
-    mask[-1, seq * 3 // 4:] = 0  # right padding on the last row, as for a short prompt
+    if padded:
+        mask[-1, seq * 3 // 4:] = 0  # right padding on the last row, as for a short prompt
     return ids.to(device), mask.to(device)
 
 
@@ -121,18 +122,24 @@ def t5_rows(batch, seq, device, config):
 
 
 def gemma2_rows(batch, seq, device, config):
+    """Padded prompts (Sana pads to 300 tokens): the causal+padding mask is a full bool mask,
+    which flash kernels cannot take; unpadded prompts: causal only, which they can."""
     from transformers import Gemma2Config, Gemma2Model
     torch.manual_seed(0)
     with device:
         model = Gemma2Model(Gemma2Config(**config)).to(torch.bfloat16).eval()
     model.set_attn_implementation("eager")
-    ids, mask = inputs(batch, seq, config["vocab_size"], device)
+    rows = []
+    for padded in (True, False):
+        ids, mask = inputs(batch, seq, config["vocab_size"], device, padded)
 
-    def forward():
-        return model(input_ids=ids, attention_mask=mask).last_hidden_state
+        def forward():
+            kw = dict(attention_mask=mask) if padded else {}
+            return model(input_ids=ids, **kw).last_hidden_state
 
-    rows = compare("gemma2-2b", model, forward, ("flex", "flash4", "math", "auto"),
-                   lambda out: out[mask.bool()], device)
+        name = "gemma2-2b" + ("" if padded else " unpadded")
+        rows += compare(name, model, forward, ("flex", "flash4", "math", "auto"),
+                        lambda out: out[mask.bool()], device)
     del model
     return rows
 

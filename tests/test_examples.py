@@ -81,3 +81,19 @@ def test_lora_step_benchmark_smoke(tmp_path):
     assert default["variant"] == "diffusers" and default["processor"] == "AttnProcessor2_0"
     assert patched["modules_routed"] > 0 and patched["ran"] == ["sdpa"]
     assert patched["loss_diff"] < 1e-5 and patched["grad_norm_rel_diff"] < 1e-4
+
+
+def test_text_encoders_benchmark_smoke(tmp_path):
+    """The GPU benchmark's code path on CPU with tiny configs: every variant runs or is refused
+    with its reason, patched T5 equals unpatched, Gemma2 computes softcap on flex and math."""
+    out = run([sys.executable, str(ROOT / "benchmarks" / "text_encoders.py"), "--device", "cpu",
+               "--tiny", "--t5-seq", "16", "--gemma-seq", "12", "--out", str(tmp_path)], tmp_path)
+    rows = json.loads((tmp_path / "text_encoders.json").read_text())["rows"]
+    by = {(r["model"], r["variant"]): r for r in rows}
+    assert by[("t5-xxl-encoder", "patch(sdpa)")]["rel_err_vs_unpatched"] == 0.0
+    assert "flash4" in by[("t5-xxl-encoder", "patch(flash4)")]["refused"]
+    for model in ("gemma2-2b", "gemma2-2b unpadded"):
+        for backend in ("flex", "math", "auto"):
+            row = by[(model, f"patch({backend})")]
+            assert row["routed"] == "2/2" and row["rel_err_vs_unpatched"] < 2e-2, row
+    assert "ERROR" not in out
