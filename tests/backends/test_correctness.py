@@ -7,7 +7,7 @@ import torch
 
 import attnpatch
 
-from ..conftest import CPU_BACKENDS, make_inputs, reference, rel_error
+from ..conftest import CPU_BACKENDS, gradient_errors, make_inputs, reference, rel_error
 
 # (Sq, Sk, head_dim) with every S in {1, 77, 113, 1023} and every head_dim in {40, 64, 72, 128}
 SHAPES = [(1, 1, 40), (77, 77, 64), (113, 113, 72), (1023, 1023, 128), (77, 113, 40),
@@ -79,19 +79,11 @@ def test_lse_matches_reference(backend, structure):
 @pytest.mark.parametrize("backend", ["math", "sdpa", "sdpa_flash", "sdpa_math"])
 def test_gradients_match_reference(backend, structure):
     q, k, v, mask, is_causal = _case((33, 47, 40), structure, torch.float32)
-    grads = []
-    for fn in (lambda q, k, v: reference(q, k, v, mask, is_causal)[0],
-               lambda q, k, v: attnpatch.attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                                   backend=backend)):
-        leaves = [t.detach().double().requires_grad_() if not grads else
-                  t.detach().requires_grad_() for t in (q, k, v)]
-        out = fn(*leaves)
-        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
-                             dtype=torch.float64).to(out.dtype)
-        (out * weight).sum().backward()
-        grads.append([t.grad for t in leaves])
-    for name, ours, ref in zip("qkv", grads[1], grads[0]):
-        assert rel_error(ours, ref) <= 1e-5, name
+    errors = gradient_errors(
+        lambda q, k, v: reference(q, k, v, mask, is_causal)[0],
+        lambda q, k, v: attnpatch.attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                            backend=backend), q, k, v)
+    assert all(e <= 1e-5 for e in errors.values()), errors
 
 
 def test_math_gradcheck_float64():

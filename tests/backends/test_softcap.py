@@ -15,7 +15,7 @@ from hypothesis import given, settings
 import attnpatch
 from attnpatch import registry
 
-from ..conftest import make_inputs, reference, rel_error
+from ..conftest import gradient_errors, make_inputs, reference, rel_error
 
 
 def _cpu_backends():
@@ -106,19 +106,11 @@ def test_gradients_match_reference(backend, shape, structure):
     if reasons:  # flex has no CPU backward: refused for that, never for the softcap
         assert not any("softcap" in r for r in reasons), reasons
         pytest.skip("; ".join(reasons))
-    grads = []
-    for fn in (lambda q, k, v: reference(q, k, v, mask, is_causal, softcap=0.7)[0],
-               lambda q, k, v: attnpatch.attention(q, k, v, attn_mask=mask, is_causal=is_causal,
-                                                   softcap=0.7, backend=backend)):
-        leaves = [t.detach().double().requires_grad_() if not grads else
-                  t.detach().requires_grad_() for t in (q, k, v)]
-        out = fn(*leaves)
-        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
-                             dtype=torch.float64).to(out.dtype)
-        (out * weight).sum().backward()
-        grads.append([t.grad for t in leaves])
-    for name, ours, ref in zip("qkv", grads[1], grads[0]):
-        assert rel_error(ours, ref) <= 1e-5, name
+    errors = gradient_errors(
+        lambda q, k, v: reference(q, k, v, mask, is_causal, softcap=0.7)[0],
+        lambda q, k, v: attnpatch.attention(q, k, v, attn_mask=mask, is_causal=is_causal,
+                                            softcap=0.7, backend=backend), q, k, v)
+    assert all(e <= 1e-5 for e in errors.values()), errors
 
 
 def test_math_gradcheck_float64():
