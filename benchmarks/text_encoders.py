@@ -117,7 +117,6 @@ def t5_rows(batch, seq, device, config):
 
     rows = compare("t5-xxl-encoder", model, forward, ("sdpa", "flash4", "flex", "auto"),
                    lambda out: out[mask.bool()], device)
-    del model
     return rows
 
 
@@ -140,7 +139,6 @@ def gemma2_rows(batch, seq, device, config):
         name = "gemma2-2b" + ("" if padded else " unpadded")
         rows += compare(name, model, forward, ("flex", "flash4", "math", "auto"),
                         lambda out: out[mask.bool()], device)
-    del model
     return rows
 
 
