@@ -357,3 +357,15 @@ def test_softcap_under_compile():
     with attnpatch.attention_backend("sdpa"):
         with pytest.raises(Exception, match="softcap=0.5 not supported"):
             compiled(0.5)(q, k, v)
+
+
+@pytest.mark.parametrize("bad", [["sdpa"], {"sdpa": 1}, 3, ("sdpa",)])
+def test_backend_must_be_a_name(bad):
+    q, k, v, _ = make_inputs(seq_q=8)
+    with pytest.raises(attnpatch.AttnPatchError, match=r"backend must be a name \(str\)"):
+        attnpatch.attention(q, k, v, backend=bad)
+    with pytest.raises(attnpatch.AttnPatchError, match=r"backend must be a name \(str\)"):
+        with attnpatch.attention_backend(bad):
+            pass
+    with pytest.raises(attnpatch.AttnPatchError, match=r"backend must be a name \(str\)"):
+        attnpatch.explain(q, k, v, backend=bad)
