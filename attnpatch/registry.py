@@ -110,7 +110,12 @@ class Backend:
 
     def forward(self, call: AttentionCall, **options: Any):
         """Compute attention. Returns ``out`` as (B, H, Sq, Dv) (a view is fine), or
-        ``(out, lse)`` with ``lse`` (B, H, Sq) float32 when ``call.return_lse``."""
+        ``(out, lse)`` with ``lse`` (B, H, Sq) float32 when ``call.return_lse``.
+
+        The dispatcher checks that on the first call of each signature (``AttnPatchError``
+        naming the backend otherwise). An exception raised here by a backend registered outside
+        attnpatch reaches the caller as ``AttnPatchError("backend 'name' failed on ...")``
+        chained to it (out-of-memory errors keep their type)."""
         raise NotImplementedError(f"backend {self.name!r} does not implement forward()")
 
     def specialize(self, call: AttentionCall) -> Optional[Callable]:
