@@ -151,6 +151,9 @@ def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, b
                 softcap is None or selection.backend.supports_softcap):
             # not with options: the key holds their names, not their values
             kernel = selection.backend.specialize(call)
+        # the first call of a signature runs forward() and checks what it returns; cached only
+        # once that passed, so a warm call never runs unchecked
+        result = _first_forward(selection, call, options, record, query, key, layout)
         if key_ is not None:
             if len(_CACHE) >= _CACHE_LIMIT:
                 _CACHE.clear()
@@ -158,11 +161,18 @@ def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, b
     else:
         selection, resolved_scale, is_gqa, kernel = entry
         if kernel is not None:  # a plain kernel call: no AttentionCall, no layout context
-            if layout == "bhsd":
-                result = kernel(query, key, value)
-            else:
-                result = kernel(query.transpose(1, 2), key.transpose(1, 2),
-                                value.transpose(1, 2)).transpose(1, 2)
+            try:  # costs nothing unless it raises (CPython 3.11+)
+                if layout == "bhsd":
+                    result = kernel(query, key, value)
+                else:
+                    result = kernel(query.transpose(1, 2), key.transpose(1, 2),
+                                    value.transpose(1, 2)).transpose(1, 2)
+            except Exception as err:
+                if _passes_through(selection.backend, err):
+                    raise
+                call = build_call(query, key, value, None, is_causal, scale, dropout_p, layout,
+                                  return_lse, key_[-1], softcap)
+                raise _failed(selection.backend, call, err) from err
             if record is not None:  # ModuleRecord.note(), inlined
                 record.calls += 1
                 if selection is not record.last_selection:
@@ -175,15 +185,21 @@ def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, b
         else:
             call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
                               return_lse, key_[-1], softcap)
-    if record is None:
-        result = selection.backend.forward(call, **options)
-    else:
-        token = _LAYOUT_CALL.set((record.joint_text, query, key, -2 if layout == "bhsd" else 1))
-        try:
-            result = selection.backend.forward(call, **options)
-        finally:
-            _LAYOUT_CALL.reset(token)
-        record.note(selection)
+        try:  # costs nothing unless it raises (CPython 3.11+)
+            if record is None:
+                result = selection.backend.forward(call, **options)
+            else:
+                token = _LAYOUT_CALL.set((record.joint_text, query, key,
+                                          -2 if layout == "bhsd" else 1))
+                try:
+                    result = selection.backend.forward(call, **options)
+                finally:
+                    _LAYOUT_CALL.reset(token)
+                record.note(selection)
+        except Exception as err:
+            if _passes_through(selection.backend, err):
+                raise
+            raise _failed(selection.backend, call, err) from err
     if layout == "bshd":
         if return_lse:
             result = (result[0].transpose(1, 2), result[1])
@@ -193,6 +209,91 @@ def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, b
 
 
 _NO_OPTIONS: dict = {}
+
+
+def _first_forward(selection, call, options, record, query, key, layout):
+    """``forward`` for the first call of a signature (the cold path), its result checked."""
+    backend = selection.backend
+    try:
+        if record is None:
+            result = backend.forward(call, **options)
+        else:
+            token = _LAYOUT_CALL.set((record.joint_text, query, key,
+                                      -2 if layout == "bhsd" else 1))
+            try:
+                result = backend.forward(call, **options)
+            finally:
+                _LAYOUT_CALL.reset(token)
+    except Exception as err:
+        if _passes_through(backend, err):
+            raise
+        raise _failed(backend, call, err) from err
+    check_result(backend, call, result)
+    if record is not None:
+        record.note(selection)
+    return result
+
+
+def check_result(backend, call: AttentionCall, result) -> None:
+    """Raise :class:`AttnPatchError` unless ``result`` is what ``backend.forward`` must return
+    for ``call``: ``out`` (B, H, Sq, Dv), or ``(out, lse)`` with ``lse`` (B, H, Sq) float32
+    (float64 is accepted for float64 inputs) when ``call.return_lse``."""
+    out_shape = (call.batch_size, call.num_heads, call.seq_len_q, call.head_dim_v)
+    where = f"backend {backend.name!r} returned"
+    if call.return_lse:
+        if not (isinstance(result, (tuple, list)) and len(result) == 2):
+            raise AttnPatchError(
+                f"{where} {_describe(result)} for {call} with return_lse=True: expected a tuple "
+                f"(out, lse) with out of shape {out_shape} and lse of shape {out_shape[:3]}")
+        out, lse = result
+    else:
+        out, lse = result, None
+        if isinstance(result, (tuple, list)):
+            raise AttnPatchError(f"{where} {_describe(result)} for {call} with return_lse=False: "
+                                 f"expected one tensor of shape {out_shape}")
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != out_shape:
+        raise AttnPatchError(f"{where} output {_describe(out)} for {call}: expected output shape "
+                             f"{out_shape} (B, H, Sq, Dv)")
+    if lse is None:
+        return
+    lse_dtypes = (torch.float32, torch.float64) if call.dtype == torch.float64 else (
+        torch.float32,)
+    if (not isinstance(lse, torch.Tensor) or tuple(lse.shape) != out_shape[:3]
+            or lse.dtype not in lse_dtypes):
+        raise AttnPatchError(f"{where} lse {_describe(lse)} for {call}: expected lse shape "
+                             f"{out_shape[:3]} (B, H, Sq) and dtype torch.float32")
+
+
+def _describe(value, depth: int = 0) -> str:
+    if isinstance(value, torch.Tensor):
+        if depth:
+            return f"tensor {tuple(value.shape)} {value.dtype}"
+        return f"of shape {tuple(value.shape)} ({value.dtype})"
+    if isinstance(value, (tuple, list)) and depth == 0:
+        items = ", ".join(_describe(v, 1) for v in value[:3]) + (", ..." if len(value) > 3 else "")
+        return f"a {type(value).__name__} of {len(value)} ({items})"
+    return f"a {type(value).__name__}"
+
+
+# memory errors keep their type (batch-size finders catch them); they get a note instead
+_KEEP_TYPE = (MemoryError, *((torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError")
+                             else ()))
+
+
+def _passes_through(backend, err: Exception) -> bool:
+    """Whether ``err``, raised by ``backend``'s kernel, propagates as it is: built-in backends'
+    errors already say what failed; out-of-memory errors get a note naming the backend."""
+    if type(backend).__module__.startswith("attnpatch."):
+        return True
+    if isinstance(err, _KEEP_TYPE):
+        err.add_note(f"(in attnpatch backend {backend.name!r})")
+        return True
+    return False
+
+
+def _failed(backend, call: AttentionCall, err: Exception) -> AttnPatchError:
+    return AttnPatchError(f"backend {backend.name!r} failed on {call}: "
+                          f"{type(err).__name__}: {err}")
 
 
 @torch.compiler.assume_constant_result

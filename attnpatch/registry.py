@@ -110,7 +110,12 @@ class Backend:
 
     def forward(self, call: AttentionCall, **options: Any):
         """Compute attention. Returns ``out`` as (B, H, Sq, Dv) (a view is fine), or
-        ``(out, lse)`` with ``lse`` (B, H, Sq) float32 when ``call.return_lse``."""
+        ``(out, lse)`` with ``lse`` (B, H, Sq) float32 when ``call.return_lse``.
+
+        The dispatcher checks that on the first call of each signature (``AttnPatchError``
+        naming the backend otherwise). An exception raised here by a backend registered outside
+        attnpatch reaches the caller as ``AttnPatchError("backend 'name' failed on ...")``
+        chained to it (out-of-memory errors keep their type)."""
         raise NotImplementedError(f"backend {self.name!r} does not implement forward()")
 
     def specialize(self, call: AttentionCall) -> Optional[Callable]:
@@ -174,10 +179,11 @@ def register_backend(backend: Union[type[Backend], Backend, None] = None, *,
     """
     if backend is None:
         return lambda b: register_backend(b, replace=replace)
-    instance = backend() if isinstance(backend, type) else backend
-    if not isinstance(instance, Backend):
+    if not (issubclass(backend, Backend) if isinstance(backend, type)
+            else isinstance(backend, Backend)):  # before instantiating: any class would run
         raise AttnPatchError(f"register_backend expects a Backend subclass or instance, got "
                              f"{backend!r}")
+    instance = backend() if isinstance(backend, type) else backend
     name = instance.name
     if not name or not isinstance(name, str) or name != name.lower() or name in RESERVED:
         raise AttnPatchError(f"backend name {name!r} must be a non-empty lowercase string other "
@@ -228,9 +234,12 @@ def canonical_name(name: str) -> str:
 
     Raises :class:`AttnPatchError` suggesting the closest names for an unknown one.
     """
-    if name in _BACKENDS or name == "auto":
-        return name
-    target = _ALIASES.get(name)
+    try:  # free when nothing raises (CPython 3.11+): this runs on every call naming a backend
+        if name in _BACKENDS or name == "auto":
+            return name
+        target = _ALIASES.get(name)
+    except TypeError:  # unhashable (a list, a dict): not a name
+        target = None
     if target is not None:
         return target
     if not isinstance(name, str):

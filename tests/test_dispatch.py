@@ -357,3 +357,165 @@ def test_softcap_under_compile():
     with attnpatch.attention_backend("sdpa"):
         with pytest.raises(Exception, match="softcap=0.5 not supported"):
             compiled(0.5)(q, k, v)
+
+
+@pytest.mark.parametrize("bad", [["sdpa"], {"sdpa": 1}, 3, ("sdpa",)])
+def test_backend_must_be_a_name(bad):
+    q, k, v, _ = make_inputs(seq_q=8)
+    with pytest.raises(attnpatch.AttnPatchError, match=r"backend must be a name \(str\)"):
+        attnpatch.attention(q, k, v, backend=bad)
+    with pytest.raises(attnpatch.AttnPatchError, match=r"backend must be a name \(str\)"):
+        with attnpatch.attention_backend(bad):
+            pass
+    with pytest.raises(attnpatch.AttnPatchError, match=r"backend must be a name \(str\)"):
+        attnpatch.explain(q, k, v, backend=bad)
+
+
+# --- what a backend returns, and what it raises ---------------------------------------------
+def _returning(name, make):
+    """A user backend whose forward returns ``make(call, sdpa_out)``."""
+
+    class Returning(attnpatch.Backend):
+        priority = None
+        supports_lse = True
+
+        def forward(self, call):
+            out = torch.nn.functional.scaled_dot_product_attention(call.query, call.key,
+                                                                   call.value)
+            return make(call, out)
+
+    Returning.name = name
+    return Returning
+
+
+def _lse(call):
+    return torch.zeros(call.batch_size, call.num_heads, call.seq_len_q)
+
+
+BAD_RESULTS = {
+    "out_shape": (False, lambda c, o: o[:, :, :1],
+                  r"output of shape \(2, 4, 1, 16\).*expected output shape \(2, 4, 7, 16\)"),
+    "not_tensor": (False, lambda c, o: o.numpy(), r"output a ndarray .*expected output shape"),
+    "list": (False, lambda c, o: o.tolist(),
+             r"a list of 2 \(a list, a list\) .*expected one tensor"),
+    "tuple_no_lse": (False, lambda c, o: (o, _lse(c)),
+                     r"a tuple of 2 \(tensor \(2, 4, 7, 16\) torch.float32, "
+                     r"tensor \(2, 4, 7\) torch.float32\) .*return_lse=False: expected one tensor"),
+    "no_lse": (True, lambda c, o: o, r"of shape \(2, 4, 7, 16\).*expected a tuple \(out, lse\)"),
+    "lse_shape": (True, lambda c, o: (o, _lse(c)[..., :3]),
+                  r"lse of shape \(2, 4, 3\).*expected lse shape \(2, 4, 7\)"),
+    "lse_dtype": (True, lambda c, o: (o, _lse(c).half()),
+                  r"lse of shape \(2, 4, 7\) \(torch.float16\).*dtype torch.float32"),
+    "out_shape_lse": (True, lambda c, o: (o.transpose(1, 2), _lse(c)),
+                      r"output of shape \(2, 7, 4, 16\).*expected output shape \(2, 4, 7, 16\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RESULTS))
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_a_user_backend_returning_the_wrong_thing_is_named(case, layout):
+    return_lse, make, message = BAD_RESULTS[case]
+    attnpatch.register_backend(_returning("bad_result_test", make))
+    try:
+        q, k, v, _ = make_inputs(seq_q=7, head_dim=16)
+        if layout == "bshd":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        for _ in range(2):  # never cached: the second call is checked as well
+            with pytest.raises(attnpatch.AttnPatchError,
+                               match=r"backend 'bad_result_test' returned .*" + message):
+                attnpatch.attention(q, k, v, backend="bad_result_test", layout=layout,
+                                    return_lse=return_lse)
+    finally:
+        attnpatch.unregister_backend("bad_result_test")
+
+
+def test_a_user_backend_returning_the_right_thing_runs():
+    good = _returning("good_result_test",
+                      lambda c, o: (o, _lse(c)) if c.return_lse else o.transpose(1, 2)
+                      .contiguous().transpose(1, 2))
+    attnpatch.register_backend(good)
+    try:
+        q, k, v, _ = make_inputs(seq_q=7, head_dim=16)
+        for layout in ("bhsd", "bshd"):
+            args = (q, k, v) if layout == "bhsd" else tuple(t.transpose(1, 2) for t in (q, k, v))
+            for return_lse in (False, True, False, True):
+                attnpatch.attention(*args, backend="good_result_test", layout=layout,
+                                    return_lse=return_lse)
+    finally:
+        attnpatch.unregister_backend("good_result_test")
+
+
+def test_a_failing_user_backend_is_named_cold_and_warm():
+    class Fragile(attnpatch.Backend):
+        name = "fragile_test"
+        priority = None
+        calls = 0
+
+        def forward(self, call):
+            type(self).calls += 1
+            if type(self).calls != 2:  # the first call (cold) and the third (warm) fail
+                raise ValueError("kernel exploded")
+            return torch.nn.functional.scaled_dot_product_attention(call.query, call.key,
+                                                                    call.value)
+
+    class FragileKernel(attnpatch.Backend):
+        name = "fragile_kernel_test"
+        priority = None
+
+        def forward(self, call):
+            return torch.nn.functional.scaled_dot_product_attention(call.query, call.key,
+                                                                    call.value)
+
+        def specialize(self, call):
+            def kernel(q, k, v):
+                raise RuntimeError("specialized kernel exploded")
+            return kernel
+
+    attnpatch.register_backend(Fragile)
+    attnpatch.register_backend(FragileKernel)
+    try:
+        q, k, v, _ = make_inputs(seq_q=7, head_dim=16)
+        message = (r"backend 'fragile_test' failed on AttentionCall\(q=\(2, 4, 7, 16\).*"
+                   r"ValueError: kernel exploded")
+        with pytest.raises(attnpatch.AttnPatchError, match=message) as err:
+            attnpatch.attention(q, k, v, backend="fragile_test")  # cold
+        assert isinstance(err.value.__cause__, ValueError)
+        attnpatch.attention(q, k, v, backend="fragile_test")
+        with pytest.raises(attnpatch.AttnPatchError, match=message) as err:
+            attnpatch.attention(q, k, v, backend="fragile_test")  # warm
+        assert isinstance(err.value.__cause__, ValueError)
+        attnpatch.attention(q, k, v, backend="fragile_kernel_test")  # cold: forward
+        with pytest.raises(attnpatch.AttnPatchError,
+                           match=r"backend 'fragile_kernel_test' failed on AttentionCall\("
+                                 r"q=\(2, 4, 7, 16\).*specialized kernel exploded") as err:
+            attnpatch.attention(q, k, v, backend="fragile_kernel_test")  # warm: the kernel
+        assert isinstance(err.value.__cause__, RuntimeError)
+    finally:
+        attnpatch.unregister_backend("fragile_test")
+        attnpatch.unregister_backend("fragile_kernel_test")
+
+
+def test_out_of_memory_and_built_in_errors_keep_their_type():
+    class Hungry(attnpatch.Backend):
+        name = "hungry_test"
+        priority = None
+
+        def forward(self, call):
+            raise torch.OutOfMemoryError("out of memory")
+
+    attnpatch.register_backend(Hungry)
+    try:
+        q, k, v, _ = make_inputs(seq_q=7, head_dim=16)
+        with pytest.raises(torch.OutOfMemoryError) as err:
+            attnpatch.attention(q, k, v, backend="hungry_test")
+        assert "(in attnpatch backend 'hungry_test')" in err.value.__notes__
+    finally:
+        attnpatch.unregister_backend("hungry_test")
+    block_mask = torch.nn.attention.flex_attention.create_block_mask(
+        lambda b, h, q_idx, kv_idx: q_idx >= kv_idx, None, None, 7, 7, device="cpu")
+    for _ in range(2):  # cold and warm: the built-in's own error, not wrapped
+        with pytest.raises(attnpatch.AttnPatchError, match="^flex: pass block_mask= or "
+                                                           "mask_mod=, not both") as err:
+            attnpatch.attention(q, k, v, backend="flex", block_mask=block_mask,
+                                mask_mod=lambda b, h, q_idx, kv_idx: q_idx >= kv_idx)
+        assert err.value.__cause__ is None

@@ -177,3 +177,16 @@ def test_family_backend_delegates_once_per_signature(registered):
         attnpatch.attention(q, k, v, backend="family")
     assert (Family.calls, Family.chosen) == before  # the member runs; no per-call choosing
     assert attnpatch.explain(q, k, v, backend="family").choice == "math"
+
+
+def test_register_backend_refuses_a_non_backend_class_without_instantiating_it():
+    built = []
+
+    class NotABackend:
+        def __init__(self):
+            built.append(self)
+
+    for bad in (torch.nn.Linear, NotABackend, NotABackend.__init__):
+        with pytest.raises(AttnPatchError, match="expects a Backend subclass or instance"):
+            attnpatch.register_backend(bad)
+    assert built == []

@@ -18,6 +18,7 @@ import torch
 from .._errors import AttnPatchError
 from ..call import AttentionCall
 from ..registry import Backend, register_backend
+from .math import reference_attention
 
 try:  # torch >= 2.5
     from torch.nn.attention import flex_attention as _flex_module
@@ -110,6 +111,9 @@ class FlexBackend(Backend):
 
     def forward(self, call: AttentionCall, block_mask=None, mask_mod=None, score_mod=None,
                 compile: Optional[bool] = None, kernel_options: Optional[dict] = None, **_: Any):
+        if (block_mask is not None or mask_mod is not None or score_mod is not None
+                or compile is not None or kernel_options is not None):
+            _check_options(block_mask, mask_mod, score_mod, compile, kernel_options)
         if block_mask is not None and mask_mod is not None:
             raise AttnPatchError("flex: pass block_mask= or mask_mod=, not both")
         if mask_mod is not None and call.is_causal:
@@ -122,6 +126,12 @@ class FlexBackend(Backend):
         elif block_mask is not None and call.is_causal:
             raise AttnPatchError("flex: is_causal=True with a prebuilt block_mask is ambiguous: "
                                  "fold the causal pattern into the BlockMask, or pass mask_mod=")
+        if call.batch_size == 0:
+            # nothing to attend; flex's tensor-mask score_mod cannot index an empty batch and its
+            # lse comes back None. The reference computes the empty result (B=0, H, Sq, Dv), as
+            # SDPA returns it, still connected to the inputs for autograd.
+            out, lse = reference_attention(call)
+            return (out, lse.float()) if call.return_lse else out
         score_mod = _with_tensor_mask(_with_softcap(score_mod, call.softcap), call)
         if compile is None:
             compile = call.device.type == "cuda"
@@ -129,23 +139,49 @@ class FlexBackend(Backend):
                       enable_gqa=call.is_gqa, kernel_options=kernel_options)
         if call.return_lse:
             kwargs["return_aux"] = _flex_module.AuxRequest(lse=True)
+        query, key, value = call.query, call.key, call.value
+        if not call.requires_grad and (query.requires_grad or key.requires_grad
+                                       or value.requires_grad):
+            # grad mode is off (torch.no_grad()): no graph is recorded either way, but flex
+            # refuses inputs that require grad on CPU ("does not support backward on CPU")
+            query, key, value = query.detach(), key.detach(), value.detach()
         if torch.compiler.is_compiling():
             # inside a graph torch.compile is tracing: flex_attention is traced (and compiled
             # with that graph) as it is; no nested compiled function, no warnings context
-            result = _flex_module.flex_attention(call.query, call.key, call.value, **kwargs)
+            result = _flex_module.flex_attention(query, key, value, **kwargs)
         elif compile:
             signature = (call.query.shape, call.key.shape, call.value.shape, call.dtype,
                          call.device, call.mask_kind, score_mod is not None,
                          block_mask is not None, call.return_lse, call.softcap)
-            result = _compiled_flex(signature)(call.query, call.key, call.value, **kwargs)
+            result = _compiled_flex(signature)(query, key, value, **kwargs)
         else:
             with warnings.catch_warnings():
                 # eager is our deliberate choice here; torch warns that it is unfused
                 warnings.filterwarnings("ignore", message="flex_attention called without")
-                result = _flex_module.flex_attention(call.query, call.key, call.value, **kwargs)
+                result = _flex_module.flex_attention(query, key, value, **kwargs)
         if call.return_lse:
             return result[0], result[1].lse.float()
         return result
+
+
+def _check_options(block_mask, mask_mod, score_mod, compile, kernel_options) -> None:
+    """Raise :class:`AttnPatchError` naming the first option whose value flex cannot take."""
+    if block_mask is not None and not isinstance(block_mask, _flex_module.BlockMask):
+        raise AttnPatchError(f"flex: block_mask must be a BlockMask "
+                             f"(torch.nn.attention.flex_attention.create_block_mask) or None, got "
+                             f"{type(block_mask).__name__}")
+    if mask_mod is not None and not callable(mask_mod):
+        raise AttnPatchError(f"flex: mask_mod must be a callable fn(b, h, q_idx, kv_idx) -> bool "
+                             f"or None, got {type(mask_mod).__name__}")
+    if score_mod is not None and not callable(score_mod):
+        raise AttnPatchError(f"flex: score_mod must be a callable "
+                             f"fn(score, b, h, q_idx, kv_idx) -> score or None, got "
+                             f"{type(score_mod).__name__}")
+    if compile is not None and not isinstance(compile, bool):
+        raise AttnPatchError(f"flex: compile must be a bool or None, got {compile!r}")
+    if kernel_options is not None and not isinstance(kernel_options, dict):
+        raise AttnPatchError(f"flex: kernel_options must be a dict or None, got "
+                             f"{type(kernel_options).__name__}")
 
 
 def _softcap_mod(cap: float) -> Callable:
