@@ -286,7 +286,8 @@ def _passes_through(backend, err: Exception) -> bool:
     if type(backend).__module__.startswith("attnpatch."):
         return True
     if isinstance(err, _KEEP_TYPE):
-        err.add_note(f"(in attnpatch backend {backend.name!r})")
+        if hasattr(err, "add_note"):  # Python 3.11+
+            err.add_note(f"(in attnpatch backend {backend.name!r})")
         return True
     return False
 
