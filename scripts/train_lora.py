@@ -42,6 +42,7 @@ from attnpatch.scripting import ScriptError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 FAMILIES = ("sd", "sdxl", "flux", "sd3")
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes
 CAPTIONS_HINT = 'a metadata.jsonl with one {"file_name": "0001.png", "text": "a caption"} per line'
 
 
@@ -501,7 +502,8 @@ def load_lora_into(pipeline_cls, family: str, model, folder) -> None:
     from peft import set_peft_model_state_dict
 
     attr = "unet" if family in ("sd", "sdxl") else "transformer"
-    loaded = pipeline_cls.lora_state_dict(str(folder))
+    # named: older diffusers (0.37 at least) won't guess the file name under HF_HUB_OFFLINE
+    loaded = pipeline_cls.lora_state_dict(str(folder), weight_name=LORA_FILE)
     state = loaded[0] if isinstance(loaded, tuple) else loaded
     state = {k[len(attr) + 1:]: v for k, v in state.items() if k.startswith(attr + ".")}
     state = convert_unet_state_dict_to_peft(state)

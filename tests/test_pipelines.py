@@ -14,6 +14,9 @@ from tests.tiny_models import (counting_backend, flux_pipeline, no_attnpatch_sta
 
 pytest.importorskip("diffusers")
 
+# named when loading: older diffusers (0.37 at least) won't guess it under HF_HUB_OFFLINE
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
 
 @pytest.fixture(scope="module")
 def flux_pipe():
@@ -136,12 +139,12 @@ def test_load_lora_weights_before_and_after_patch(tmp_path):
 
     pipe, kw = sd_pipeline()
     base = run_pipe(pipe, kw)
-    pipe.load_lora_weights(tmp_path, adapter_name="a")  # before patching
+    pipe.load_lora_weights(tmp_path, weight_name=LORA_FILE, adapter_name="a")  # before patching
     with_a = run_pipe(pipe, kw)
     assert rel_error(with_a, base) > 1e-3
     handle = attnpatch.patch(pipe, backend="math")
     assert rel_error(run_pipe(pipe, kw), with_a) <= 1e-5
-    pipe.load_lora_weights(tmp_path, adapter_name="b")  # after patching (same weights)
+    pipe.load_lora_weights(tmp_path, weight_name=LORA_FILE, adapter_name="b")  # after patching
     pipe.set_adapters(["a", "b"], adapter_weights=[0.5, 0.5])
     assert rel_error(run_pipe(pipe, kw), with_a) <= 1e-5
     pipe.set_adapters("a")

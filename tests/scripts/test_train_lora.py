@@ -11,6 +11,8 @@ import torch
 
 from .conftest import write_dataset
 
+# named when loading: older diffusers (0.37 at least) won't guess it under HF_HUB_OFFLINE
+LORA_FILE = "pytorch_lora_weights.safetensors"
 COMMON = ["--resolution", "32", "--seed", "0", "--max_sequence_length", "16"]
 
 
@@ -68,7 +70,7 @@ def test_unet_lora_loads_and_changes_output(unet_run, tiny_model):
 
     pipe = DiffusionPipeline.from_pretrained(tiny_model("sd"), local_files_only=True)
     before = generate(pipe, "sd")
-    pipe.load_lora_weights(str(unet_run))
+    pipe.load_lora_weights(str(unet_run), weight_name=LORA_FILE)
     after = generate(pipe, "sd")
     assert abs(after - before).max() > 1e-4
     # what was loaded is what was trained
@@ -118,7 +120,7 @@ def test_flux_five_steps_bf16_gradient_checkpointing_and_load(tiny_model, datase
 
     pipe = DiffusionPipeline.from_pretrained(tiny_model("flux"), local_files_only=True)
     before = generate(pipe, "flux")
-    pipe.load_lora_weights(str(out))
+    pipe.load_lora_weights(str(out), weight_name=LORA_FILE)
     assert abs(generate(pipe, "flux") - before).max() > 1e-5
 
 
