@@ -73,6 +73,8 @@ def installed_model_classes() -> dict[str, type]:
     from diffusers.models.modeling_utils import ModelMixin
     found = {}
     for info in pkgutil.walk_packages(dm.__path__, dm.__name__ + "."):
+        if info.name.endswith("_flax"):  # Flax (JAX) models of older diffusers: not torch
+            continue
         module = importlib.import_module(info.name)
         for attr, obj in vars(module).items():
             if (inspect.isclass(obj) and issubclass(obj, ModelMixin)
