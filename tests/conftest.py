@@ -11,6 +11,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.pop("ATTNPATCH_BACKEND", None)
 
 CPU_BACKENDS = ("math", "sdpa", "sdpa_flash", "sdpa_math", "flex")
+#: call structures of the backend matrices: name -> make_inputs keywords
+STRUCTURES = {
+    "plain": dict(),
+    "gqa": dict(heads=4, kv_heads=2),
+    "mqa": dict(heads=4, kv_heads=1),
+    "bool": dict(mask="bool"),
+    "float": dict(mask="float"),
+    "key_padding": dict(mask="key_padding"),
+    "causal": dict(is_causal=True),
+    "causal+bool": dict(is_causal=True, mask="bool"),
+}
 
 
 def make_inputs(batch=2, heads=4, kv_heads=None, seq_q=16, seq_k=None, head_dim=32,

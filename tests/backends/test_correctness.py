@@ -7,21 +7,12 @@ import torch
 
 import attnpatch
 
-from ..conftest import CPU_BACKENDS, gradient_errors, make_inputs, reference, rel_error
+from ..conftest import (CPU_BACKENDS, STRUCTURES, gradient_errors, make_inputs, reference,
+                       rel_error)
 
 # (Sq, Sk, head_dim) with every S in {1, 77, 113, 1023} and every head_dim in {40, 64, 72, 128}
 SHAPES = [(1, 1, 40), (77, 77, 64), (113, 113, 72), (1023, 1023, 128), (77, 113, 40),
           (113, 1, 64), (1, 77, 72), (1023, 77, 40)]
-STRUCTURES = {
-    "plain": dict(),
-    "gqa": dict(heads=4, kv_heads=2),
-    "mqa": dict(heads=4, kv_heads=1),
-    "bool": dict(mask="bool"),
-    "float": dict(mask="float"),
-    "key_padding": dict(mask="key_padding"),
-    "causal": dict(is_causal=True),
-    "causal+bool": dict(is_causal=True, mask="bool"),
-}
 LOW = (torch.bfloat16, torch.float16)
 
 
