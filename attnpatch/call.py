@@ -23,7 +23,8 @@ class AttentionCall:
     ``query`` is (B, H, Sq, D), ``key`` (B, Hkv, Sk, D), ``value`` (B, Hkv, Sk, Dv), all views of
     what the caller passed (``layout="bshd"`` inputs are transposed views, never copies).
     ``attn_mask`` is None or a 4-D view broadcastable to (B, H, Sq, Sk): True/0 means "attend",
-    False/-inf means "skip". ``scale`` is resolved (default ``1/sqrt(D)``). ``softcap`` is None
+    False/-inf means "skip"; a float mask keeps the dtype it was given in (a backend whose kernel
+    needs the query's dtype converts it with :meth:`additive_mask`). ``scale`` is resolved (default ``1/sqrt(D)``). ``softcap`` is None
     or a positive float: the scaled scores become ``softcap * tanh(q·kᵀ·scale / softcap)``
     before the mask is added (Gemma 2's attention logit softcapping).
     """
@@ -31,7 +32,7 @@ class AttentionCall:
     __slots__ = (
         "query", "key", "value", "attn_mask", "mask_kind", "is_causal", "scale", "dropout_p",
         "layout", "return_lse", "requires_grad", "device", "default_scale", "is_gqa",
-        "softcap",
+        "softcap", "mask_requires_grad",
     )
 
     def __init__(self, query, key, value, attn_mask, mask_kind, is_causal, scale, dropout_p,
@@ -55,6 +56,9 @@ class AttentionCall:
         self.is_gqa = query.shape[1] != key.shape[1] if is_gqa is None else is_gqa
         #: None, or the cap c of ``c * tanh(score / c)`` on the scaled scores, before the mask
         self.softcap = softcap
+        #: the mask's gradient is wanted (grad mode on and a float mask that requires grad)
+        self.mask_requires_grad = bool(attn_mask is not None and attn_mask.requires_grad
+                                       and torch.is_grad_enabled())
 
     # --- shapes -------------------------------------------------------------------------------
     @property
@@ -109,6 +113,34 @@ class AttentionCall:
             return mask & causal
         return mask.masked_fill(~causal, float("-inf"))
 
+    def additive_mask(self, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+        """:meth:`combined_mask` as an additive float bias in ``dtype`` (default: the query's),
+        for kernels that take only that: bool becomes 0/-inf; a float mask is cast by
+        :func:`cast_bias` (no overflow to -inf)."""
+        mask = self.combined_mask()
+        if mask is None:
+            return None
+        dtype = dtype or self.dtype
+        if mask.dtype == torch.bool:
+            return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+                ~mask, float("-inf"))
+        return cast_bias(mask, dtype)
+
+    def empty_rows(self) -> Optional[torch.Tensor]:
+        """Bool (B|1, H|1, Sq, 1): the query rows that see no key under the mask (and causal
+        pattern), or None when no row can be empty (no mask). Such a row has out = 0 and
+        lse = -inf by definition."""
+        mask = self.combined_mask()
+        if mask is None:
+            return None
+        if mask.dtype == torch.bool:
+            visible = mask.any(dim=-1, keepdim=True)
+        else:
+            visible = (mask != float("-inf")).any(dim=-1, keepdim=True)
+        if visible.dim() < 4:
+            visible = visible.view((1,) * (4 - visible.dim()) + tuple(visible.shape))
+        return ~visible
+
     def __repr__(self) -> str:
         return (f"AttentionCall(q={tuple(self.query.shape)}, k={tuple(self.key.shape)}, "
                 f"v={tuple(self.value.shape)}, dtype={self.dtype}, device={self.device}, "
@@ -128,6 +160,18 @@ def _causal_mask(seq_q: int, seq_k: int, device: torch.device) -> torch.Tensor:
         mask = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device).tril()
         _CAUSAL_CACHE[key] = mask
     return mask
+
+
+def cast_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A float additive ``mask`` in ``dtype``: finite values beyond ``dtype``'s range are clamped
+    to it (an fp32 bias of -1e5 becomes fp16's -65504, which still zeroes its weight, instead
+    of -inf, which could empty a row); -inf stays -inf."""
+    if mask.dtype == dtype:
+        return mask
+    info = torch.finfo(dtype)
+    if torch.finfo(mask.dtype).max > info.max:
+        mask = mask.clamp(info.min, info.max).masked_fill_(mask == float("-inf"), float("-inf"))
+    return mask.to(dtype)
 
 
 def classify_mask(mask: Optional[torch.Tensor]) -> str:
@@ -232,8 +276,6 @@ def build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout
         nd = attn_mask.dim()
         if nd < 4:
             attn_mask = attn_mask.view((1,) * (4 - nd) + tuple(attn_mask.shape))
-        if attn_mask.dtype != torch.bool and attn_mask.dtype != query.dtype:
-            attn_mask = attn_mask.to(query.dtype)
     default_scale = scale is None
     if default_scale:
         scale = query.shape[-1] ** -0.5
@@ -246,15 +288,17 @@ def metadata_call(heads, kv_heads, head_dim, head_dim_v, dtype, device, mask, is
                   dropout_p, return_lse, requires_grad, softcap=None) -> AttentionCall:
     """An :class:`AttentionCall` on meta tensors for selection while ``torch.compile`` traces
     (no real tensors, and batch/sequence sizes may be symbolic). ``mask`` is None or
-    ``(dtype, shared by heads, shared by queries)``. Sizes stand in as batch 1, length 2."""
+    ``(dtype, shared by heads, shared by queries, requires grad)``. Sizes stand in as batch 1,
+    length 2."""
     q = torch.empty(1, heads, 2, head_dim, dtype=dtype, device="meta")
     k = torch.empty(1, kv_heads, 2, head_dim, dtype=dtype, device="meta")
     v = torch.empty(1, kv_heads, 2, head_dim_v, dtype=dtype, device="meta")
     mask_t = None
     if mask is not None:
-        mask_dtype, per_head_shared, per_query_shared = mask
+        mask_dtype, per_head_shared, per_query_shared, mask_grad = mask
         shape = (1, 1 if per_head_shared else heads, 1 if per_query_shared else 2, 2)
-        mask_t = torch.empty(shape, dtype=mask_dtype, device="meta")
+        mask_t = torch.empty(shape, dtype=mask_dtype, device="meta",
+                             requires_grad=mask_grad)
     validate_softcap(softcap)  # traced calls skip validate(): name a bad softcap here
     call = build_call(q, k, v, mask_t, is_causal, scale, dropout_p, "bhsd", return_lse,
                       requires_grad, softcap)

@@ -85,7 +85,10 @@ def resolve(backend: Optional[str], options: dict, default: Optional[tuple[str, 
     return _env_backend(), options
 
 
-_is_compiling = torch.compiler.is_compiling
+# per thread: dynamo maps it to True in the frames it traces, and it is False in eager code
+# (torch.compiler.is_compiling() reads a process-wide flag that is True while *any* thread
+# compiles, eager flex on CPU included)
+_is_compiling = torch.compiler.is_dynamo_compiling
 _grad_enabled = torch.is_grad_enabled
 _VERSION = registry._VERSION
 
@@ -124,13 +127,18 @@ def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, b
     try:  # the signature that keys the selection cache: built inline, this is the hot path
         # k/v dtypes: the math backend would cast a mismatch instead of raising. Non-bool
         # flags key as None, which is never cached, so validate() names them every time.
+        # Everything that decides validity or selection: every tensor's shape, dtype, device
+        # and requires-grad (the mask's too), the flags, and the grad mode.
+        grad = _grad_enabled()
         key_ = (name, tuple(options) if options else (), _VERSION[0], query.shape, key.shape,
-                value.shape, query.dtype, key.dtype, value.dtype, query.device,
-                None if attn_mask is None else (attn_mask.shape, attn_mask.dtype),
+                value.shape, query.dtype, key.dtype, value.dtype, query.device, key.device,
+                value.device,
+                None if attn_mask is None else (attn_mask.shape, attn_mask.dtype,
+                                                attn_mask.device,
+                                                grad and attn_mask.requires_grad),
                 is_causal if is_causal.__class__ is bool else None, scale, dropout_p, layout,
                 return_lse if return_lse.__class__ is bool else None, softcap,
-                _grad_enabled() and (query.requires_grad or key.requires_grad
-                                     or value.requires_grad))
+                grad and (query.requires_grad or key.requires_grad or value.requires_grad))
         entry = _CACHE.get(key_)
     except (AttributeError, TypeError):  # not tensors / unhashable flags: let validate() say so
         key_, entry = None, None
@@ -347,7 +355,7 @@ def _dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p, 
     mask = None
     if attn_mask is not None:  # comparing a size with 1 specializes it: a guard, a constant
         mask = (attn_mask.dtype, attn_mask.dim() < 3 or attn_mask.shape[-3] == 1,
-                attn_mask.shape[-2] == 1)
+                attn_mask.shape[-2] == 1, torch.is_grad_enabled() and attn_mask.requires_grad)
     meta = (query.shape[h], key.shape[h], query.shape[-1], value.shape[-1], query.dtype,
             query.device, mask, is_causal, scale, dropout_p, return_lse, grad, softcap)
     chosen = registry.get_backend(_select_traced(name, tuple(options), meta))

@@ -47,6 +47,11 @@ class Backend:
     supports_gqa: ClassVar[bool] = True
     supports_backward: ClassVar[bool] = True
     supports_lse: ClassVar[bool] = False
+    #: the lse it returns carries exact gradients to query and key (else a call with
+    #: ``return_lse=True`` whose inputs require grad is refused with a reason)
+    lse_has_grad: ClassVar[bool] = False
+    #: differentiates with respect to a float ``attn_mask`` that requires grad
+    supports_mask_grad: ClassVar[bool] = False
     supports_value_head_dim: ClassVar[bool] = True  # value head_dim may differ from query's
     #: computes ``call.softcap`` (``c * tanh(score / c)`` on the scaled scores, before the mask)
     supports_softcap: ClassVar[bool] = False
@@ -91,6 +96,12 @@ class Backend:
             reasons.append("backward not supported (inputs require grad)")
         if call.return_lse and not self.supports_lse:
             reasons.append("return_lse=True not supported")
+        elif call.return_lse and call.requires_grad and not self.lse_has_grad:
+            reasons.append("return_lse=True with backward not supported (no gradient through "
+                           "the lse)")
+        if call.mask_requires_grad and not self.supports_mask_grad:
+            reasons.append("attn_mask requires grad: no gradient for the mask (use 'sdpa', "
+                           "'sdpa_math' or 'math')")
         if call.head_dim_v != call.head_dim and not self.supports_value_head_dim:
             reasons.append(f"value head_dim {call.head_dim_v} != query head_dim {call.head_dim}")
         if call.softcap is not None and not self.supports_softcap:
@@ -147,6 +158,8 @@ class Backend:
             "gqa": cls.supports_gqa,
             "backward": cls.supports_backward,
             "returns_lse": cls.supports_lse,
+            "lse_has_grad": cls.lse_has_grad,
+            "mask_grad": cls.supports_mask_grad,
             "softcap": cls.supports_softcap,
             "requires_package": cls.requires_package,
             "options": sorted(cls.options),

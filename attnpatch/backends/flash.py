@@ -107,8 +107,6 @@ class _FlashAttention(Backend):
     install: ClassVar[str]
     #: the kernel keeps any right window as given (else top-left causal with Sq > Sk splits rows)
     any_right_window: ClassVar[bool] = False
-    #: the lse it returns carries gradients
-    lse_has_grad: ClassVar[bool] = False
     #: head dims are zero-padded to this multiple before the call
     head_dim_multiple: ClassVar[int] = 8
 
@@ -140,9 +138,6 @@ class _FlashAttention(Backend):
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
         reasons = super().not_supported_reasons(call)
-        if call.return_lse and call.requires_grad and not self.lse_has_grad:
-            reasons.append(f"return_lse=True with backward not supported ({self.package} gives "
-                           "no gradient through the lse)")
         if call.softcap is not None:
             reasons += self.softcap_reasons(call)
         if call.device.type == "cuda":
@@ -411,6 +406,7 @@ class FlashBackend(Backend):
     supports_causal_with_mask = False
     supports_dropout = True
     supports_lse = True
+    lse_has_grad = True
     supports_softcap = True
 
     def _member_backends(self) -> list[Backend]:

@@ -91,6 +91,7 @@ class FlexBackend(Backend):
     priority = 400
     supports_dropout = False
     supports_lse = True
+    lse_has_grad = True  # flex's backward takes the lse gradient (grad_logsumexp)
     supports_value_head_dim = True
     supports_softcap = True
     options = frozenset({"block_mask", "mask_mod", "score_mod", "compile", "kernel_options"})
@@ -145,7 +146,7 @@ class FlexBackend(Backend):
             # grad mode is off (torch.no_grad()): no graph is recorded either way, but flex
             # refuses inputs that require grad on CPU ("does not support backward on CPU")
             query, key, value = query.detach(), key.detach(), value.detach()
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():
             # inside a graph torch.compile is tracing: flex_attention is traced (and compiled
             # with that graph) as it is; no nested compiled function, no warnings context
             result = _flex_module.flex_attention(query, key, value, **kwargs)

@@ -54,6 +54,8 @@ class MathBackend(Backend):
     priority = 1000
     supports_lse = True
     supports_softcap = True
+    supports_mask_grad = True
+    lse_has_grad = True
 
     def forward(self, call: AttentionCall, **options):
         out, lse = reference_attention(call)

@@ -1,22 +1,30 @@
 """PyTorch's ``scaled_dot_product_attention``: torch's own choice, and each kernel forced.
 
-Forced kernels run under ``torch.nn.attention.sdpa_kernel``; on CUDA their constraints are
-torch's own (``torch.backends.cuda.can_use_*_attention`` with debug reasons), so our reasons
-never drift from what the kernel really accepts. ``return_lse`` goes through the aten ops.
+A forced kernel is its aten op, called the way ``F.scaled_dot_product_attention`` calls it once
+it has chosen that kernel (same padding, mask conversion and arguments). Nothing goes through
+``torch.nn.attention.sdpa_kernel``, whose flags are process-wide: another thread, or plain
+``F.scaled_dot_product_attention`` elsewhere, would see them. On CUDA the reasons are torch's
+own (``torch.backends.cuda.can_use_*_attention`` with debug reasons), so they never drift from
+what the kernel really accepts; on CPU they are written out here.
+
+Every forced kernel that returns an lse holds attnpatch's definition: float32 (B, H, Sq); a
+query row with no visible key has out = 0 and lse = -inf; gradients through the lse are exact
+(the aten ops' own backward ignores them; ``_lse.with_lse_gradient`` adds them).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from typing import Callable, ClassVar, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..call import AttentionCall
+from ..call import AttentionCall, cast_bias
 from ..registry import Backend, register_backend
+from ._lse import with_lse_gradient
 from ._padding import pad_head_dim
 
 
@@ -29,6 +37,8 @@ def _sdpa(call: AttentionCall):
         return F.scaled_dot_product_attention(call.query, call.key, call.value, scale=call.scale)
     if is_causal and mask is not None:  # SDPA refuses both at once; fold the pattern in
         mask, is_causal = call.combined_mask(), False
+    if mask is not None and mask.dtype not in (torch.bool, torch.float32, call.dtype):
+        mask = cast_bias(mask, call.dtype)  # SDPA takes bool, float32 or the query's dtype
     # scale=None where the caller gave none: SDPA's own default is not bitwise our float
     return F.scaled_dot_product_attention(
         call.query, call.key, call.value, attn_mask=mask, dropout_p=call.dropout_p,
@@ -44,6 +54,7 @@ class SDPABackend(Backend):
     aliases = ("native", "torch")
     description = "torch SDPA, torch picks the kernel"
     priority = 100
+    supports_mask_grad = True
 
     def forward(self, call: AttentionCall, **options):
         return _sdpa(call)
@@ -65,36 +76,67 @@ class SDPABackend(Backend):
 
 
 class _ForcedSDPA(Backend):
-    kernel: ClassVar[SDPBackend]
-    cuda_check: ClassVar[Optional[str]] = None  # name of torch.backends.cuda.can_use_* function
+    """One SDPA kernel, run through its aten op. Subclasses implement :meth:`attend`."""
+
+    #: name of the torch.backends.cuda.can_use_* function that checks a CUDA call
+    cuda_check: ClassVar[Optional[str]] = None
+    lse_has_grad = True  # with_lse_gradient adds what the aten ops' backward leaves out
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
         reasons = super().not_supported_reasons(call)
+        if call.return_lse and call.requires_grad and call.dropout_p > 0:
+            reasons.append(f"return_lse=True with dropout_p={call.dropout_p} and backward not "
+                           "supported (the lse gradient is computed without dropout)")
         if (reasons or call.device.type != "cuda" or self.cuda_check is None
                 or call.query.device.type == "meta"):  # traced by torch.compile: no tensors
             return reasons
         return _torch_reasons(self.cuda_check, call)
 
     def forward(self, call: AttentionCall, **options):
-        if call.return_lse:
-            return self.forward_with_lse(call)
-        with sdpa_kernel(self.kernel):
-            return _sdpa(call)
+        # the kernels need the head dim contiguous; torch's public SDPA would fall back to its
+        # math kernel for other strides, a forced kernel copies instead
+        q, k, v = (_head_dim_contiguous(t) for t in (call.query, call.key, call.value))
+        if not call.return_lse:
+            return self.attend(call, q, k, v, False)[0]
+        out, lse = self.attend(call, q, k, v, True)
+        empty = call.empty_rows()
+        if empty is not None:  # kernels give these rows lse 0 or garbage: the definition
+            out = out.masked_fill(empty, 0.0)
+            lse = lse.masked_fill(empty.squeeze(-1), float("-inf"))
+        if call.requires_grad:
+            lse = with_lse_gradient(lse, q, k, functools.partial(self._attend_out, call),
+                                    call.scale)
+        return out, lse
 
-    def forward_with_lse(self, call: AttentionCall):
+    def _attend_out(self, call: AttentionCall, q, k, v):
+        return self.attend(call, q, k, v, False)[0]
+
+    def attend(self, call: AttentionCall, q, k, v, need_lse: bool):
+        """``(out, lse or None)`` of the kernel on ``call``'s mask, causal, scale and dropout, with
+        ``q``, ``k``, ``v`` in place of its tensors (head dim contiguous)."""
         raise NotImplementedError
 
 
+def _head_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 def _torch_reasons(check: str, call: AttentionCall) -> list[str]:
-    """Ask torch whether its kernel takes ``call``; turn its debug warnings into reasons."""
+    """Ask torch whether its kernel takes ``call``; turn its debug warnings into reasons.
+
+    Asked about the tensors :meth:`_ForcedSDPA.forward` passes (head dim contiguous, standing
+    in without a copy), so the answer never depends on strides the forward removes."""
     mask, is_causal = call.attn_mask, call.is_causal
     if is_causal and mask is not None:
         mask, is_causal = call.combined_mask(), False
     if mask is not None and mask.dim() == 4 and mask.shape != (
             call.batch_size, call.num_heads, call.seq_len_q, call.seq_len_kv):
         mask = mask.expand(call.batch_size, call.num_heads, call.seq_len_q, call.seq_len_kv)
-    params = torch.backends.cuda.SDPAParams(call.query, call.key, call.value, mask,
-                                            call.dropout_p, is_causal, call.is_gqa)
+    q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] == 1
+               else torch.empty_like(t, memory_format=torch.contiguous_format)
+               for t in (call.query, call.key, call.value))
+    params = torch.backends.cuda.SDPAParams(q, k, v, mask, call.dropout_p, is_causal,
+                                            call.is_gqa)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         ok = getattr(torch.backends.cuda, check)(params, True)
@@ -104,31 +146,14 @@ def _torch_reasons(check: str, call: AttentionCall) -> list[str]:
     return [f"torch: {m}" for m in msgs] or [f"torch.backends.cuda.{check} refused the call"]
 
 
-def _expand_kv(call: AttentionCall):
-    k, v = call.key, call.value
-    if call.is_gqa:
-        group = call.num_heads // call.num_kv_heads
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-    return k, v
-
-
-def _float_bias(call: AttentionCall) -> Optional[torch.Tensor]:
-    mask = call.combined_mask()
-    if mask is None or mask.dtype != torch.bool:
-        return mask
-    return torch.zeros(mask.shape, dtype=call.dtype, device=call.device).masked_fill_(
-        ~mask, float("-inf"))
-
-
 @register_backend
 class SDPAFlashBackend(_ForcedSDPA):
     """SDPA's FlashAttention-2 kernel (CUDA) or its flash-style CPU kernel."""
 
     name = "sdpa_flash"
     aliases = ("_native_flash",)
-    description = "torch SDPA, flash kernel forced"
+    description = "torch SDPA, flash kernel"
     priority = 200
-    kernel = SDPBackend.FLASH_ATTENTION
     cuda_check = "can_use_flash_attention"
     supports_lse = True
     supports_value_head_dim = False
@@ -141,18 +166,24 @@ class SDPAFlashBackend(_ForcedSDPA):
             reasons.append("return_lse=True with attn_mask not supported by the CUDA flash kernel")
         return reasons
 
-    def forward_with_lse(self, call: AttentionCall):
-        k, v = _expand_kv(call)
-        if call.device.type == "cpu":  # the CPU kernel takes only a float bias of q's dtype
-            bias = _float_bias(call)
+    def attend(self, call, q, k, v, need_lse):
+        if call.device.type == "cpu":
+            # the CPU kernel takes an additive bias in q's dtype or float32: a float32 mask is
+            # kept as it is (no precision lost to half-precision queries)
+            mask = call.attn_mask
+            bias = None
+            if mask is not None:
+                keep32 = mask.dtype == torch.float32 and q.dtype in (torch.float16, torch.bfloat16)
+                bias = call.additive_mask(torch.float32 if keep32 else q.dtype)
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                call.query, k, v, call.dropout_p, call.is_causal and bias is None,
-                attn_mask=bias, scale=call.scale)
-        d = call.head_dim
+                q, k, v, call.dropout_p, call.is_causal and bias is None, attn_mask=bias,
+                scale=None if call.default_scale else call.scale)
+        d = call.head_dim  # as torch pads: to a multiple of 8, with the unpadded head dim's scale
+        scale = 1.0 / math.sqrt(d) if call.default_scale else call.scale  # torch's, bitwise
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
-            pad_head_dim(call.query, 8), pad_head_dim(k, 8), pad_head_dim(v, 8),
-            call.dropout_p, call.is_causal, False, scale=call.scale)[:2]
-        return out[..., :d], lse
+            pad_head_dim(q, 8), pad_head_dim(k, 8), pad_head_dim(v, 8), call.dropout_p,
+            call.is_causal, False, scale=scale)[:2]
+        return (out[..., :d] if out.shape[-1] != d else out), lse
 
 
 @register_backend
@@ -161,32 +192,42 @@ class SDPAEfficientBackend(_ForcedSDPA):
 
     name = "sdpa_efficient"
     aliases = ("_native_efficient", "efficient")
-    description = "torch SDPA, memory-efficient kernel forced"
+    description = "torch SDPA, memory-efficient kernel"
     priority = 220
     devices = ("cuda",)
-    kernel = SDPBackend.EFFICIENT_ATTENTION
     cuda_check = "can_use_efficient_attention"
     supports_lse = True
+    supports_mask_grad = True
 
-    def forward_with_lse(self, call: AttentionCall):
-        k, v = _expand_kv(call)
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        reasons = super().not_supported_reasons(call)
+        if call.return_lse and call.requires_grad and call.mask_requires_grad:
+            reasons.append("return_lse=True with an attn_mask that requires grad not supported "
+                           "(the lse gradient does not reach the mask)")
+        return reasons
+
+    def attend(self, call, q, k, v, need_lse):
         bias, is_causal = None, call.is_causal  # the kernel's causal is top-left, like ours
         if call.attn_mask is not None:
-            bias, is_causal = _aligned(_float_bias(call), call), False
+            bias, is_causal = _aligned(call.additive_mask(q.dtype), call), False
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            call.query, k, v, bias, True, call.dropout_p, is_causal, scale=call.scale)[:2]
-        return out, lse[..., :call.seq_len_q]
+            q, k, v, bias, need_lse or call.requires_grad or call.mask_requires_grad,
+            call.dropout_p, is_causal, scale=None if call.default_scale else call.scale)[:2]
+        return out, (lse[..., :call.seq_len_q] if need_lse else None)
 
 
 def _aligned(bias: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-    """The (B, H, Sq, Sk) bias in a buffer whose strides are multiples of 16 elements, as the
-    memory-efficient kernel requires (F.scaled_dot_product_attention pads the same way)."""
-    shape = (call.batch_size, call.num_heads, call.seq_len_q, call.seq_len_kv)
-    padded = call.seq_len_kv + (-call.seq_len_kv % 16)
-    buffer = torch.empty(*shape[:-1], padded, dtype=bias.dtype, device=bias.device)
-    buffer = buffer[..., :call.seq_len_kv]
-    buffer.copy_(bias.expand(shape))
-    return buffer
+    """``bias`` (4-D, broadcastable to (B, H, Sq, Sk)) stored with its rows padded to a multiple
+    of 16 elements, as the memory-efficient kernel requires, and expanded (stride 0 where it
+    broadcasts): what F.scaled_dot_product_attention does to a mask for this kernel."""
+    sk = call.seq_len_kv
+    shape = (call.batch_size, call.num_heads, call.seq_len_q, sk)
+    if sk % 16 or bias.stride(-2) % 16 or bias.stride(-1) != 1:
+        stored = torch.empty(*bias.shape[:-1], sk + (-sk % 16), dtype=bias.dtype,
+                             device=bias.device)[..., :sk]
+        stored.copy_(bias)
+        bias = stored
+    return bias.expand(shape)
 
 
 @register_backend
@@ -195,20 +236,21 @@ class SDPACudnnBackend(_ForcedSDPA):
 
     name = "sdpa_cudnn"
     aliases = ("_native_cudnn", "cudnn")
-    description = "torch SDPA, cuDNN kernel forced"
+    description = "torch SDPA, cuDNN kernel"
     priority = 210
     devices = ("cuda",)
-    kernel = SDPBackend.CUDNN_ATTENTION
     cuda_check = "can_use_cudnn_attention"
     supports_lse = True
 
-    def forward_with_lse(self, call: AttentionCall):
-        k, v = _expand_kv(call)
-        bias = _float_bias(call)
+    def attend(self, call, q, k, v, need_lse):
+        bias = call.additive_mask(q.dtype) if call.attn_mask is not None else None
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            call.query, k, v, bias, True, call.dropout_p,
-            False if bias is not None else call.is_causal, False, scale=call.scale)[:2]
-        return out, lse.reshape(call.batch_size, call.num_heads, call.seq_len_q)
+            q, k, v, bias, need_lse or call.requires_grad, call.dropout_p,
+            call.is_causal and bias is None, False,
+            scale=None if call.default_scale else call.scale)[:2]
+        if need_lse:
+            lse = lse.reshape(call.batch_size, call.num_heads, call.seq_len_q)
+        return out, (lse if need_lse else None)
 
 
 @register_backend
@@ -217,6 +259,18 @@ class SDPAMathBackend(_ForcedSDPA):
 
     name = "sdpa_math"
     aliases = ("_native_math",)
-    description = "torch SDPA, math kernel forced"
+    description = "torch SDPA, math kernel"
     priority = 900
-    kernel = SDPBackend.MATH
+    supports_mask_grad = True
+
+    def attend(self, call, q, k, v, need_lse):
+        mask = call.attn_mask
+        is_causal = call.is_causal
+        if mask is not None:
+            if is_causal:  # the op refuses both at once: fold the pattern in
+                mask, is_causal = call.combined_mask(), False
+            if mask.dtype == torch.bool:  # the op adds the mask: bool becomes 0/-inf
+                mask = call.additive_mask(q.dtype)
+        return torch.ops.aten._scaled_dot_product_attention_math(
+            q, k, v, mask, call.dropout_p, is_causal, None,
+            scale=None if call.default_scale else call.scale, enable_gqa=call.is_gqa)[0], None

@@ -28,7 +28,7 @@ import torch
 
 from .. import constraints as C
 from .._errors import BackendUnavailableError
-from ..call import AttentionCall
+from ..call import AttentionCall, cast_bias
 from ..registry import Backend, register_backend
 from . import _padding as P
 
@@ -100,7 +100,7 @@ def _aligned_bias(mask: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]
     if mask.dtype == torch.bool:
         view.masked_fill_(~mask.expand(view.shape), float("-inf"))
     else:
-        view.copy_(mask.expand(view.shape))
+        view.copy_(cast_bias(mask, dtype).expand(view.shape))  # no overflow to -inf
     return view.expand(shape)
 
 

@@ -254,7 +254,7 @@ class LayoutHooks:
         ]
 
     def _pre(self, module, args, kwargs):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():
             return None
         info = None
         try:
@@ -267,7 +267,7 @@ class LayoutHooks:
         return None
 
     def _post(self, module, args, output):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_dynamo_compiling():
             return None
         exit_forward()
         return None

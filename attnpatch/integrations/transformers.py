@@ -168,7 +168,7 @@ def attnpatch_attention(module, query, key, value, attention_mask, dropout=0.0, 
         attention_mask = create_position_bias_mask(position_bias, attention_mask, is_causal,
                                                    query, key)
         is_causal = False
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():
         out = _dispatch(query, key, value, attention_mask, is_causal, scaling, dropout, None,
                         "bhsd", False, None, record.default, softcap)[0]
     else:

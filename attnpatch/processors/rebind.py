@@ -214,7 +214,7 @@ def make_dispatch(record, original: Callable) -> Callable:
             if mapped[name] is None:
                 out = original(query, key, value, attn_mask, dropout_p, is_causal, scale,
                                enable_gqa, attention_kwargs, backend=backend)
-                if not torch.compiler.is_compiling():
+                if not torch.compiler.is_dynamo_compiling():
                     record.note_external(f"diffusers:{name}")
                 return out
             default = (mapped[name], {})
