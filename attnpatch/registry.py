@@ -97,8 +97,8 @@ class Backend:
         if call.return_lse and not self.supports_lse:
             reasons.append("return_lse=True not supported")
         elif call.return_lse and call.requires_grad and not self.lse_has_grad:
-            reasons.append("return_lse=True with backward not supported (no gradient through "
-                           "the lse)")
+            reasons.append(f"return_lse=True with backward not supported ({self.name} gives no "
+                           "gradient through the lse)")
         if call.mask_requires_grad and not self.supports_mask_grad:
             reasons.append("attn_mask requires grad: no gradient for the mask (use 'sdpa', "
                            "'sdpa_math' or 'math')")

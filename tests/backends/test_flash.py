@@ -186,10 +186,10 @@ def test_version_specific_reasons():
     lse_grad = call_for(return_lse=True, requires_grad=True)
     assert Flash4Backend().not_supported_reasons(lse_grad) == [cpu]  # FA4's lse has gradients
     assert Flash2Backend().not_supported_reasons(lse_grad) == [
-        cpu, "return_lse=True with backward not supported (flash_attn gives no gradient "
+        cpu, "return_lse=True with backward not supported (flash2 gives no gradient "
              "through the lse)"]
     assert Flash3Backend().not_supported_reasons(lse_grad)[1].startswith(
-        "return_lse=True with backward not supported (flash_attn_interface")
+        "return_lse=True with backward not supported (flash3 gives")
     assert Flash2Backend().not_supported_reasons(call_for(return_lse=True, dropout_p=0.1)) == [
         cpu, "return_lse=True with dropout_p > 0 not supported (flash_attn would materialize "
              "the attention probabilities)"]
