@@ -9,8 +9,9 @@ from . import backends as _backends  # noqa: F401  (registers the built-in backe
 from ._errors import AttnPatchError, BackendUnavailableError
 from ._info import BackendInfo, list_backends
 from .call import AttentionCall
-from .dispatch import Explanation, attention, attention_backend, explain
-from .registry import Backend, register_backend, unregister_backend
+from .dispatch import Explanation, attention, attention_backend, explain, run_backend
+from .merge import Partial, merge_partials
+from .registry import Backend, Strategy, register_backend, unregister_backend
 from ._layout import TokenLayout, current_token_layout
 from ._record import ModuleReport, PatchReport
 from .patcher import PatchHandle, patch, set_attention_backend, unpatch
@@ -24,10 +25,14 @@ __all__ = [
     "BackendInfo",
     "BackendUnavailableError",
     "Explanation",
+    "Partial",
+    "Strategy",
     "attention",
     "attention_backend",
     "explain",
     "list_backends",
+    "merge_partials",
+    "run_backend",
     "register_backend",
     "unregister_backend",
     "patch",

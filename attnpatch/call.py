@@ -32,7 +32,7 @@ class AttentionCall:
     __slots__ = (
         "query", "key", "value", "attn_mask", "mask_kind", "is_causal", "scale", "dropout_p",
         "layout", "return_lse", "requires_grad", "device", "default_scale", "is_gqa",
-        "softcap", "mask_requires_grad",
+        "softcap", "mask_requires_grad", "backward_from_lse",
     )
 
     def __init__(self, query, key, value, attn_mask, mask_kind, is_causal, scale, dropout_p,
@@ -59,6 +59,8 @@ class AttentionCall:
         #: the mask's gradient is wanted (grad mode on and a float mask that requires grad)
         self.mask_requires_grad = bool(attn_mask is not None and attn_mask.requires_grad
                                        and torch.is_grad_enabled())
+        #: a partial of an exact merge: its backward runs from the merged (out, lse)
+        self.backward_from_lse = False
 
     # --- shapes -------------------------------------------------------------------------------
     @property
@@ -113,6 +115,40 @@ class AttentionCall:
             return mask & causal
         return mask.masked_fill(~causal, float("-inf"))
 
+    def replace(self, **fields) -> "AttentionCall":
+        """A new call for a sub-problem: ``query``, ``key``, ``value`` ((B, H, S, D) tensors),
+        ``attn_mask``, ``is_causal``, ``scale`` (None: the default for the new head dim),
+        ``dropout_p``, ``return_lse``, ``softcap`` replaced; everything derived (mask kind, GQA,
+        requires-grad, device) follows. Raises :class:`AttnPatchError` naming a field that is
+        unknown or makes an invalid call."""
+        unknown = sorted(set(fields) - set(_REPLACEABLE))
+        if unknown:
+            raise AttnPatchError(f"AttentionCall.replace() got unknown field(s) {unknown}; it "
+                                 f"takes {list(_REPLACEABLE)}")
+        values = {name: getattr(self, name) for name in _REPLACEABLE}
+        if self.default_scale:
+            values["scale"] = None  # the default follows the new head dim
+        values.update(fields)
+        q, k, v = values["query"], values["key"], values["value"]
+        validate(q, k, v, values["attn_mask"], values["is_causal"], values["scale"],
+                 values["dropout_p"], "bhsd", values["return_lse"], values["softcap"])
+        grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
+                                             or v.requires_grad)
+        return build_call(q, k, v, values["attn_mask"], values["is_causal"], values["scale"],
+                          values["dropout_p"], "bhsd", values["return_lse"], grad,
+                          values["softcap"])
+
+    def signature(self) -> tuple:
+        """Everything that decides which backend can run this call (hashable): every tensor's
+        shape, dtype, device and requires-grad (the mask's too), the flags, the grad mode."""
+        m = self.attn_mask
+        return (self.query.shape, self.key.shape, self.value.shape, self.query.dtype,
+                self.key.dtype, self.value.dtype, self.query.device, self.key.device,
+                self.value.device,
+                None if m is None else (m.shape, m.dtype, m.device, self.mask_requires_grad),
+                self.is_causal, self.scale, self.default_scale, self.dropout_p, self.return_lse,
+                self.requires_grad, self.softcap, self.backward_from_lse)
+
     def additive_mask(self, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
         """:meth:`combined_mask` as an additive float bias in ``dtype`` (default: the query's),
         for kernels that take only that: bool becomes 0/-inf; a float mask is cast by
@@ -147,6 +183,9 @@ class AttentionCall:
                 f"mask={self.mask_kind}, is_causal={self.is_causal}, dropout_p={self.dropout_p}"
                 + ("" if self.softcap is None else f", softcap={self.softcap}") + ")")
 
+
+_REPLACEABLE = ("query", "key", "value", "attn_mask", "is_causal", "scale", "dropout_p",
+                "return_lse", "softcap")
 
 _CAUSAL_CACHE: dict = {}
 

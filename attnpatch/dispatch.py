@@ -17,7 +17,8 @@ from ._errors import AttnPatchError, BackendUnavailableError
 from ._layout import _CALL as _LAYOUT_CALL
 from .call import AttentionCall, build_call, metadata_call, validate
 
-__all__ = ["attention", "attention_backend", "explain", "current_backend", "Explanation"]
+__all__ = ["attention", "attention_backend", "explain", "current_backend", "Explanation",
+           "run_backend", "run_selected"]
 
 logger = logging.getLogger(__name__)
 
@@ -391,6 +392,52 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     """
     return _dispatch(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
                      return_lse, options, None, softcap)[0]
+
+
+def _run_selection(backend: str, call: AttentionCall, options: dict):
+    """``(selection, cache key, checked)`` for ``run_backend(backend, call, **options)``: the
+    named backend, or ``auto``'s first fit other than the strategies running here; cached per
+    (name, option names, running strategies, call signature) once its first result passed."""
+    name = registry.canonical_name(backend)
+    running = registry.running_strategies()
+    if name in running:
+        raise AttnPatchError(f"run_backend({backend!r}) inside the strategy {name!r} would run "
+                             "it again on its own sub-call: name its inner kernel, or 'auto'")
+    key_ = ("run_backend", name, tuple(options), _VERSION[0], running, call.signature())
+    entry = _CACHE.get(key_)
+    if entry is not None:
+        return entry[0], key_, True
+    return registry.select(name, call, options, exclude=running), key_, False
+
+
+def run_backend(backend: str, call: AttentionCall, **options: Any):
+    """Run one backend on ``call`` (a sub-call built with :meth:`AttentionCall.replace`), with
+    the dispatcher's checks: ``backend`` is a name, or ``"auto"`` (never a strategy whose
+    ``run`` is active here). No ``attention_backend`` block, patch default or environment
+    variable applies, so a strategy never re-enters itself through them.
+
+    Returns ``out`` (B, H, Sq, Dv), or ``(out, lse)`` when ``call.return_lse``.
+    Raises :class:`AttnPatchError` / :class:`BackendUnavailableError` like :func:`attention`.
+    """
+    return run_selected(backend, call, options)[0]
+
+
+def run_selected(backend: str, call: AttentionCall, options: dict):
+    """:func:`run_backend`, returning ``(result, the Backend that ran)``."""
+    selection, key_, checked = _run_selection(backend, call, options)
+    chosen = selection.backend
+    if not checked:
+        result = _first_forward(selection, call, options, None, call.query, call.key, "bhsd")
+        if len(_CACHE) >= _CACHE_LIMIT:
+            _CACHE.clear()
+        _CACHE[key_] = (selection, call.scale, call.is_gqa, None)
+        return result, chosen
+    try:
+        return chosen.forward(call, **options), chosen
+    except Exception as err:
+        if _passes_through(chosen, err):
+            raise
+        raise _failed(chosen, call, err) from err
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 import logging
 import threading
@@ -14,7 +15,7 @@ from . import constraints as C
 from ._errors import AttnPatchError, BackendUnavailableError
 from .call import AttentionCall
 
-__all__ = ["Backend", "register_backend", "get_backend", "canonical_name", "priority_list",
+__all__ = ["Backend", "Strategy", "running_strategies", "register_backend", "get_backend", "canonical_name", "priority_list",
            "all_backends", "Selection", "select", "candidate_reasons", "registry_version"]
 
 logger = logging.getLogger(__name__)
@@ -50,6 +51,9 @@ class Backend:
     #: the lse it returns carries exact gradients to query and key (else a call with
     #: ``return_lse=True`` whose inputs require grad is refused with a reason)
     lse_has_grad: ClassVar[bool] = False
+    #: :meth:`backward` computes the input gradients from (grad_out, out, lse), which may be a
+    #: merge's (exact partial merges run every partial's backward this way)
+    supports_backward_from_lse: ClassVar[bool] = False
     #: differentiates with respect to a float ``attn_mask`` that requires grad
     supports_mask_grad: ClassVar[bool] = False
     supports_value_head_dim: ClassVar[bool] = True  # value head_dim may differ from query's
@@ -99,6 +103,9 @@ class Backend:
         elif call.return_lse and call.requires_grad and not self.lse_has_grad:
             reasons.append(f"return_lse=True with backward not supported ({self.name} gives no "
                            "gradient through the lse)")
+        if call.backward_from_lse and call.requires_grad and not self.supports_backward_from_lse:
+            reasons.append("backward from a merged (out, lse) not supported (an exact partial "
+                           "merge needs it)")
         if call.mask_requires_grad and not self.supports_mask_grad:
             reasons.append("attn_mask requires grad: no gradient for the mask (use 'sdpa', "
                            "'sdpa_math' or 'math')")
@@ -128,6 +135,16 @@ class Backend:
         attnpatch reaches the caller as ``AttnPatchError("backend 'name' failed on ...")``
         chained to it (out-of-memory errors keep their type)."""
         raise NotImplementedError(f"backend {self.name!r} does not implement forward()")
+
+    def backward(self, call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, **options: Any) -> tuple[torch.Tensor, torch.Tensor,
+                                                             torch.Tensor]:
+        """``(grad_query, grad_key, grad_value)`` of ``call`` for ``grad_out`` (B, H, Sq, Dv),
+        computed from ``out`` (B, H, Sq, Dv) and ``lse`` (B, H, Sq, float32) as given, which may
+        be those of a larger attention that this call is one part of (flash-attn's ring
+        backward): with P = exp(scores - lse), dS = P * (grad_out @ value^T -
+        rowsum(grad_out * out)). Declared by ``supports_backward_from_lse``; no dropout."""
+        raise NotImplementedError(f"backend {self.name!r} has no backward from (out, lse)")
 
     def specialize(self, call: AttentionCall) -> Optional[Callable]:
         """A kernel ``fn(query, key, value) -> out`` on (B, H, S, D) tensors that computes exactly
@@ -159,6 +176,7 @@ class Backend:
             "backward": cls.supports_backward,
             "returns_lse": cls.supports_lse,
             "lse_has_grad": cls.lse_has_grad,
+            "backward_from_lse": cls.supports_backward_from_lse,
             "mask_grad": cls.supports_mask_grad,
             "softcap": cls.supports_softcap,
             "requires_package": cls.requires_package,
@@ -167,6 +185,41 @@ class Backend:
 
     def __repr__(self) -> str:
         return f"<attnpatch backend {self.name!r}>"
+
+
+#: names of the strategies whose forward is running in this thread/task: ``auto`` inside
+#: them never picks them again
+_RUNNING: contextvars.ContextVar[frozenset] = contextvars.ContextVar(
+    "attnpatch_running_strategies", default=frozenset())
+
+
+def running_strategies() -> frozenset:
+    """Names of the :class:`Strategy` backends whose ``forward`` is running here."""
+    return _RUNNING.get()
+
+
+class Strategy(Backend):
+    """A backend that runs other backends (its inner kernels) on sub-calls and combines them.
+
+    Implement :meth:`run` instead of ``forward``: it runs with this strategy marked as running,
+    so :func:`attnpatch.run_backend` with ``"auto"`` inside it never picks it again. Kept out of
+    ``auto`` unless a ``priority`` is set.
+    """
+
+    priority: ClassVar[Optional[int]] = None
+
+    def forward(self, call: AttentionCall, **options: Any):
+        token = _RUNNING.set(_RUNNING.get() | {self.name})
+        try:
+            return self.run(call, **options)
+        finally:
+            _RUNNING.reset(token)
+
+    def run(self, call: AttentionCall, **options: Any):
+        """Compute ``call`` from sub-calls (``call.replace(...)``) run by
+        :func:`attnpatch.run_backend`, merged with :func:`attnpatch.merge_partials`. Returns
+        what :meth:`Backend.forward` returns."""
+        raise NotImplementedError(f"strategy {self.name!r} does not implement run()")
 
 
 _LOCK = threading.Lock()
@@ -201,8 +254,10 @@ def register_backend(backend: Union[type[Backend], Backend, None] = None, *,
     if not name or not isinstance(name, str) or name != name.lower() or name in RESERVED:
         raise AttnPatchError(f"backend name {name!r} must be a non-empty lowercase string other "
                              f"than {RESERVED}: set the class attribute `name`")
-    if type(instance).forward is Backend.forward:
-        raise AttnPatchError(f"backend {name!r} must implement forward(self, call, **options)")
+    if type(instance).forward is Backend.forward or (
+            isinstance(instance, Strategy) and type(instance).run is Strategy.run):
+        raise AttnPatchError(f"backend {name!r} must implement forward(self, call, **options) "
+                             "(a Strategy: run(self, call, **options))")
     with _LOCK:
         taken = {n for n in (name, *instance.aliases) if n in _BACKENDS or n in _ALIASES}
         if name in _BACKENDS:
@@ -300,9 +355,11 @@ def candidate_reasons(backend: Backend, call: AttentionCall, option_names) -> li
     return reasons
 
 
-def select(requested: str, call: AttentionCall, option_names=()) -> Selection:
+def select(requested: str, call: AttentionCall, option_names=(),
+           exclude: frozenset = frozenset()) -> Selection:
     """Pick the backend for ``call``: the named one, or the first of ``auto``'s list that fits.
 
+    ``exclude``: names ``auto`` passes over (the strategies running this call's parent).
     Raises :class:`AttnPatchError` for options the named backend does not take and
     :class:`BackendUnavailableError` (with every candidate's reasons) when nothing fits.
     """
@@ -319,6 +376,9 @@ def select(requested: str, call: AttentionCall, option_names=()) -> Selection:
         return Selection(backend.delegate(call), requested)
     rejected: dict[str, list[str]] = {}
     for backend in _PRIORITY:
+        if backend.name in exclude:
+            rejected[backend.name] = ["is the strategy running this sub-call"]
+            continue
         reasons = candidate_reasons(backend, call, option_names) or backend.auto_reasons(call)
         if not reasons:
             return Selection(backend.delegate(call), requested, rejected)

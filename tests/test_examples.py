@@ -25,8 +25,17 @@ def run(cmd, tmp_path, timeout=300, **env):
 
 def test_every_example_is_tested():
     tested = {"patch_pipeline.py", "per_module_backends.py", "explain_rejection.py",
-              "train_lora_fast_backend.py", "multi_gpu_generate.sh"}
+              "train_lora_fast_backend.py", "multi_gpu_generate.sh", "key_split_strategy.py"}
     assert {p.name for p in EXAMPLES.iterdir() if p.suffix in (".py", ".sh")} == tested
+
+
+def test_key_split_strategy_is_exact(tmp_path):
+    """The README's write-a-strategy example: exact in forward and backward (float64), and
+    refused with its declared reason where it can't run."""
+    out = run([sys.executable, str(EXAMPLES / "key_split_strategy.py")], tmp_path)
+    diffs = [float(line.rsplit("=", 1)[1]) for line in out.splitlines() if line.startswith("max |")]
+    assert len(diffs) == 4 and max(diffs) < 1e-12, out
+    assert "key_split       is_causal=True not supported" in out
 
 
 def test_patch_pipeline(tmp_path):

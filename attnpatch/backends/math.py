@@ -44,6 +44,44 @@ def reference_attention(call: AttentionCall, accumulate: torch.dtype | None = No
     return out, (lse if acc == torch.float64 else lse.float())
 
 
+def reference_backward(call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) of ``call`` from ``grad_out``, ``out`` and ``lse`` as given (see
+    :meth:`Backend.backward`), in fp32 (fp64 for fp64 inputs), without dropout."""
+    q, k, v = call.query, call.key, call.value
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    group = call.num_heads // call.num_kv_heads
+    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
+    if group > 1:
+        ka, va = ka.repeat_interleave(group, dim=1), va.repeat_interleave(group, dim=1)
+    scores = torch.matmul(qa, ka.transpose(-2, -1)) * call.scale
+    capped = None
+    if call.softcap is not None:
+        capped = torch.tanh(scores / call.softcap)
+        scores = capped * call.softcap
+    mask = call.combined_mask()
+    if mask is not None:
+        scores = (scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool
+                  else scores + mask.to(acc))
+    lse = lse.to(acc).unsqueeze(-1)
+    # rows without a visible key (lse = -inf) have no probabilities
+    probs = torch.where(torch.isfinite(lse), torch.exp(scores - lse.nan_to_num(neginf=0.0)),
+                        0.0)
+    do, o = grad_out.to(acc), out.to(acc)
+    grad_v = torch.matmul(probs.transpose(-2, -1), do)
+    delta = (do * o).sum(dim=-1, keepdim=True)
+    grad_s = probs * (torch.matmul(do, va.transpose(-2, -1)) - delta)
+    if capped is not None:  # d/ds c·tanh(s/c) = 1 - tanh²
+        grad_s = grad_s * (1 - capped * capped)
+    grad_q = torch.matmul(grad_s, ka) * call.scale
+    grad_k = torch.matmul(grad_s.transpose(-2, -1), qa) * call.scale
+    if group > 1:
+        shape = (call.batch_size, call.num_kv_heads, group)
+        grad_k = grad_k.view(*shape, *grad_k.shape[2:]).sum(2)
+        grad_v = grad_v.view(*shape, *grad_v.shape[2:]).sum(2)
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype)
+
+
 @register_backend
 class MathBackend(Backend):
     """Reference implementation: every feature, any device, slow and memory-hungry (S² scores)."""
@@ -56,6 +94,11 @@ class MathBackend(Backend):
     supports_softcap = True
     supports_mask_grad = True
     lse_has_grad = True
+
+    supports_backward_from_lse = True
+
+    def backward(self, call, grad_out, out, lse, **options):
+        return reference_backward(call, grad_out, out, lse)
 
     def forward(self, call: AttentionCall, **options):
         out, lse = reference_attention(call)

@@ -157,6 +157,7 @@ class SDPAFlashBackend(_ForcedSDPA):
     cuda_check = "can_use_flash_attention"
     supports_lse = True
     supports_value_head_dim = False
+    supports_backward_from_lse = True
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
         reasons = super().not_supported_reasons(call)
@@ -166,24 +167,55 @@ class SDPAFlashBackend(_ForcedSDPA):
             reasons.append("return_lse=True with attn_mask not supported by the CUDA flash kernel")
         return reasons
 
+    @staticmethod
+    def _cpu_bias(call: AttentionCall, q: torch.Tensor) -> Optional[torch.Tensor]:
+        """The CPU kernel's additive bias, in q's dtype or float32: a float32 mask is kept as it
+        is (no precision lost to half-precision queries)."""
+        mask = call.attn_mask
+        if mask is None:
+            return None
+        keep32 = mask.dtype == torch.float32 and q.dtype in (torch.float16, torch.bfloat16)
+        return call.additive_mask(torch.float32 if keep32 else q.dtype)
+
     def attend(self, call, q, k, v, need_lse):
         if call.device.type == "cpu":
-            # the CPU kernel takes an additive bias in q's dtype or float32: a float32 mask is
-            # kept as it is (no precision lost to half-precision queries)
-            mask = call.attn_mask
-            bias = None
-            if mask is not None:
-                keep32 = mask.dtype == torch.float32 and q.dtype in (torch.float16, torch.bfloat16)
-                bias = call.additive_mask(torch.float32 if keep32 else q.dtype)
+            bias = self._cpu_bias(call, q)
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
                 q, k, v, call.dropout_p, call.is_causal and bias is None, attn_mask=bias,
                 scale=None if call.default_scale else call.scale)
         d = call.head_dim  # as torch pads: to a multiple of 8, with the unpadded head dim's scale
-        scale = 1.0 / math.sqrt(d) if call.default_scale else call.scale  # torch's, bitwise
+        scale = _torch_scale(call)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(
             pad_head_dim(q, 8), pad_head_dim(k, 8), pad_head_dim(v, 8), call.dropout_p,
             call.is_causal, False, scale=scale)[:2]
         return (out[..., :d] if out.shape[-1] != d else out), lse
+
+
+    def backward(self, call, grad_out, out, lse, **options):
+        q, k, v = (_head_dim_contiguous(t) for t in (call.query, call.key, call.value))
+        if call.device.type == "cpu":
+            bias = self._cpu_bias(call, q)
+            return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype).contiguous(),
+                lse.to(_lse_dtype(q)).contiguous(), 0.0, call.is_causal and bias is None,
+                attn_mask=bias, scale=None if call.default_scale else call.scale)
+        d = call.head_dim
+        padded = [pad_head_dim(t, 8) for t in (grad_out.to(q.dtype), q, k, v, out.to(q.dtype))]
+        none = torch.empty(0, dtype=torch.int64, device=q.device)
+        grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            padded[0].contiguous(), *padded[1:4], padded[4].contiguous(), lse.float().contiguous(),
+            none, none, call.seq_len_q, call.seq_len_kv, 0.0, call.is_causal, none, none,
+            scale=_torch_scale(call))
+        return tuple(g[..., :d] if g.shape[-1] != d else g for g in grads)
+
+
+def _torch_scale(call: AttentionCall) -> float:
+    """The scale as torch computes its default (1 / sqrt(head_dim)), bitwise."""
+    return 1.0 / math.sqrt(call.head_dim) if call.default_scale else call.scale
+
+
+def _lse_dtype(q: torch.Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
 
 
 @register_backend
@@ -198,6 +230,7 @@ class SDPAEfficientBackend(_ForcedSDPA):
     cuda_check = "can_use_efficient_attention"
     supports_lse = True
     supports_mask_grad = True
+    supports_backward_from_lse = True
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
         reasons = super().not_supported_reasons(call)
@@ -214,6 +247,21 @@ class SDPAEfficientBackend(_ForcedSDPA):
             q, k, v, bias, need_lse or call.requires_grad or call.mask_requires_grad,
             call.dropout_p, is_causal, scale=None if call.default_scale else call.scale)[:2]
         return out, (lse[..., :call.seq_len_q] if need_lse else None)
+
+
+    def backward(self, call, grad_out, out, lse, **options):
+        q, k, v = (_head_dim_contiguous(t) for t in (call.query, call.key, call.value))
+        bias, is_causal = None, call.is_causal
+        if call.attn_mask is not None:
+            bias, is_causal = _aligned(call.additive_mask(q.dtype), call), False
+        padded_q = -(-call.seq_len_q // 32) * 32  # the kernel's lse rows come in blocks of 32
+        lse = torch.nn.functional.pad(lse.float(), (0, padded_q - call.seq_len_q)).contiguous()
+        none = torch.empty((), dtype=torch.int64, device=q.device)
+        grads = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
+            grad_out.to(q.dtype).contiguous(), q, k, v, bias, out.to(q.dtype).contiguous(), lse,
+            none, none, 0.0, [True, True, True, False], is_causal,
+            scale=None if call.default_scale else call.scale)
+        return grads[0], grads[1], grads[2]
 
 
 def _aligned(bias: torch.Tensor, call: AttentionCall) -> torch.Tensor:
@@ -241,6 +289,7 @@ class SDPACudnnBackend(_ForcedSDPA):
     devices = ("cuda",)
     cuda_check = "can_use_cudnn_attention"
     supports_lse = True
+    supports_backward_from_lse = True
 
     def attend(self, call, q, k, v, need_lse):
         bias = call.additive_mask(q.dtype) if call.attn_mask is not None else None
@@ -251,6 +300,18 @@ class SDPACudnnBackend(_ForcedSDPA):
         if need_lse:
             lse = lse.reshape(call.batch_size, call.num_heads, call.seq_len_q)
         return out, (lse if need_lse else None)
+
+    def backward(self, call, grad_out, out, lse, **options):
+        q, k, v = (_head_dim_contiguous(t) for t in (call.query, call.key, call.value))
+        bias = call.additive_mask(q.dtype) if call.attn_mask is not None else None
+        none = torch.empty((), dtype=torch.int64, device=q.device)
+        empty = torch.empty(0, dtype=torch.int32, device=q.device)
+        grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            grad_out.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype).contiguous(),
+            lse.float().reshape(call.batch_size, call.num_heads, call.seq_len_q, 1).contiguous(),
+            none, none, bias, empty, empty, call.seq_len_q, call.seq_len_kv, 0.0,
+            call.is_causal and bias is None, scale=None if call.default_scale else call.scale)
+        return grads[0], grads[1], grads[2]
 
 
 @register_backend
