@@ -37,8 +37,11 @@ def _sdpa(call: AttentionCall):
         return F.scaled_dot_product_attention(call.query, call.key, call.value, scale=call.scale)
     if is_causal and mask is not None:  # SDPA refuses both at once; fold the pattern in
         mask, is_causal = call.combined_mask(), False
-    if mask is not None and mask.dtype not in (torch.bool, torch.float32, call.dtype):
-        mask = cast_bias(mask, call.dtype)  # SDPA takes bool, float32 or the query's dtype
+    if mask is not None and mask.dtype not in (torch.bool, call.dtype) and (
+            call.device.type != "cpu" or mask.dtype != torch.float32):
+        # SDPA on CPU adds a float32 mask in float32 (math and flash kernels); CUDA's fused
+        # kernels need the query's dtype (the efficient one raises otherwise)
+        mask = cast_bias(mask, call.dtype)
     # scale=None where the caller gave none: SDPA's own default is not bitwise our float
     return F.scaled_dot_product_attention(
         call.query, call.key, call.value, attn_mask=mask, dropout_p=call.dropout_p,
@@ -201,10 +204,12 @@ class SDPAFlashBackend(_ForcedSDPA):
                 attn_mask=bias, scale=None if call.default_scale else call.scale)
         d = call.head_dim
         padded = [pad_head_dim(t, 8) for t in (grad_out.to(q.dtype), q, k, v, out.to(q.dtype))]
-        none = torch.empty(0, dtype=torch.int64, device=q.device)
+        # no dropout: the RNG state is not read, but the op wants tensors of the forward's kind
+        seed = torch.empty(2, dtype=torch.uint64, device=q.device)
+        offset = torch.empty((), dtype=torch.uint64, device=q.device)
         grads = torch.ops.aten._scaled_dot_product_flash_attention_backward(
             padded[0].contiguous(), *padded[1:4], padded[4].contiguous(), lse.float().contiguous(),
-            none, none, call.seq_len_q, call.seq_len_kv, 0.0, call.is_causal, none, none,
+            None, None, call.seq_len_q, call.seq_len_kv, 0.0, call.is_causal, seed, offset,
             scale=_torch_scale(call))
         return tuple(g[..., :d] if g.shape[-1] != d else g for g in grads)
 
@@ -258,10 +263,15 @@ class SDPAEfficientBackend(_ForcedSDPA):
         lse = torch.nn.functional.pad(lse.float(), (0, padded_q - call.seq_len_q)).contiguous()
         none = torch.empty((), dtype=torch.int64, device=q.device)
         grads = torch.ops.aten._scaled_dot_product_efficient_attention_backward(
-            grad_out.to(q.dtype).contiguous(), q, k, v, bias, out.to(q.dtype).contiguous(), lse,
+            _bshd_memory(grad_out.to(q.dtype)), q, k, v, bias, _bshd_memory(out.to(q.dtype)), lse,
             none, none, 0.0, [True, True, True, False], is_causal,
             scale=None if call.default_scale else call.scale)
         return grads[0], grads[1], grads[2]
+
+
+def _bshd_memory(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (B, H, S, D) with (B, S, H, D) memory, the layout of the kernel's own output."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _aligned(bias: torch.Tensor, call: AttentionCall) -> torch.Tensor:
@@ -305,11 +315,10 @@ class SDPACudnnBackend(_ForcedSDPA):
         q, k, v = (_head_dim_contiguous(t) for t in (call.query, call.key, call.value))
         bias = call.additive_mask(q.dtype) if call.attn_mask is not None else None
         none = torch.empty((), dtype=torch.int64, device=q.device)
-        empty = torch.empty(0, dtype=torch.int32, device=q.device)
         grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             grad_out.to(q.dtype).contiguous(), q, k, v, out.to(q.dtype).contiguous(),
             lse.float().reshape(call.batch_size, call.num_heads, call.seq_len_q, 1).contiguous(),
-            none, none, bias, empty, empty, call.seq_len_q, call.seq_len_kv, 0.0,
+            none, none, bias, None, None, call.seq_len_q, call.seq_len_kv, 0.0,
             call.is_causal and bias is None, scale=None if call.default_scale else call.scale)
         return grads[0], grads[1], grads[2]
 
