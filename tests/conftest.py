@@ -10,6 +10,9 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.pop("ATTNPATCH_BACKEND", None)
 
+import attnpatch  # noqa: E402  (after the environment is set)
+from attnpatch import registry  # noqa: E402
+
 CPU_BACKENDS = ("math", "sdpa", "sdpa_flash", "sdpa_math", "flex")
 #: call structures of the backend matrices: name -> make_inputs keywords
 STRUCTURES = {
@@ -65,7 +68,11 @@ def make_inputs(batch=2, heads=4, kv_heads=None, seq_q=16, seq_k=None, head_dim=
 
 def reference(q, k, v, attn_mask=None, is_causal=False, scale=None, softcap=None):
     """Float64 attention written out independently of attnpatch (top-left causal; ``softcap``
-    caps the scaled scores, c * tanh(s / c), before the mask, as Gemma 2 does)."""
+    caps the scaled scores, c * tanh(s / c), before the mask, as Gemma 2 does).
+
+    Returns ``(out, lse)``; a query row that sees no key gets out 0 and lse -inf, and
+    contributes no gradient.
+    """
     q, k, v = q.double(), k.double(), v.double()
     group = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(group, dim=1)
@@ -83,8 +90,12 @@ def reference(q, k, v, attn_mask=None, is_causal=False, scale=None, softcap=None
         sq, sk = scores.shape[-2:]
         keep = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    return torch.softmax(scores, dim=-1) @ v, lse
+    # a query row that sees no key: out 0, lse -inf, zero gradients (filling its scores with 0
+    # first keeps softmax and logsumexp, and so their gradients, free of NaN)
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    scores = scores.masked_fill(empty, 0.0)
+    lse = torch.logsumexp(scores, dim=-1).masked_fill(empty.squeeze(-1), float("-inf"))
+    return torch.softmax(scores, dim=-1).masked_fill(empty, 0.0) @ v, lse
 
 
 def gradient_errors(reference_fn, fn, q, k, v) -> dict[str, float]:
@@ -105,6 +116,43 @@ def gradient_errors(reference_fn, fn, q, k, v) -> dict[str, float]:
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def cpu_backends() -> list[str]:
+    """Names of the registered backends that run on this machine's CPU, ``auto``'s order."""
+    return [b.name for b in registry.all_backends()
+            if "cpu" in b.devices and not b.availability_reasons()]
+
+
+def run_or_refuse(backend: str, *args, **kwargs):
+    """``attnpatch.attention(*args, backend=backend, **kwargs)`` when ``explain`` says the
+    backend takes the call; otherwise assert that the call raises
+    :class:`~attnpatch.BackendUnavailableError` with exactly the reasons ``explain`` gives (at
+    least one), and return None."""
+    explanation = attnpatch.explain(*args, backend=backend, **kwargs)
+    reasons = explanation.reasons[backend]
+    if explanation.choice is not None:
+        assert not reasons, reasons
+        return attnpatch.attention(*args, backend=backend, **kwargs)
+    assert reasons, f"{backend} refused without a reason"
+    with pytest.raises(attnpatch.BackendUnavailableError) as err:
+        attnpatch.attention(*args, backend=backend, **kwargs)
+    assert err.value.reasons[backend] == reasons
+    return None
+
+
+def out_lse_loss(out: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """A scalar that depends on every element of ``out`` and, if given, of ``lse``, through
+    fixed random weights (the same for every dtype and device). Rows whose lse is -inf (no
+    visible key) enter with lse 0, so the loss stays finite."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(out.shape, generator=gen, dtype=torch.float64)
+    loss = (out * weight.to(out.device, out.dtype)).sum()
+    if lse is not None:
+        weight = torch.randn(lse.shape, generator=gen, dtype=torch.float64)
+        finite = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+        loss = loss + (finite * weight.to(lse.device, lse.dtype)).sum()
+    return loss
 
 
 @pytest.fixture
