@@ -36,8 +36,11 @@ def reference_attention(call: AttentionCall, accumulate: torch.dtype | None = No
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     weights = torch.exp(scores - row_max)
     denom = weights.sum(dim=-1, keepdim=True)
-    probs = weights / torch.where(denom == 0, torch.ones_like(denom), denom)
-    lse = (torch.log(denom) + row_max).squeeze(-1)
+    empty = denom == 0
+    safe = torch.where(empty, torch.ones_like(denom), denom)
+    probs = weights / safe
+    # log(safe), then -inf: log(0) would send 1/0 * 0 = NaN back through a float mask's -inf
+    lse = (torch.log(safe) + row_max).masked_fill(empty, float("-inf")).squeeze(-1)
     if call.dropout_p > 0:
         probs = torch.nn.functional.dropout(probs, p=call.dropout_p, training=True)
     out = torch.matmul(probs, v.to(acc)).to(q.dtype)
