@@ -188,7 +188,9 @@ def test_eager_calls_validate_while_another_thread_compiles(block, option_backen
     compiler = threads.threads[0]
     compiler.start()
     overlapped = 0
-    deadline = time.monotonic() + 60
+    flag_seen = False
+    start = time.monotonic()
+    deadline = start + 60
     try:
         with context:
             while overlapped < 20 and time.monotonic() < deadline and compiler.is_alive():
@@ -199,6 +201,9 @@ def test_eager_calls_validate_while_another_thread_compiles(block, option_backen
                     attnpatch.attention(q, k, v, scale="x", backend=backend)
                 assert rel_error(out, ref) <= 1e-5
                 overlapped += was_compiling and torch.compiler.is_compiling()
+                flag_seen = flag_seen or was_compiling
+                if not flag_seen and time.monotonic() - start > 10:
+                    break  # this torch never sets the process-wide flag: see below
     finally:
         stop.set()
         compiler.join(JOIN_TIMEOUT)
@@ -207,4 +212,9 @@ def test_eager_calls_validate_while_another_thread_compiles(block, option_backen
     if threads.errors:
         name, err = threads.errors[0]
         raise AssertionError(f"thread {name!r} failed: {err}") from err
+    if not flag_seen:
+        # torch 2.10 sets torch.compiler.is_compiling() only for export, not process-wide
+        # while dynamo compiles: the defect this test guards against cannot occur there
+        pytest.skip(f"torch {torch.__version__} never set torch.compiler.is_compiling() while "
+                    "another thread compiled (10 s): no process-wide flag to leak")
     assert overlapped >= 20, f"torch.compile in the other thread overlapped only {overlapped} calls"
