@@ -32,7 +32,7 @@ class AttentionCall:
     __slots__ = (
         "query", "key", "value", "attn_mask", "mask_kind", "is_causal", "scale", "dropout_p",
         "layout", "return_lse", "requires_grad", "device", "default_scale", "is_gqa",
-        "softcap", "mask_requires_grad", "backward_from_lse",
+        "softcap", "mask_requires_grad", "backward_from_lse", "options",
     )
 
     def __init__(self, query, key, value, attn_mask, mask_kind, is_causal, scale, dropout_p,
@@ -61,6 +61,8 @@ class AttentionCall:
                                        and torch.is_grad_enabled())
         #: a partial of an exact merge: its backward runs from the merged (out, lse)
         self.backward_from_lse = False
+        #: the running backend's validated ``Options`` instance (set by the dispatcher), or None
+        self.options = None
 
     # --- shapes -------------------------------------------------------------------------------
     @property
