@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from ._caches import BoundedCache
 from ._errors import AttnPatchError
 
 __all__ = ["AttentionCall", "MASK_KINDS", "LAYOUTS"]
@@ -101,6 +102,15 @@ class AttentionCall:
         """(query, key, value) as (B, S, H, D) views."""
         return self.query.transpose(1, 2), self.key.transpose(1, 2), self.value.transpose(1, 2)
 
+    def kv_per_query_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key, value) with one head per query head: grouped-query heads repeated
+        (``repeat_interleave``, as SDPA's ``enable_gqa``), or the tensors themselves."""
+        if not self.is_gqa:
+            return self.key, self.value
+        group = self.num_heads // self.num_kv_heads
+        return (self.key.repeat_interleave(group, dim=1),
+                self.value.repeat_interleave(group, dim=1))
+
     def causal_mask(self) -> torch.Tensor:
         """Bool (Sq, Sk) mask of the top-left-aligned causal pattern (SDPA's convention)."""
         return _causal_mask(self.seq_len_q, self.seq_len_kv, self.device)
@@ -189,17 +199,15 @@ class AttentionCall:
 _REPLACEABLE = ("query", "key", "value", "attn_mask", "is_causal", "scale", "dropout_p",
                 "return_lse", "softcap")
 
-_CAUSAL_CACHE: dict = {}
+_CAUSAL_CACHE = BoundedCache(64)
 
 
 def _causal_mask(seq_q: int, seq_k: int, device: torch.device) -> torch.Tensor:
     key = (seq_q, seq_k, device)
     mask = _CAUSAL_CACHE.get(key)
     if mask is None:
-        if len(_CAUSAL_CACHE) > 64:
-            _CAUSAL_CACHE.clear()
-        mask = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device).tril()
-        _CAUSAL_CACHE[key] = mask
+        mask = _CAUSAL_CACHE.put(key, torch.ones(seq_q, seq_k, dtype=torch.bool,
+                                                 device=device).tril())
     return mask
 
 

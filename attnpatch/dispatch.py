@@ -13,6 +13,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from . import registry
+from ._caches import BoundedCache
 from ._errors import AttnPatchError, BackendUnavailableError
 from ._layout import _CALL as _LAYOUT_CALL
 from .call import AttentionCall, build_call, metadata_call, validate
@@ -28,9 +29,8 @@ ENV_VAR = "ATTNPATCH_BACKEND"
 _CONTEXT: contextvars.ContextVar[Optional[tuple[str, dict]]] = contextvars.ContextVar(
     "attnpatch_backend", default=None)
 
-# signature -> (Selection, resolved scale, is_gqa, specialized kernel or None)
-_CACHE: dict[tuple, tuple] = {}
-_CACHE_LIMIT = 4096
+# signature -> (Selection, resolved scale, is_gqa, specialized kernel or None, options)
+_CACHE = BoundedCache(4096)
 
 
 @contextlib.contextmanager
@@ -167,9 +167,7 @@ def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, b
         # once that passed, so a warm call never runs unchecked
         result = _first_forward(selection, call, options, record, query, key, layout)
         if key_ is not None:
-            if len(_CACHE) >= _CACHE_LIMIT:
-                _CACHE.clear()
-            _CACHE[key_] = (selection, call.scale, call.is_gqa, kernel, call.options)
+            _CACHE.put(key_, (selection, call.scale, call.is_gqa, kernel, call.options))
     else:
         selection, resolved_scale, is_gqa, kernel, validated = entry
         if kernel is not None:  # a plain kernel call: no AttentionCall, no layout context
@@ -357,8 +355,8 @@ def _select_traced(name, option_names, sig):
     entry = _CACHE.get(key_)
     if entry is None:
         call = metadata_call(*sig)
-        entry = _CACHE[key_] = (registry.select(name, call, option_names), call.scale,
-                                call.is_gqa, None, None)
+        entry = _CACHE.put(key_, (registry.select(name, call, option_names), call.scale,
+                                  call.is_gqa, None, None))
     return entry[0].backend.name
 
 
@@ -457,9 +455,7 @@ def run_selected(backend: str, call: AttentionCall, options: dict):
     chosen = selection.backend
     if not checked:
         result = _first_forward(selection, call, options, None, call.query, call.key, "bhsd")
-        if len(_CACHE) >= _CACHE_LIMIT:
-            _CACHE.clear()
-        _CACHE[key_] = (selection, call.scale, call.is_gqa, None, call.options)
+        _CACHE.put(key_, (selection, call.scale, call.is_gqa, None, call.options))
         return result, chosen
     try:
         return chosen.forward(call, **options), chosen

@@ -136,3 +136,21 @@ def test_names_only_backend_gets_an_options_dataclass():
             attnpatch.attention(q, k, v, backend="named_options", other=1)
     finally:
         attnpatch.unregister_backend("named_options")
+
+
+def test_clear_caches_forgets_every_bounded_cache():
+    """attnpatch._clear_caches() empties every cache attnpatch keeps (selection, causal masks,
+    BlockMasks, compiled flex kernels, token grids); each cache is bounded."""
+    from attnpatch import _caches
+
+    q, k, v, _ = make_inputs(seq_q=8, head_dim=16)
+    attnpatch.attention(q, k, v, is_causal=True, backend="math")
+    assert len(_CACHE) > 0
+    assert all(cache.limit > 0 for cache in _caches._ALL) and len(_caches._ALL) >= 5
+    attnpatch._clear_caches()
+    assert all(len(cache) == 0 for cache in _caches._ALL)
+    full = _caches.BoundedCache(2)
+    for i in range(3):
+        full.put(i, i)
+    assert dict(full) == {2: 2}
+    _caches._ALL.remove(full)

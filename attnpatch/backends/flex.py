@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .._caches import BoundedCache
 from .._errors import AttnPatchError
 from ..call import AttentionCall
 from ..registry import Backend, register_backend
@@ -32,7 +33,8 @@ def _trampoline(query, key, value, **kwargs):
     return _flex_module.flex_attention(query, key, value, **kwargs)
 
 
-_COMPILED: dict = {}
+# compiled kernels are costly to rebuild: a generous bound, only against unbounded growth
+_COMPILED = BoundedCache(512)
 
 
 def _compiled_flex(signature: tuple):
@@ -46,11 +48,11 @@ def _compiled_flex(signature: tuple):
     if fn is None:
         code = _trampoline.__code__.replace(co_name=f"_flex_{len(_COMPILED)}")
         fresh = types.FunctionType(code, _trampoline.__globals__, code.co_name)
-        fn = _COMPILED[signature] = torch.compile(fresh, dynamic=False, fullgraph=True)
+        fn = _COMPILED.put(signature, torch.compile(fresh, dynamic=False, fullgraph=True))
     return fn
 
 
-_BLOCK_MASKS: dict = {}
+_BLOCK_MASKS = BoundedCache(64)
 
 
 def _causal(b, h, q_idx, kv_idx):
@@ -62,11 +64,9 @@ def _block_mask(mask_mod: Callable, batch: Optional[int], heads: Optional[int], 
     key = (mask_mod, batch, heads, seq_q, seq_k, device)
     block_mask = _BLOCK_MASKS.get(key)
     if block_mask is None:
-        if len(_BLOCK_MASKS) > 64:
-            _BLOCK_MASKS.clear()
         block_mask = _flex_module.create_block_mask(mask_mod, batch, heads, seq_q, seq_k,
                                                     device=device)
-        _BLOCK_MASKS[key] = block_mask
+        _BLOCK_MASKS.put(key, block_mask)
     return block_mask
 
 
