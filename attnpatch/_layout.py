@@ -18,6 +18,8 @@ from typing import Any, Optional
 
 import torch
 
+from ._caches import BoundedCache
+
 __all__ = ["TokenLayout", "current_token_layout"]
 
 #: where the text tokens of one attention call are
@@ -126,7 +128,7 @@ class ForwardInfo:
                            model=self.model)
 
 
-_ID_GRIDS: dict = {}
+_ID_GRIDS = BoundedCache(64)
 
 
 def _grid_from_ids(ids: torch.Tensor, image_tokens: Optional[int]):
@@ -153,9 +155,7 @@ def _grid_from_ids(ids: torch.Tensor, image_tokens: Optional[int]):
             grid = None
     except Exception:  # ids in an unexpected format: leave the grid unknown
         return None
-    if len(_ID_GRIDS) > 64:
-        _ID_GRIDS.clear()
-    _ID_GRIDS[key] = (weakref.ref(ids), ids._version, image_tokens, grid)
+    _ID_GRIDS.put(key, (weakref.ref(ids), ids._version, image_tokens, grid))
     return grid
 
 

@@ -7,6 +7,7 @@ from typing import Optional
 
 import torch
 
+from ._caches import BoundedCache
 from ._errors import AttnPatchError
 
 __all__ = ["AttentionCall", "MASK_KINDS", "LAYOUTS"]
@@ -32,7 +33,7 @@ class AttentionCall:
     __slots__ = (
         "query", "key", "value", "attn_mask", "mask_kind", "is_causal", "scale", "dropout_p",
         "layout", "return_lse", "requires_grad", "device", "default_scale", "is_gqa",
-        "softcap", "mask_requires_grad", "backward_from_lse",
+        "softcap", "mask_requires_grad", "backward_from_lse", "options",
     )
 
     def __init__(self, query, key, value, attn_mask, mask_kind, is_causal, scale, dropout_p,
@@ -61,6 +62,8 @@ class AttentionCall:
                                        and torch.is_grad_enabled())
         #: a partial of an exact merge: its backward runs from the merged (out, lse)
         self.backward_from_lse = False
+        #: the running backend's validated ``Options`` instance (set by the dispatcher), or None
+        self.options = None
 
     # --- shapes -------------------------------------------------------------------------------
     @property
@@ -98,6 +101,15 @@ class AttentionCall:
     def bshd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(query, key, value) as (B, S, H, D) views."""
         return self.query.transpose(1, 2), self.key.transpose(1, 2), self.value.transpose(1, 2)
+
+    def kv_per_query_head(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key, value) with one head per query head: grouped-query heads repeated
+        (``repeat_interleave``, as SDPA's ``enable_gqa``), or the tensors themselves."""
+        if not self.is_gqa:
+            return self.key, self.value
+        group = self.num_heads // self.num_kv_heads
+        return (self.key.repeat_interleave(group, dim=1),
+                self.value.repeat_interleave(group, dim=1))
 
     def causal_mask(self) -> torch.Tensor:
         """Bool (Sq, Sk) mask of the top-left-aligned causal pattern (SDPA's convention)."""
@@ -187,17 +199,15 @@ class AttentionCall:
 _REPLACEABLE = ("query", "key", "value", "attn_mask", "is_causal", "scale", "dropout_p",
                 "return_lse", "softcap")
 
-_CAUSAL_CACHE: dict = {}
+_CAUSAL_CACHE = BoundedCache(64)
 
 
 def _causal_mask(seq_q: int, seq_k: int, device: torch.device) -> torch.Tensor:
     key = (seq_q, seq_k, device)
     mask = _CAUSAL_CACHE.get(key)
     if mask is None:
-        if len(_CAUSAL_CACHE) > 64:
-            _CAUSAL_CACHE.clear()
-        mask = torch.ones(seq_q, seq_k, dtype=torch.bool, device=device).tril()
-        _CAUSAL_CACHE[key] = mask
+        mask = _CAUSAL_CACHE.put(key, torch.ones(seq_q, seq_k, dtype=torch.bool,
+                                                 device=device).tril())
     return mask
 
 

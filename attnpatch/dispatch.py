@@ -13,6 +13,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from . import registry
+from ._caches import BoundedCache
 from ._errors import AttnPatchError, BackendUnavailableError
 from ._layout import _CALL as _LAYOUT_CALL
 from .call import AttentionCall, build_call, metadata_call, validate
@@ -28,9 +29,8 @@ ENV_VAR = "ATTNPATCH_BACKEND"
 _CONTEXT: contextvars.ContextVar[Optional[tuple[str, dict]]] = contextvars.ContextVar(
     "attnpatch_backend", default=None)
 
-# signature -> (Selection, resolved scale, is_gqa, specialized kernel or None)
-_CACHE: dict[tuple, tuple] = {}
-_CACHE_LIMIT = 4096
+# signature -> (Selection, resolved scale, is_gqa, specialized kernel or None, options)
+_CACHE = BoundedCache(4096)
 
 
 @contextlib.contextmanager
@@ -38,9 +38,12 @@ def attention_backend(backend: str, **options: Any) -> Iterator[None]:
     """Use ``backend`` (with ``options``) for every attnpatch call inside the block.
 
     Scoped to the current thread / asyncio task (a ContextVar); nests. Raises
-    :class:`AttnPatchError` for an unknown name.
+    :class:`AttnPatchError` for an unknown name, or options the backend does not take (name
+    or value).
     """
-    token = _CONTEXT.set((registry.canonical_name(backend), dict(options)))
+    name = registry.canonical_name(backend)
+    registry.check_options(name, options)  # a bad name or value is named here, not per call
+    token = _CONTEXT.set((name, dict(options)))
     try:
         yield
     finally:
@@ -131,7 +134,8 @@ def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, b
         # Everything that decides validity or selection: every tensor's shape, dtype, device
         # and requires-grad (the mask's too), the flags, and the grad mode.
         grad = _grad_enabled()
-        key_ = (name, tuple(options) if options else (), _VERSION[0], query.shape, key.shape,
+        key_ = (name, _option_key(options) if options else (), _VERSION[0], query.shape,
+                key.shape,
                 value.shape, query.dtype, key.dtype, value.dtype, query.device, key.device,
                 value.device,
                 None if attn_mask is None else (attn_mask.shape, attn_mask.dtype,
@@ -156,19 +160,16 @@ def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, b
                         call, "; ".join(f"{n}: {', '.join(r)}" for n, r in
                                         selection.rejected.items()))
         kernel = None
-        if attn_mask is None and not return_lse and not options and (
+        if attn_mask is None and not return_lse and (
                 softcap is None or selection.backend.supports_softcap):
-            # not with options: the key holds their names, not their values
             kernel = selection.backend.specialize(call)
         # the first call of a signature runs forward() and checks what it returns; cached only
         # once that passed, so a warm call never runs unchecked
         result = _first_forward(selection, call, options, record, query, key, layout)
         if key_ is not None:
-            if len(_CACHE) >= _CACHE_LIMIT:
-                _CACHE.clear()
-            _CACHE[key_] = (selection, call.scale, call.is_gqa, kernel)
+            _CACHE.put(key_, (selection, call.scale, call.is_gqa, kernel, call.options))
     else:
-        selection, resolved_scale, is_gqa, kernel = entry
+        selection, resolved_scale, is_gqa, kernel, validated = entry
         if kernel is not None:  # a plain kernel call: no AttentionCall, no layout context
             try:  # costs nothing unless it raises (CPython 3.11+)
                 if layout == "bhsd":
@@ -194,6 +195,7 @@ def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, b
         else:
             call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
                               return_lse, key_[-1], softcap)
+        call.options = validated
         try:  # costs nothing unless it raises (CPython 3.11+)
             if record is None:
                 result = selection.backend.forward(call, **options)
@@ -218,6 +220,28 @@ def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, b
 
 
 _NO_OPTIONS: dict = {}
+
+
+def _option_key(options: dict) -> tuple:
+    """Option values as a hashable part of the cache key: each value with its type (``True``
+    and ``1`` are different options); a dict as its sorted items; other unhashable values by
+    identity (the cache entry keeps the validated options, hence the object, alive)."""
+    try:
+        key_ = tuple((name, value.__class__, value) for name, value in options.items())
+        hash(key_)
+        return key_
+    except TypeError:
+        return tuple((name, value.__class__, _hashable(value)) for name, value in options.items())
+
+
+def _hashable(value):
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return ("id", id(value))
 
 
 def _first_forward(selection, call, options, record, query, key, layout):
@@ -331,8 +355,8 @@ def _select_traced(name, option_names, sig):
     entry = _CACHE.get(key_)
     if entry is None:
         call = metadata_call(*sig)
-        entry = _CACHE[key_] = (registry.select(name, call, option_names), call.scale,
-                                call.is_gqa, None)
+        entry = _CACHE.put(key_, (registry.select(name, call, option_names), call.scale,
+                                  call.is_gqa, None, None))
     return entry[0].backend.name
 
 
@@ -362,6 +386,7 @@ def _dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p, 
     chosen = registry.get_backend(_select_traced(name, tuple(options), meta))
     call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
                       return_lse, grad, softcap)
+    call.options = registry.option_values(chosen, options)
     result = chosen.forward(call, **options)
     if layout == "bshd":
         result = (result[0].transpose(1, 2), result[1]) if return_lse else result.transpose(1, 2)
@@ -403,9 +428,11 @@ def _run_selection(backend: str, call: AttentionCall, options: dict):
     if name in running:
         raise AttnPatchError(f"run_backend({backend!r}) inside the strategy {name!r} would run "
                              "it again on its own sub-call: name its inner kernel, or 'auto'")
-    key_ = ("run_backend", name, tuple(options), _VERSION[0], running, call.signature())
+    key_ = ("run_backend", name, _option_key(options) if options else (), _VERSION[0],
+            running, call.signature())
     entry = _CACHE.get(key_)
     if entry is not None:
+        call.options = entry[4]
         return entry[0], key_, True
     return registry.select(name, call, options, exclude=running), key_, False
 
@@ -428,9 +455,7 @@ def run_selected(backend: str, call: AttentionCall, options: dict):
     chosen = selection.backend
     if not checked:
         result = _first_forward(selection, call, options, None, call.query, call.key, "bhsd")
-        if len(_CACHE) >= _CACHE_LIMIT:
-            _CACHE.clear()
-        _CACHE[key_] = (selection, call.scale, call.is_gqa, None)
+        _CACHE.put(key_, (selection, call.scale, call.is_gqa, None, call.options))
         return result, chosen
     try:
         return chosen.forward(call, **options), chosen

@@ -229,17 +229,7 @@ def _spec(value: Any, options: dict) -> Optional[tuple[str, dict]]:
         opts.update(value)
         value = name
     name = _canonical(value)
-    if name != "auto":
-        accepted = registry.get_backend(name).options
-        extra = sorted(set(opts) - set(accepted))
-        if extra:
-            raise AttnPatchError(f"backend {name!r} does not take option(s) {extra}; it takes "
-                                 f"{sorted(accepted) or 'no options'}")
-    if name == "auto" and opts and not any(set(opts) <= b.options
-                                           for b in registry.priority_list()):
-        takers = sorted({o for b in registry.priority_list() for o in b.options})
-        raise AttnPatchError(f"no backend that 'auto' can choose takes option(s) "
-                             f"{sorted(opts)}; options any backend takes: {takers}")
+    registry.check_options(name, opts)  # names and values, before anything is changed
     if name == "auto" and not opts:
         return None
     return (name, opts)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import difflib
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional, Union
+from typing import Any, Callable, ClassVar, Mapping, Optional, Union
 
 import torch
 
@@ -15,12 +16,20 @@ from . import constraints as C
 from ._errors import AttnPatchError, BackendUnavailableError
 from .call import AttentionCall
 
-__all__ = ["Backend", "Strategy", "running_strategies", "register_backend", "get_backend", "canonical_name", "priority_list",
+__all__ = ["Backend", "NoOptions", "option_values", "check_options", "Strategy", "running_strategies", "register_backend", "get_backend", "canonical_name", "priority_list",
            "all_backends", "Selection", "select", "candidate_reasons", "registry_version"]
 
 logger = logging.getLogger(__name__)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """The options of a backend that takes none."""
+
+
+NO_OPTIONS = NoOptions()
 
 
 class Backend:
@@ -61,7 +70,14 @@ class Backend:
     supports_softcap: ClassVar[bool] = False
     requires_package: ClassVar[Optional[str]] = None
     requires_pip_name: ClassVar[Optional[str]] = None
-    #: names of the keyword options ``forward`` accepts; any other option is refused
+    #: the options the backend takes: a frozen dataclass whose ``__post_init__`` validates the
+    #: values (raise :class:`AttnPatchError` naming the option and the fix). Validated where
+    #: the user gives them; the instance's values are part of the selection cache key, and it
+    #: reaches ``delegate``/``specialize``/``forward`` as ``call.options`` (``forward`` also
+    #: gets the options the user gave as keyword arguments).
+    Options: ClassVar[type] = NoOptions
+    #: the option names (the fields of ``Options``; set at registration). A backend that
+    #: declares only these names gets an ``Options`` of them, unvalidated (default None).
     options: ClassVar[frozenset[str]] = frozenset()
 
     # --- environment ---------------------------------------------------------------------------
@@ -250,6 +266,7 @@ def register_backend(backend: Union[type[Backend], Backend, None] = None, *,
         raise AttnPatchError(f"register_backend expects a Backend subclass or instance, got "
                              f"{backend!r}")
     instance = backend() if isinstance(backend, type) else backend
+    _declare_options(type(instance))
     name = instance.name
     if not name or not isinstance(name, str) or name != name.lower() or name in RESERVED:
         raise AttnPatchError(f"backend name {name!r} must be a non-empty lowercase string other "
@@ -274,6 +291,58 @@ def register_backend(backend: Union[type[Backend], Backend, None] = None, *,
             _ALIASES[alias] = name
         _rebuild_priority_locked()
     return backend
+
+
+def _declare_options(cls: type) -> None:
+    """Make ``cls.Options`` and ``cls.options`` agree: names from the dataclass, or a dataclass
+    (fields default None, no validation) for a backend that declares only names."""
+    if not (isinstance(cls.Options, type) and dataclasses.is_dataclass(cls.Options)):
+        raise AttnPatchError(f"backend {cls.__name__}.Options must be a frozen dataclass, got "
+                             f"{cls.Options!r}")
+    names = frozenset(f.name for f in dataclasses.fields(cls.Options))
+    if cls.Options is NoOptions and cls.options:
+        cls.Options = dataclasses.make_dataclass(
+            f"{cls.__name__}Options", [(n, Any, None) for n in sorted(cls.options)],
+            frozen=True)
+        names = frozenset(cls.options)
+    cls.options = names
+
+
+def option_values(backend: Backend, values: Mapping[str, Any]):
+    """``backend.Options(**values)``, validated: raises :class:`AttnPatchError` naming an
+    option the backend does not take (and the ones it does), or a bad value."""
+    if isinstance(values, backend.Options):
+        return values
+    if not values:
+        return NO_OPTIONS if backend.Options is NoOptions else backend.Options()
+    extra = sorted(set(values) - backend.options)
+    if extra:
+        raise AttnPatchError(f"backend {backend.name!r} does not take option(s) {extra}; it "
+                             f"takes {sorted(backend.options) or 'no options'}")
+    try:
+        return backend.Options(**values)
+    except AttnPatchError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise AttnPatchError(f"backend {backend.name!r}: bad option value: {err}") from None
+
+
+def check_options(name: str, options: Mapping[str, Any]) -> None:
+    """Raise :class:`AttnPatchError` unless backend ``name`` takes ``options`` (names and
+    values); for ``"auto"``: unless some backend ``auto`` can choose takes them all (and each
+    such backend takes their values)."""
+    if not options:
+        return
+    if name != "auto":
+        option_values(_BACKENDS[name], options)
+        return
+    takers = [b for b in _PRIORITY if set(options) <= b.options]
+    if not takers:
+        known = sorted({o for b in _PRIORITY for o in b.options})
+        raise AttnPatchError(f"no backend that 'auto' can choose takes option(s) "
+                             f"{sorted(options)}; options any backend takes: {known}")
+    for backend in takers:
+        option_values(backend, options)
 
 
 def unregister_backend(name: str) -> None:
@@ -355,10 +424,23 @@ def candidate_reasons(backend: Backend, call: AttentionCall, option_names) -> li
     return reasons
 
 
+def _delegate(backend: Backend, call: AttentionCall, options) -> Backend:
+    """``backend.delegate(call)`` with ``call.options`` set to the validated options (when
+    ``options`` carries values, a mapping) of the backend that will run."""
+    if isinstance(options, Mapping):
+        call.options = option_values(backend, options)
+    chosen = backend.delegate(call)
+    if chosen is not backend and isinstance(options, Mapping):
+        call.options = option_values(chosen, options)
+    return chosen
+
+
 def select(requested: str, call: AttentionCall, option_names=(),
            exclude: frozenset = frozenset()) -> Selection:
     """Pick the backend for ``call``: the named one, or the first of ``auto``'s list that fits.
 
+    ``option_names``: the options' names, or a mapping of their values: then they are
+    validated and ``call.options`` is set to the chosen backend's instance.
     ``exclude``: names ``auto`` passes over (the strategies running this call's parent).
     Raises :class:`AttnPatchError` for options the named backend does not take and
     :class:`BackendUnavailableError` (with every candidate's reasons) when nothing fits.
@@ -366,14 +448,13 @@ def select(requested: str, call: AttentionCall, option_names=(),
     if requested != "auto":
         backend = _BACKENDS[requested]
         extra = sorted(set(option_names) - backend.options)
-        if extra:
-            raise AttnPatchError(f"backend {requested!r} does not take option(s) {extra}; it takes "
-                                 f"{sorted(backend.options) or 'no options'}")
+        if extra:  # option_values() says it, naming what the backend takes
+            option_values(backend, dict.fromkeys(option_names))
         reasons = candidate_reasons(backend, call, ())
         if reasons:
             raise BackendUnavailableError(f"backend {requested!r} cannot run {call}:",
                                           {requested: reasons})
-        return Selection(backend.delegate(call), requested)
+        return Selection(_delegate(backend, call, option_names), requested)
     rejected: dict[str, list[str]] = {}
     for backend in _PRIORITY:
         if backend.name in exclude:
@@ -381,6 +462,6 @@ def select(requested: str, call: AttentionCall, option_names=(),
             continue
         reasons = candidate_reasons(backend, call, option_names) or backend.auto_reasons(call)
         if not reasons:
-            return Selection(backend.delegate(call), requested, rejected)
+            return Selection(_delegate(backend, call, option_names), requested, rejected)
         rejected[backend.name] = reasons
     raise BackendUnavailableError(f"no backend can run {call}:", rejected)

@@ -139,11 +139,10 @@ def check_backend(name: str, options: Optional[dict] = None, allow_none: bool = 
         raise ScriptError(f"backend {canonical!r} can't run on this machine: "
                           f"{'; '.join(reasons)}; install what it needs or use one of "
                           f"{', '.join(available_backends())}")
-    extra = sorted(set(options) - set(backend.options))
-    if extra:
-        takes = ", ".join(sorted(backend.options)) or "no options"
-        raise ScriptError(f"backend {canonical!r} does not take option(s) {', '.join(extra)} "
-                          f"(it takes {takes}); drop or fix the --backend-option")
+    try:
+        registry.check_options(canonical, options)
+    except AttnPatchError as err:
+        raise ScriptError(f"{one_line(err)}; drop or fix the --backend-option") from None
     return canonical
 
 

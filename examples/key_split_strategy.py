@@ -52,6 +52,15 @@ def main() -> None:
 
     # first-class: explain() reasons, refusals, patch()
     print(attnpatch.explain(q, k, v, backend="key_split", is_causal=True))
+    layer = torch.nn.MultiheadAttention(64, 4, batch_first=True, dtype=torch.float64).to(device)
+    x = torch.randn(2, 50, 64, device=device, dtype=torch.float64)
+    before = layer(x, x, x, need_weights=False)[0]
+    handle = attnpatch.patch(layer, backend="key_split", inner="math")
+    after = layer(x, x, x, need_weights=False)[0]
+    ran = sorted({name for m in handle.report() for name in m.backends})
+    print(f"patched module ran {ran}, max |patched - unpatched| = "
+          f"{(after - before).abs().max().item():.1e}")
+    attnpatch.unpatch(layer)
 
 
 if __name__ == "__main__":

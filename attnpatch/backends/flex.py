@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import types
 import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
+from .._caches import BoundedCache
 from .._errors import AttnPatchError
 from ..call import AttentionCall
 from ..registry import Backend, register_backend
@@ -30,7 +33,8 @@ def _trampoline(query, key, value, **kwargs):
     return _flex_module.flex_attention(query, key, value, **kwargs)
 
 
-_COMPILED: dict = {}
+# compiled kernels are costly to rebuild: a generous bound, only against unbounded growth
+_COMPILED = BoundedCache(512)
 
 
 def _compiled_flex(signature: tuple):
@@ -44,11 +48,11 @@ def _compiled_flex(signature: tuple):
     if fn is None:
         code = _trampoline.__code__.replace(co_name=f"_flex_{len(_COMPILED)}")
         fresh = types.FunctionType(code, _trampoline.__globals__, code.co_name)
-        fn = _COMPILED[signature] = torch.compile(fresh, dynamic=False, fullgraph=True)
+        fn = _COMPILED.put(signature, torch.compile(fresh, dynamic=False, fullgraph=True))
     return fn
 
 
-_BLOCK_MASKS: dict = {}
+_BLOCK_MASKS = BoundedCache(64)
 
 
 def _causal(b, h, q_idx, kv_idx):
@@ -60,11 +64,9 @@ def _block_mask(mask_mod: Callable, batch: Optional[int], heads: Optional[int], 
     key = (mask_mod, batch, heads, seq_q, seq_k, device)
     block_mask = _BLOCK_MASKS.get(key)
     if block_mask is None:
-        if len(_BLOCK_MASKS) > 64:
-            _BLOCK_MASKS.clear()
         block_mask = _flex_module.create_block_mask(mask_mod, batch, heads, seq_q, seq_k,
                                                     device=device)
-        _BLOCK_MASKS[key] = block_mask
+        _BLOCK_MASKS.put(key, block_mask)
     return block_mask
 
 
@@ -72,6 +74,42 @@ def _and_causal(mask_mod: Callable) -> Callable:
     def both(b, h, q_idx, kv_idx):
         return mask_mod(b, h, q_idx, kv_idx) & (q_idx >= kv_idx)
     return both
+
+
+@dataclass(frozen=True)
+class FlexOptions:
+    """flex's options, validated when given (see :class:`FlexBackend`)."""
+
+    block_mask: Any = None
+    mask_mod: Optional[Callable] = None
+    score_mod: Optional[Callable] = None
+    compile: Optional[bool] = None
+    kernel_options: Any = None
+
+    def __post_init__(self):
+        block_mask, mask_mod = self.block_mask, self.mask_mod
+        if block_mask is not None and not isinstance(block_mask, _flex_module.BlockMask):
+            raise AttnPatchError(f"flex: block_mask must be a BlockMask "
+                                 f"(torch.nn.attention.flex_attention.create_block_mask) or None, "
+                                 f"got {type(block_mask).__name__}")
+        if mask_mod is not None and not callable(mask_mod):
+            raise AttnPatchError(f"flex: mask_mod must be a callable fn(b, h, q_idx, kv_idx) -> "
+                                 f"bool or None, got {type(mask_mod).__name__}")
+        if block_mask is not None and mask_mod is not None:
+            raise AttnPatchError("flex: pass block_mask= or mask_mod=, not both")
+        if self.score_mod is not None and not callable(self.score_mod):
+            raise AttnPatchError(f"flex: score_mod must be a callable "
+                                 f"fn(score, b, h, q_idx, kv_idx) -> score or None, got "
+                                 f"{type(self.score_mod).__name__}")
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise AttnPatchError(f"flex: compile must be a bool or None, got {self.compile!r}")
+        kernel_options = self.kernel_options
+        if kernel_options is not None:
+            if not isinstance(kernel_options, Mapping):
+                raise AttnPatchError(f"flex: kernel_options must be a dict or None, got "
+                                     f"{type(kernel_options).__name__}")
+            # hashable, so equal options key one selection
+            object.__setattr__(self, "kernel_options", tuple(sorted(kernel_options.items())))
 
 
 @register_backend
@@ -94,7 +132,7 @@ class FlexBackend(Backend):
     lse_has_grad = True  # flex's backward takes the lse gradient (grad_logsumexp)
     supports_value_head_dim = True
     supports_softcap = True
-    options = frozenset({"block_mask", "mask_mod", "score_mod", "compile", "kernel_options"})
+    Options = FlexOptions
 
     def availability_reasons(self) -> list[str]:
         reasons = super().availability_reasons()
@@ -112,11 +150,6 @@ class FlexBackend(Backend):
 
     def forward(self, call: AttentionCall, block_mask=None, mask_mod=None, score_mod=None,
                 compile: Optional[bool] = None, kernel_options: Optional[dict] = None, **_: Any):
-        if (block_mask is not None or mask_mod is not None or score_mod is not None
-                or compile is not None or kernel_options is not None):
-            _check_options(block_mask, mask_mod, score_mod, compile, kernel_options)
-        if block_mask is not None and mask_mod is not None:
-            raise AttnPatchError("flex: pass block_mask= or mask_mod=, not both")
         if mask_mod is not None and call.is_causal:
             mask_mod = _and_causal(mask_mod)
         elif mask_mod is None and block_mask is None and call.is_causal:
@@ -163,26 +196,6 @@ class FlexBackend(Backend):
         if call.return_lse:
             return result[0], result[1].lse.float()
         return result
-
-
-def _check_options(block_mask, mask_mod, score_mod, compile, kernel_options) -> None:
-    """Raise :class:`AttnPatchError` naming the first option whose value flex cannot take."""
-    if block_mask is not None and not isinstance(block_mask, _flex_module.BlockMask):
-        raise AttnPatchError(f"flex: block_mask must be a BlockMask "
-                             f"(torch.nn.attention.flex_attention.create_block_mask) or None, got "
-                             f"{type(block_mask).__name__}")
-    if mask_mod is not None and not callable(mask_mod):
-        raise AttnPatchError(f"flex: mask_mod must be a callable fn(b, h, q_idx, kv_idx) -> bool "
-                             f"or None, got {type(mask_mod).__name__}")
-    if score_mod is not None and not callable(score_mod):
-        raise AttnPatchError(f"flex: score_mod must be a callable "
-                             f"fn(score, b, h, q_idx, kv_idx) -> score or None, got "
-                             f"{type(score_mod).__name__}")
-    if compile is not None and not isinstance(compile, bool):
-        raise AttnPatchError(f"flex: compile must be a bool or None, got {compile!r}")
-    if kernel_options is not None and not isinstance(kernel_options, dict):
-        raise AttnPatchError(f"flex: kernel_options must be a dict or None, got "
-                             f"{type(kernel_options).__name__}")
 
 
 def _softcap_mod(cap: float) -> Callable:

@@ -15,12 +15,8 @@ def reference_attention(call: AttentionCall, accumulate: torch.dtype | None = No
     ``out`` is (B, H, Sq, Dv) in the input dtype, ``lse`` (B, H, Sq) float32 (float64 for float64
     inputs). A query row that sees no key gives 0 and lse = -inf (no NaN, also in gradients).
     """
-    q, k, v = call.query, call.key, call.value
+    q, (k, v) = call.query, call.kv_per_query_head()
     acc = accumulate or (torch.float64 if q.dtype == torch.float64 else torch.float32)
-    if call.is_gqa:
-        group = call.num_heads // call.num_kv_heads
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
     scores = torch.matmul(q.to(acc), k.to(acc).transpose(-2, -1)) * call.scale
     if call.softcap is not None:  # Gemma 2's order: scale, then cap, then the mask
         scores = torch.tanh(scores / call.softcap) * call.softcap
@@ -54,9 +50,8 @@ def reference_backward(call: AttentionCall, grad_out: torch.Tensor, out: torch.T
     q, k, v = call.query, call.key, call.value
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     group = call.num_heads // call.num_kv_heads
-    qa, ka, va = q.to(acc), k.to(acc), v.to(acc)
-    if group > 1:
-        ka, va = ka.repeat_interleave(group, dim=1), va.repeat_interleave(group, dim=1)
+    ka, va = call.kv_per_query_head()
+    qa, ka, va = q.to(acc), ka.to(acc), va.to(acc)
     scores = torch.matmul(qa, ka.transpose(-2, -1)) * call.scale
     capped = None
     if call.softcap is not None:

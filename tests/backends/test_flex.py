@@ -35,9 +35,11 @@ def test_bad_option_values_raise_before_the_kernel_runs(option, value, message):
     options = {option: value} if option == "score_mod" else {option: value, "score_mod": watch}
     with pytest.raises(attnpatch.AttnPatchError, match=message):
         attnpatch.attention(q, k, v, backend="flex", **options)
-    with attnpatch.attention_backend("flex", **options):
-        with pytest.raises(attnpatch.AttnPatchError, match=message):
-            attnpatch.attention(q, k, v)
+    with pytest.raises(attnpatch.AttnPatchError, match=message):  # where the block is given
+        with attnpatch.attention_backend("flex", **options):
+            pass
+    with pytest.raises(attnpatch.AttnPatchError, match=message):  # and where patch() is given
+        attnpatch.patch(torch.nn.MultiheadAttention(16, 2), backend="flex", **options)
     assert scored == []
 
 
