@@ -100,11 +100,22 @@ def clone_function(fn: types.FunctionType, overrides: dict[str, Any]) -> types.F
 
     ``__name__`` is left out of the new globals: torch.compile would otherwise guard the
     overridden names against the *original* module's attributes (and recompile every call).
+
+    The clone gets its own copy of the code object (equal, not identical). torch.compile keys
+    its caches on the code object: the compiled frames, and the resume functions it makes at
+    a graph break (ContinueExecutionCache). The code it compiles loads the ``__compiled_fn_*``
+    and ``__resume_at_*`` globals it installed in the globals of the frame it compiled, and its
+    guards check global *values* by name, never which dict they live in. Two clones of one
+    function (one per module) sharing the code object would share those cache entries: after a
+    graph break in a backend, the resume code compiled for module A's globals passes its guards
+    in module B's frame and fails with ``NameError: name '__compiled_fn_…' is not defined``.
+    One code object per globals dict is what dynamo assumes (as for any module's functions).
     """
     glb = dict(fn.__globals__)
     glb.update(overrides)
     glb.pop("__name__", None)
-    new = types.FunctionType(fn.__code__, glb, fn.__name__, fn.__defaults__, fn.__closure__)
+    new = types.FunctionType(fn.__code__.replace(), glb, fn.__name__, fn.__defaults__,
+                             fn.__closure__)
     new.__kwdefaults__ = None if fn.__kwdefaults__ is None else dict(fn.__kwdefaults__)
     new.__dict__.update(fn.__dict__)
     new.__module__ = fn.__module__

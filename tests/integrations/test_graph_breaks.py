@@ -1,0 +1,137 @@
+"""A graph break inside a backend is safe on every interception route under torch.compile
+(default, non-fullgraph): a legacy diffusers processor calling F.scaled_dot_product_attention, a
+processor calling diffusers' dispatch_attention_fn, the transformers AttentionInterface, and
+class-swapped modules (nn.MultiheadAttention, a forward calling F.sdpa).
+
+Each model has at least two attention modules: routed code of one original function runs
+there with one globals dict per module, the case that once failed after a break with
+``NameError: name '__compiled_fn_…' is not defined``. Strategies graph-break on purpose
+(Python-level planning, ``.item()``), so every route must survive one.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+import attnpatch
+from tests.tiny_models import flux, llama, rel_error, run
+
+pytest.importorskip("diffusers")
+pytest.importorskip("transformers")
+
+
+class BreakingBackend(attnpatch.Backend):
+    """Attention (the ``math`` backend) after a graph break, counting its calls."""
+
+    name = "graph_breaking"
+    priority = None  # never chosen by auto
+    calls = 0
+
+    def forward(self, call, **options):
+        torch._dynamo.graph_break()
+        type(self).calls += 1
+        return attnpatch.attention(call.query, call.key, call.value, call.combined_mask(),
+                                   scale=call.scale, backend="math")
+
+
+@pytest.fixture
+def breaking():
+    torch._dynamo.reset()
+    counters.clear()
+    BreakingBackend.calls = 0
+    attnpatch.register_backend(BreakingBackend, replace=True)
+    try:
+        yield BreakingBackend
+    finally:
+        attnpatch.unregister_backend(BreakingBackend.name)
+        torch._dynamo.reset()
+
+
+def _seeded(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return module.eval()
+
+
+def _randn(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+class _TwoMHA(torch.nn.Module):
+    """Two nn.MultiheadAttention (class-swapped; F.multi_head_attention_forward rebound)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+        self.second = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x):
+        x = self.first(x, x, x, need_weights=False)[0]
+        return self.second(x, x, x, need_weights=False)[0]
+
+
+class _SdpaBlock(torch.nn.Module):
+    """A module whose own forward calls F.scaled_dot_product_attention (class-swapped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).unflatten(-1, (3, 2, 8)).permute(2, 0, 3, 1, 4)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return x + out.transpose(1, 2).flatten(2)
+
+
+def _unet():
+    """A UNet2DConditionModel with one transformer block: attn1 and attn2, AttnProcessor2_0."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    torch.manual_seed(0)
+    m = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+        block_out_channels=(8, 16), norm_num_groups=4, mid_block_type=None,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"), cross_attention_dim=8, attention_head_dim=2)
+    assert {type(p) for p in m.attn_processors.values()} == {AttnProcessor2_0}
+    return m.eval(), dict(sample=_randn(2, 4, 8, 8, seed=1), timestep=torch.tensor([10] * 2),
+                          encoder_hidden_states=_randn(2, 5, 8, seed=2))
+
+
+def _mha():
+    return _seeded(_TwoMHA()), dict(x=_randn(2, 5, 16))
+
+
+def _sdpa_blocks():
+    return _seeded(torch.nn.Sequential(_SdpaBlock(), _SdpaBlock())), dict(input=_randn(2, 5, 16))
+
+
+ROUTES = {
+    "diffusers-legacy-sdpa": (_unet, 2),        # UNet2DConditionModel, AttnProcessor2_0
+    "diffusers-dispatch": (flux, 2),             # FluxTransformer2DModel, dispatch_attention_fn
+    "transformers-interface": (llama, 2),        # LlamaModel, AttentionInterface
+    "module-multihead-attention": (_mha, 2),     # nn.MultiheadAttention class swap
+    "module-forward-sdpa": (_sdpa_blocks, 2),    # a forward calling F.sdpa, class swap
+}
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+def test_graph_break_in_backend_under_compile(breaking, route):
+    factory, modules = ROUTES[route]
+    model, kw = factory()
+    ref = run(model, kw)
+    with attnpatch.patch(model, backend=breaking.name) as handle:
+        assert len(handle.report()) == modules and all(r.routed for r in handle.report())
+        compiled = torch.compile(model, backend="eager")
+        out = run(compiled, kw)
+        again = run(compiled, kw)  # the second call runs from dynamo's caches
+    assert breaking.calls == 2 * modules  # every module's attention ran in the backend, twice
+    assert counters["graph_break"], "the backend's graph break did not happen under compile"
+    assert rel_error(out, ref) <= 1e-5
+    assert rel_error(again, ref) <= 1e-5
+    assert torch.equal(run(model, kw), ref)  # unpatched again
