@@ -24,7 +24,8 @@ pytest.importorskip("transformers")
 
 
 class BreakingBackend(attnpatch.Backend):
-    """Attention (the ``math`` backend) after a graph break, counting its calls."""
+    """Minus attention (the ``math`` backend's) after a graph break: the sign makes it visible in
+    the model's output that this backend ran, in eager and compiled code alike."""
 
     name = "graph_breaking"
     priority = None  # never chosen by auto
@@ -33,8 +34,8 @@ class BreakingBackend(attnpatch.Backend):
     def forward(self, call, **options):
         torch._dynamo.graph_break()
         type(self).calls += 1
-        return attnpatch.attention(call.query, call.key, call.value, call.combined_mask(),
-                                   scale=call.scale, backend="math")
+        return -attnpatch.attention(call.query, call.key, call.value, call.combined_mask(),
+                                    scale=call.scale, backend="math")
 
 
 @pytest.fixture
@@ -127,11 +128,16 @@ def test_graph_break_in_backend_under_compile(breaking, route):
     ref = run(model, kw)
     with attnpatch.patch(model, backend=breaking.name) as handle:
         assert len(handle.report()) == modules and all(r.routed for r in handle.report())
+        expected = run(model, kw)  # eager, through the backend
+        assert breaking.calls == modules
         compiled = torch.compile(model, backend="eager")
         out = run(compiled, kw)
         again = run(compiled, kw)  # the second call runs from dynamo's caches
-    assert breaking.calls == 2 * modules  # every module's attention ran in the backend, twice
+    assert rel_error(expected, ref) > 1e-3  # the backend's sign shows in the output
+    # the compiled model ran the backend in every module (a skipped one would change the
+    # output); its call counter is not checked there: torch 2.10's dynamo does not replay
+    # that Python side effect once per call
+    assert rel_error(out, expected) <= 1e-5
+    assert rel_error(again, expected) <= 1e-5
     assert counters["graph_break"], "the backend's graph break did not happen under compile"
-    assert rel_error(out, ref) <= 1e-5
-    assert rel_error(again, ref) <= 1e-5
     assert torch.equal(run(model, kw), ref)  # unpatched again

@@ -325,9 +325,12 @@ def test_unsupported_reason_finds_attention_sinks():
             f"{name} (GptOssAttention) passes attention sinks (s_aux=) to its attention "
             f"function, which no attnpatch backend computes: exclude it from the patch "
             f"(patch(..., exclude={name!r})) or leave this model unpatched (attnpatch.unpatch)")
-    # behind transformers' deprecate_kwarg decorator: the keyword is found in the wrapped code
-    assert "s_aux" not in {c for f in [type(attn[0][1]).forward]
-                           for t in f.__code__.co_consts if isinstance(t, tuple) for c in t}
+    # transformers >= 5.24 puts this forward behind its deprecate_kwarg decorator, whose own
+    # code never names s_aux: the reasons above were found in the wrapped code
+    forward = type(attn[0][1]).forward
+    if hasattr(forward, "__wrapped__"):
+        assert "s_aux" not in {c for t in forward.__code__.co_consts if isinstance(t, tuple)
+                               for c in t}
     # a layer whose sinks are None (MiMo-V2-Flash's full-attention layers) passes s_aux=None
     attn[1][1].sinks = None
     assert itf.unsupported_reason(attn[1][1]) is None
