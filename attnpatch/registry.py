@@ -38,6 +38,14 @@ class Backend:
     Subclasses declare capabilities as class attributes and implement :meth:`forward`. The base
     :meth:`not_supported_reasons` turns the attributes into specific reasons; override it to add
     your own (call ``super()`` first, like xformers' operators do).
+
+    Accuracy is declared too, so that tests generated from the registry hold every backend
+    (built-in, strategy, third-party) to it: ``tolerance`` maps each dtype to the largest
+    relative error ``||out - ref|| / ||ref||`` (and the same for ``lse`` and the input
+    gradients) against :meth:`reference` computed in float64 on the same inputs; ``exact``
+    says the result equals that reference up to the rounding of the dtype (as ``math``'s
+    does: fp32 accumulation, one rounding of the output), so it is held to the dtype's machine
+    epsilon where that is tighter than ``tolerance``.
     """
 
     name: ClassVar[str] = ""
@@ -79,6 +87,15 @@ class Backend:
     #: the option names (the fields of ``Options``; set at registration). A backend that
     #: declares only these names gets an ``Options`` of them, unvalidated (default None).
     options: ClassVar[frozenset[str]] = frozenset()
+    #: largest relative error (``||out - ref|| / ||ref||``, likewise ``lse`` and the q/k/v
+    #: gradients) against :meth:`reference` in float64, by input dtype. Override in a subclass
+    #: with the whole mapping (``{**Backend.tolerance, torch.float32: 1e-4}``).
+    tolerance: ClassVar[Mapping[torch.dtype, float]] = {
+        torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}
+    #: the result equals :meth:`reference` up to the dtype's rounding (no approximation, no
+    #: reduced-precision accumulation): tests also hold it to ``torch.finfo(dtype).eps`` for
+    #: fp16/bf16 inputs
+    exact: ClassVar[bool] = False
 
     # --- environment ---------------------------------------------------------------------------
     def availability_reasons(self) -> list[str]:
@@ -162,6 +179,26 @@ class Backend:
         rowsum(grad_out * out)). Declared by ``supports_backward_from_lse``; no dropout."""
         raise NotImplementedError(f"backend {self.name!r} has no backward from (out, lse)")
 
+    def reference(self, call: AttentionCall, options: Any = None):
+        """What this backend computes for ``call``, densely and exactly: ``(out, lse)`` in
+        float64 (``out`` (B, H, Sq, Dv), ``lse`` (B, H, Sq), -inf for a query row that sees no
+        key), differentiable with respect to ``call``'s tensors. ``options``: the validated
+        ``Options`` instance (or a mapping of the user's options; None for the defaults).
+
+        The default is exact attention on the call's mask, causal pattern, scale and softcap
+        (:func:`attnpatch.backends.math.reference_attention` in float64), without dropout. A
+        backend or strategy that computes something else on purpose (an expanded element mask,
+        a score bias) overrides it to return that dense attention, so that the generated tests
+        compare it with what it means to compute. Tests compare :meth:`forward` with this within
+        :attr:`tolerance`."""
+        from .backends.math import reference_attention  # registry stays below the backends
+
+        def f64(t):
+            return t.double() if t is not None and t.is_floating_point() else t
+        dense = call.replace(query=f64(call.query), key=f64(call.key), value=f64(call.value),
+                             attn_mask=f64(call.attn_mask), dropout_p=0.0, return_lse=True)
+        return reference_attention(dense, accumulate=torch.float64)
+
     def specialize(self, call: AttentionCall) -> Optional[Callable]:
         """A kernel ``fn(query, key, value) -> out`` on (B, H, S, D) tensors that computes exactly
         what :meth:`forward` computes for *every* call with ``call``'s signature (shapes, dtypes,
@@ -197,6 +234,8 @@ class Backend:
             "softcap": cls.supports_softcap,
             "requires_package": cls.requires_package,
             "options": sorted(cls.options),
+            "tolerance": {str(d).removeprefix("torch."): t for d, t in cls.tolerance.items()},
+            "exact": cls.exact,
         }
 
     def __repr__(self) -> str:

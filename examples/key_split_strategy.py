@@ -21,6 +21,7 @@ class KeySplit(Strategy):
     options = frozenset({"inner"})
     supports_lse = True  # the merged lse is returned, without a gradient (lse_has_grad False)
     supports_causal = False  # a causal pattern would need per-half alignment: refused, with reason
+    supports_dropout = False  # an exact merge runs its partials without dropout
 
     def run(self, call, inner="auto"):
         half = call.seq_len_kv // 2

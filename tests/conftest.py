@@ -13,7 +13,6 @@ os.environ.pop("ATTNPATCH_BACKEND", None)
 import attnpatch  # noqa: E402  (after the environment is set)
 from attnpatch import registry  # noqa: E402
 
-CPU_BACKENDS = ("math", "sdpa", "sdpa_flash", "sdpa_math", "flex")
 #: call structures of the backend matrices: name -> make_inputs keywords
 STRUCTURES = {
     "plain": dict(),
@@ -122,6 +121,57 @@ def cpu_backends() -> list[str]:
     """Names of the registered backends that run on this machine's CPU, ``auto``'s order."""
     return [b.name for b in registry.all_backends()
             if "cpu" in b.devices and not b.availability_reasons()]
+
+
+#: the backends of the CPU matrices, from the registry (built-in, strategies, third-party)
+CPU_BACKENDS = tuple(cpu_backends())
+
+
+def _tolerance(b: registry.Backend, dtype: torch.dtype) -> float:
+    """The backend's declared tolerance for ``dtype``; an exact backend is also held to the
+    dtype's rounding (machine epsilon) for fp16/bf16."""
+    tol = b.tolerance[dtype]
+    if b.exact and dtype in (torch.float16, torch.bfloat16):
+        tol = min(tol, torch.finfo(dtype).eps)
+    return tol
+
+
+def check_or_refuse(backend: str, q, k, v, attn_mask=None, *, grad: bool = False, **kwargs):
+    """``run_or_refuse``, then, when the backend ran: ``out`` (and ``lse`` with
+    ``return_lse=True``; and with ``grad`` the q/k/v gradients of :func:`out_lse_loss`) against
+    ``backend.reference(call)`` on float64 copies of the inputs, within the backend's declared
+    ``tolerance`` (and its dtype's rounding when it is ``exact``). Returns ``(result, reference
+    out)``, or None when the backend refused."""
+    b = registry.get_backend(backend)
+    dtype = q.dtype
+    leaves = [t.detach().requires_grad_(grad) for t in (q, k, v)]
+    result = run_or_refuse(backend, *leaves, attn_mask=attn_mask, **kwargs)
+    if result is None:
+        return None
+    return_lse = kwargs.get("return_lse", False)
+    out, lse = result if return_lse else (result, None)
+    ref_leaves = [t.detach().double().requires_grad_(grad) for t in (q, k, v)]
+    ref_mask = (attn_mask.double() if attn_mask is not None and attn_mask.is_floating_point()
+                else attn_mask)
+    ex = attnpatch.explain(*ref_leaves, attn_mask=ref_mask, backend=backend, **kwargs)
+    ref_out, ref_lse = b.reference(ex.call, ex.call.options)
+    tol = _tolerance(b, dtype)
+    assert out.dtype == dtype and out.shape == ref_out.shape, (out.dtype, out.shape)
+    assert not out.isnan().any(), "NaN in out"
+    assert rel_error(out.detach(), ref_out.detach()) <= tol, (
+        f"{backend}: out error {rel_error(out.detach(), ref_out.detach()):.2e} > {tol:.0e}")
+    if lse is not None:
+        assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
+        torch.testing.assert_close(lse.detach().double(), ref_lse.detach(),
+                                   rtol=max(tol, 1e-5), atol=max(tol, 1e-5))
+    if grad:
+        out_lse_loss(ref_out, ref_lse if return_lse else None).backward()
+        out_lse_loss(out, lse).backward()
+        for name, ours, ref in zip("qkv", leaves, ref_leaves):
+            assert ours.grad is not None, f"{backend}: no gradient for {name}"
+            err = rel_error(ours.grad, ref.grad)
+            assert err <= tol, f"{backend}: gradient of {name} error {err:.2e} > {tol:.0e}"
+    return result, ref_out.detach()
 
 
 def run_or_refuse(backend: str, *args, **kwargs):

@@ -97,6 +97,8 @@ class _FlashAttention(Backend):
     supports_lse = True
     supports_value_head_dim = False
     supports_softcap = True
+    # fp16/bf16 only; their GPU tests allow twice math's error + 1e-2 on the input gradients
+    tolerance = {**Backend.tolerance, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
     #: importable module found without importing (presence) ...
     probe: ClassVar[str]
