@@ -68,7 +68,7 @@ def test_demo_without_matplotlib_still_works(tmp_path, capsys, monkeypatch):
     (["--model", "{tmp}/missing"], ["does not exist", "model_index.json"]),
     (["--model", "{tmp}/plain"], ["not a diffusers model folder"]),
     (["--backend", "flashh"], ["unknown backend 'flashh'", "attnpatch backends"]),
-    (["--backend", "sdpa", "--backend-option", "window=8"], ["does not take option(s) window"]),
+    (["--backend", "sdpa", "--backend-option", "window=8"], ["does not take option(s) ['window']"]),
     (["--backend", "flex", "--backend-option", "block_mask=1", "--backend-option", "mask_mod=2"],
      ["flex", "--backend-option"]),
     (["--height", "50"], ["multiple of 16"]),

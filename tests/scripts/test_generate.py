@@ -125,11 +125,11 @@ def test_unknown_backend(run_script, capsys, tmp_path, tiny_model):
 def test_option_the_backend_does_not_take(run_script, capsys, tmp_path, tiny_model):
     _bad(run_script, capsys, tmp_path, ["--model", tiny_model("sd"), "--prompt", "x",
                                         "--backend", "math", "--backend-option", "block_size=64"],
-         "does not take option(s) block_size")
+         "does not take option(s) ['block_size']")
 
 
 def test_option_value_the_backend_rejects(run_script, capsys, tmp_path, tiny_model):
-    """Refused at the first call (after loading), still before anything is written."""
+    """Refused before the model loads (the value is checked where it is given)."""
     _bad(run_script, capsys, tmp_path, ["--model", tiny_model("sd"), "--prompt", "x",
                                         "--backend", "flex", "--backend-option", "block_mask=1",
                                         "--backend-option", "mask_mod=2"],

@@ -197,7 +197,7 @@ def test_option_the_backend_does_not_take(run_script, capsys, tmp_path, tiny_mod
     _bad(run_script, capsys, tmp_path, ["--pretrained_model_name_or_path", tiny_model("sd"),
                                         "--train_data_dir", dataset, "--attention_backend",
                                         "sdpa", "--attention_backend_option", "window=4"],
-         "does not take option(s) window")
+         "does not take option(s) ['window']")
 
 
 def test_backend_that_cannot_train_here(run_script, capsys, tmp_path, tiny_model, dataset):
