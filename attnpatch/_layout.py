@@ -160,11 +160,11 @@ def _grid_from_ids(ids: torch.Tensor, image_tokens: Optional[int]):
 
 
 # The innermost running patched denoiser forward, and the attention call in flight. The
-# processors set _CALL to (joint_text, query, key, seq_dim) around each call: tensors, not
+# processors set LAYOUT_CALL to (joint_text, query, key, seq_dim) around each call: tensors, not
 # lengths, so shapes are read only by the (rare) backend that asks current_token_layout().
 _FORWARD: contextvars.ContextVar[Optional[ForwardInfo]] = contextvars.ContextVar(
     "attnpatch_forward", default=None)
-_CALL: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar(
+LAYOUT_CALL: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar(
     "attnpatch_call", default=None)
 
 
@@ -185,7 +185,7 @@ def current_token_layout() -> Optional[TokenLayout]:
     Call it from a backend's ``forward`` to learn which tokens are text and the image grid.
     """
     info = _FORWARD.get()
-    call = _CALL.get()
+    call = LAYOUT_CALL.get()
     if call is None:
         return None if info is None else info.layout()
     joint_text, query, key, seq_dim = call

@@ -15,11 +15,13 @@ import torch
 from . import registry
 from ._caches import BoundedCache
 from ._errors import AttnPatchError, BackendUnavailableError
-from ._layout import _CALL as _LAYOUT_CALL
+from ._layout import LAYOUT_CALL
 from .call import AttentionCall, build_call, metadata_call, validate
 
 __all__ = ["attention", "attention_backend", "explain", "current_backend", "Explanation",
-           "run_backend", "run_selected"]
+           "run_backend", "run_selected",
+           # the per-call entry points of the processors and integrations (not attnpatch's API)
+           "dispatch_call", "dispatch_eager", "dispatch_traced"]
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +96,10 @@ def resolve(backend: Optional[str], options: dict, default: Optional[tuple[str, 
 # compiles, eager flex on CPU included)
 _is_compiling = torch.compiler.is_dynamo_compiling
 _grad_enabled = torch.is_grad_enabled
-_VERSION = registry._VERSION
+_VERSION = registry.VERSION  # bumped on every registration change
 
 
-def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
+def dispatch_call(query, key, value, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
               backend=None, layout="bhsd", return_lse=False, options=None, default=None,
               softcap=None):
     """Run one call; returns ``(result, Selection)``. Used by ``attention`` and the processors.
@@ -106,15 +108,15 @@ def _dispatch(query, key, value, attn_mask=None, is_causal=False, scale=None, dr
     validation and selection run once per signature.
     """
     if _is_compiling():
-        return _dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p,
+        return dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p,
                                 backend, layout, return_lse, options or {}, default, softcap)
-    return _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, backend,
+    return dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, backend,
                            layout, return_lse, options, default, None, softcap)
 
 
-def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
+def dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
                     return_lse, options, default, record=None, softcap=None):
-    """``_dispatch`` outside torch.compile (callers that already checked call this directly).
+    """``dispatch_call`` outside torch.compile (callers that already checked call this directly).
 
     ``record``: the :class:`~attnpatch._record.ModuleRecord` of the patched diffusers module
     making the call, or None. The call is booked on it, its ``scale`` stands in for a missing
@@ -200,12 +202,12 @@ def _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, b
             if record is None:
                 result = selection.backend.forward(call, **options)
             else:
-                token = _LAYOUT_CALL.set((record.joint_text, query, key,
+                token = LAYOUT_CALL.set((record.joint_text, query, key,
                                           -2 if layout == "bhsd" else 1))
                 try:
                     result = selection.backend.forward(call, **options)
                 finally:
-                    _LAYOUT_CALL.reset(token)
+                    LAYOUT_CALL.reset(token)
                 record.note(selection)
         except Exception as err:
             if _passes_through(selection.backend, err):
@@ -251,12 +253,12 @@ def _first_forward(selection, call, options, record, query, key, layout):
         if record is None:
             result = backend.forward(call, **options)
         else:
-            token = _LAYOUT_CALL.set((record.joint_text, query, key,
+            token = LAYOUT_CALL.set((record.joint_text, query, key,
                                       -2 if layout == "bhsd" else 1))
             try:
                 result = backend.forward(call, **options)
             finally:
-                _LAYOUT_CALL.reset(token)
+                LAYOUT_CALL.reset(token)
     except Exception as err:
         if _passes_through(backend, err):
             raise
@@ -351,7 +353,7 @@ def _resolve_traced(backend, default_name):
 
 @torch.compiler.assume_constant_result
 def _select_traced(name, option_names, sig):
-    key_ = (name, option_names, registry._VERSION[0], "traced", *sig)
+    key_ = (name, option_names, registry.VERSION[0], "traced", *sig)
     entry = _CACHE.get(key_)
     if entry is None:
         call = metadata_call(*sig)
@@ -360,9 +362,9 @@ def _select_traced(name, option_names, sig):
     return entry[0].backend.name
 
 
-def _dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
+def dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
                      return_lse, options, default, softcap=None):
-    """``_dispatch`` while torch.compile traces: the backend is chosen at trace time, from
+    """``dispatch_call`` while torch.compile traces: the backend is chosen at trace time, from
     metadata, and becomes a constant of the graph (the backend's kernel is what is traced).
 
     Batch and sequence lengths do not enter that choice (dynamo may make them symbolic: one
@@ -415,7 +417,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     Raises :class:`AttnPatchError` for bad input, :class:`BackendUnavailableError` when the
     requested backend (or every ``auto`` candidate) cannot run the call.
     """
-    return _dispatch(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
+    return dispatch_call(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
                      return_lse, options, None, softcap)[0]
 
 

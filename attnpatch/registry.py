@@ -282,12 +282,14 @@ _BACKENDS: dict[str, Backend] = {}
 _ALIASES: dict[str, str] = {}
 _ORDER: list[str] = []
 _PRIORITY: list[Backend] = []
-_VERSION = [0]
+#: one element, bumped on every registration change: part of the dispatcher's cache keys, so a
+#: new, replaced or removed backend is never hidden behind a cached selection
+VERSION = [0]
 RESERVED = ("auto",)
 
 
 def registry_version() -> int:
-    return _VERSION[0]
+    return VERSION[0]
 
 
 def register_backend(backend: Union[type[Backend], Backend, None] = None, *,
@@ -402,7 +404,7 @@ def _rebuild_priority_locked() -> None:
     ranked = [(b.priority, i, b) for i, n in enumerate(_ORDER)
               if (b := _BACKENDS[n]).priority is not None]
     _PRIORITY[:] = [b for _, _, b in sorted(ranked, key=lambda t: (t[0], t[1]))]
-    _VERSION[0] += 1
+    VERSION[0] += 1
 
 
 def canonical_name(name: str) -> str:

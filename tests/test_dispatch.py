@@ -11,13 +11,13 @@ import torch
 from hypothesis import given, settings
 
 import attnpatch
-from attnpatch.dispatch import _dispatch
+from attnpatch.dispatch import dispatch_call
 
 from .conftest import make_inputs, reference, rel_error
 
 
 def chosen(q, k, v, **kw):
-    return _dispatch(q, k, v, **kw)[1].backend.name
+    return dispatch_call(q, k, v, **kw)[1].backend.name
 
 
 def test_precedence_argument_context_env(monkeypatch):
@@ -129,7 +129,7 @@ def test_auto_picks_a_working_backend_and_explain_agrees(case):
     ref, _ = reference(q, k, v, mask, case["is_causal"])
     args = (q, k, v) if case["layout"] == "bhsd" else tuple(t.transpose(1, 2) for t in (q, k, v))
     kw = dict(attn_mask=mask, is_causal=case["is_causal"], layout=case["layout"])
-    out, selection = _dispatch(*args, **kw)
+    out, selection = dispatch_call(*args, **kw)
     if case["layout"] == "bshd":
         out = out.transpose(1, 2)
     assert attnpatch.explain(*args, **kw).choice == selection.backend.name
@@ -280,9 +280,9 @@ def test_softcap_is_part_of_the_cache_key():
         outs[cap] = out
     assert len(attnpatch.dispatch._CACHE) == 3
     # auto: sdpa without a cap (a specialized kernel), a backend that computes it with one
-    assert _dispatch(q, k, v)[1].backend.name == "sdpa"
-    assert _dispatch(q, k, v, softcap=0.5)[1].backend.supports_softcap
-    assert _dispatch(q, k, v)[1].backend.name == "sdpa"
+    assert dispatch_call(q, k, v)[1].backend.name == "sdpa"
+    assert dispatch_call(q, k, v, softcap=0.5)[1].backend.supports_softcap
+    assert dispatch_call(q, k, v)[1].backend.name == "sdpa"
     with pytest.raises(attnpatch.BackendUnavailableError, match="softcap=0.5 not supported"):
         attnpatch.attention(q, k, v, softcap=0.5, backend="sdpa")
     attnpatch.attention(q, k, v, softcap=0.5, backend="math")

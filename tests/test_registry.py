@@ -170,7 +170,7 @@ def test_family_backend_delegates_once_per_signature(registered):
             return get_backend("math")
 
     q, k, v, _ = make_inputs(seq_q=17)
-    selection = attnpatch.dispatch._dispatch(q, k, v, backend="family")[1]
+    selection = attnpatch.dispatch.dispatch_call(q, k, v, backend="family")[1]
     assert selection.backend.name == "math" and selection.requested == "family"
     before = (Family.calls, Family.chosen)
     for _ in range(3):

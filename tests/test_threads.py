@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import attnpatch
 from attnpatch.backends.math import reference_attention
-from attnpatch.dispatch import _dispatch
+from attnpatch.dispatch import dispatch_call
 
 from .conftest import cpu_backends, make_inputs, reference, rel_error
 
@@ -99,7 +99,7 @@ def test_backend_blocks_stay_per_thread_and_leave_torch_sdpa_alone():
             with attnpatch.attention_backend(name):
                 start.wait(JOIN_TIMEOUT)
                 for _ in range(50):
-                    out, selection = _dispatch(q, k, v, attn_mask=mask)
+                    out, selection = dispatch_call(q, k, v, attn_mask=mask)
                     assert selection is not None and selection.backend.name == name, (
                         selection, name)
                     assert rel_error(out, ref) <= 1e-5

@@ -27,7 +27,7 @@ import torch
 
 from .._errors import AttnPatchError
 from .._record import ModuleRecord
-from ..dispatch import _dispatch, _dispatch_eager
+from ..dispatch import dispatch_call, dispatch_eager
 
 __all__ = ["ATTN_NAME", "is_pretrained_model", "is_attention_module", "unsupported_reason",
            "TransformersSite", "attnpatch_attention"]
@@ -169,10 +169,10 @@ def attnpatch_attention(module, query, key, value, attention_mask, dropout=0.0, 
                                                    query, key)
         is_causal = False
     if torch.compiler.is_dynamo_compiling():
-        out = _dispatch(query, key, value, attention_mask, is_causal, scaling, dropout, None,
+        out = dispatch_call(query, key, value, attention_mask, is_causal, scaling, dropout, None,
                         "bhsd", False, None, record.default, softcap)[0]
     else:
-        out, selection = _dispatch_eager(query, key, value, attention_mask, is_causal, scaling,
+        out, selection = dispatch_eager(query, key, value, attention_mask, is_causal, scaling,
                                          dropout, None, "bhsd", False, None, record.default,
                                          None, softcap)
         record.note(selection)

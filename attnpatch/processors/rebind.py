@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as _F
 
 from .._errors import AttnPatchError
-from ..dispatch import _CONTEXT, _dispatch_eager, _dispatch_traced
+from ..dispatch import current_backend, dispatch_eager, dispatch_traced
 
 # dynamo maps this to True while it traces; eagerly it is one frame (is_compiling() is two)
 _is_dynamo_compiling = torch.compiler.is_dynamo_compiling
@@ -156,10 +156,10 @@ def make_sdpa(record) -> Callable:
             return _as_four_dims(scaled_dot_product_attention, query, key, value, attn_mask,
                                  dropout_p, is_causal, scale)
         if _is_dynamo_compiling():
-            return _dispatch_traced(query, key, value, attn_mask, is_causal,
+            return dispatch_traced(query, key, value, attn_mask, is_causal,
                                     record.scale if scale is None else scale, dropout_p, None,
                                     "bhsd", False, {}, record.default)[0]
-        return _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, None,
+        return dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, None,
                                "bhsd", False, None, record.default, record)[0]
 
     return scaled_dot_product_attention
@@ -215,7 +215,7 @@ def make_dispatch(record, original: Callable) -> Callable:
                 "this module; attnpatch does not route it. Disable it, or unpatch the model.")
         default = record.default
         # diffusers' own backend choice ranks below an attention_backend() block
-        if backend is not None and default is None and _CONTEXT.get() is None:
+        if backend is not None and default is None and current_backend() is None:
             name = _diffusers_backend_name(backend)
             if name not in mapped:
                 try:
@@ -240,10 +240,10 @@ def make_dispatch(record, original: Callable) -> Callable:
               and attn_mask.shape[0] == query.shape[0] and attn_mask.shape[1] == key.shape[1]):
             attn_mask = attn_mask[:, None, None, :]  # (B, Sk) key padding -> (B, 1, 1, Sk)
         if _is_dynamo_compiling():
-            return _dispatch_traced(query, key, value, attn_mask, is_causal,
+            return dispatch_traced(query, key, value, attn_mask, is_causal,
                                     record.scale if scale is None else scale, dropout_p, None,
                                     "bshd", False, options or {}, default)[0]
-        return _dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, None,
+        return dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, None,
                                "bshd", False, options, default, record)[0]
 
     return dispatch_attention_fn
