@@ -25,9 +25,10 @@ class AttentionCall:
     what the caller passed (``layout="bshd"`` inputs are transposed views, never copies).
     ``attn_mask`` is None or a 4-D view broadcastable to (B, H, Sq, Sk): True/0 means "attend",
     False/-inf means "skip"; a float mask keeps the dtype it was given in (a backend whose kernel
-    needs the query's dtype converts it with :meth:`additive_mask`). ``scale`` is resolved (default ``1/sqrt(D)``). ``softcap`` is None
-    or a positive float: the scaled scores become ``softcap * tanh(q·kᵀ·scale / softcap)``
-    before the mask is added (Gemma 2's attention logit softcapping).
+    needs the query's dtype converts it with :meth:`additive_mask`). ``scale`` is resolved
+    (default ``1/sqrt(D)``). ``softcap`` is None or a positive float: the scaled scores become
+    ``softcap * tanh(q·kᵀ·scale / softcap)`` before the mask is added (Gemma 2's attention
+    logit softcapping).
     """
 
     __slots__ = (

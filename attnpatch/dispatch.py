@@ -99,9 +99,9 @@ _grad_enabled = torch.is_grad_enabled
 _VERSION = registry.VERSION  # bumped on every registration change
 
 
-def dispatch_call(query, key, value, attn_mask=None, is_causal=False, scale=None, dropout_p=0.0,
-              backend=None, layout="bhsd", return_lse=False, options=None, default=None,
-              softcap=None):
+def dispatch_call(query, key, value, attn_mask=None, is_causal=False, scale=None,
+                  dropout_p=0.0, backend=None, layout="bhsd", return_lse=False, options=None,
+                  default=None, softcap=None):
     """Run one call; returns ``(result, Selection)``. Used by ``attention`` and the processors.
 
     The hot path (selection cached) only builds the signature, looks it up and runs the kernel;
@@ -109,13 +109,13 @@ def dispatch_call(query, key, value, attn_mask=None, is_causal=False, scale=None
     """
     if _is_compiling():
         return dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p,
-                                backend, layout, return_lse, options or {}, default, softcap)
+                               backend, layout, return_lse, options or {}, default, softcap)
     return dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, backend,
-                           layout, return_lse, options, default, None, softcap)
+                          layout, return_lse, options, default, None, softcap)
 
 
 def dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
-                    return_lse, options, default, record=None, softcap=None):
+                   return_lse, options, default, record=None, softcap=None):
     """``dispatch_call`` outside torch.compile (callers that already checked call this directly).
 
     ``record``: the :class:`~attnpatch._record.ModuleRecord` of the patched diffusers module
@@ -131,15 +131,14 @@ def dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, ba
     else:
         name, options = resolve(backend, options or _NO_OPTIONS, default)
     try:  # the signature that keys the selection cache: built inline, this is the hot path
-        # k/v dtypes: the math backend would cast a mismatch instead of raising. Non-bool
+        # Everything that decides validity or selection: the option values, every tensor's
+        # shape, dtype, device and requires-grad (the mask's too), the flags and the grad mode
+        # (k/v dtypes: the math backend would cast a mismatch instead of raising). Non-bool
         # flags key as None, which is never cached, so validate() names them every time.
-        # Everything that decides validity or selection: every tensor's shape, dtype, device
-        # and requires-grad (the mask's too), the flags, and the grad mode.
         grad = _grad_enabled()
         key_ = (name, _option_key(options) if options else (), _VERSION[0], query.shape,
-                key.shape,
-                value.shape, query.dtype, key.dtype, value.dtype, query.device, key.device,
-                value.device,
+                key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device,
+                key.device, value.device,
                 None if attn_mask is None else (attn_mask.shape, attn_mask.dtype,
                                                 attn_mask.device,
                                                 grad and attn_mask.requires_grad),
@@ -203,7 +202,7 @@ def dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, ba
                 result = selection.backend.forward(call, **options)
             else:
                 token = LAYOUT_CALL.set((record.joint_text, query, key,
-                                          -2 if layout == "bhsd" else 1))
+                                         -2 if layout == "bhsd" else 1))
                 try:
                     result = selection.backend.forward(call, **options)
                 finally:
@@ -254,7 +253,7 @@ def _first_forward(selection, call, options, record, query, key, layout):
             result = backend.forward(call, **options)
         else:
             token = LAYOUT_CALL.set((record.joint_text, query, key,
-                                      -2 if layout == "bhsd" else 1))
+                                     -2 if layout == "bhsd" else 1))
             try:
                 result = backend.forward(call, **options)
             finally:
@@ -363,7 +362,7 @@ def _select_traced(name, option_names, sig):
 
 
 def dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
-                     return_lse, options, default, softcap=None):
+                    return_lse, options, default, softcap=None):
     """``dispatch_call`` while torch.compile traces: the backend is chosen at trace time, from
     metadata, and becomes a constant of the graph (the backend's kernel is what is traced).
 

@@ -48,9 +48,10 @@ def merge_partials(call: AttentionCall, partials: Sequence[Partial]):
     A query row that no partial lets see a key gives out = 0, lse = -inf.
 
     Returns ``out`` (B, H, Sq, Dv) in ``call``'s dtype, or ``(out, lse)`` with lse float32
-    (float64 for float64 inputs) (B, H, Sq) when ``call.return_lse``; the merged lse carries no gradient (a strategy that
-    returns it declares ``lse_has_grad = False``). Raises :class:`AttnPatchError` for partials
-    that do not fit ``call``, and what the inner backends raise.
+    (float64 for float64 inputs) (B, H, Sq) when ``call.return_lse``; the merged lse carries
+    no gradient (a strategy that returns it declares ``lse_has_grad = False``). Raises
+    :class:`AttnPatchError` for partials that do not fit ``call``, and what the inner backends
+    raise.
     """
     if not partials:
         raise AttnPatchError("merge_partials needs at least one Partial")
@@ -69,8 +70,7 @@ def merge_partials(call: AttentionCall, partials: Sequence[Partial]):
         if sub.dropout_p:
             raise AttnPatchError(f"partials[{i}] has dropout_p={sub.dropout_p}: partials of an "
                                  "exact merge run without dropout")
-        if not sub.return_lse:
-            sub = sub.replace(return_lse=True)
+        sub = sub.replace(return_lse=True)  # our own copy: the caller's call is not changed
         sub.backward_from_lse = grad and sub.requires_grad
         subs.append((sub, part.backend, dict(part.options)))
     if not grad:

@@ -16,8 +16,10 @@ from . import constraints as C
 from ._errors import AttnPatchError, BackendUnavailableError
 from .call import AttentionCall
 
-__all__ = ["Backend", "NoOptions", "option_values", "check_options", "Strategy", "running_strategies", "register_backend", "get_backend", "canonical_name", "priority_list",
-           "all_backends", "Selection", "select", "candidate_reasons", "registry_version"]
+__all__ = ["Backend", "NoOptions", "option_values", "check_options", "Strategy",
+           "running_strategies", "register_backend", "get_backend", "canonical_name",
+           "priority_list", "all_backends", "Selection", "select", "candidate_reasons",
+           "registry_version"]
 
 logger = logging.getLogger(__name__)
 

@@ -24,8 +24,19 @@ def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def _randn(*shape, seed=0):
+def randn(*shape, seed=0):
+    """A reproducible random tensor (its own generator: no global seed involved)."""
     return torch.randn(*shape, generator=_gen(seed))
+
+
+def seeded(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``module`` in eval mode with random weights everywhere (zero-initialized layers would make
+    "equal" prove nothing)."""
+    g = _gen(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return module.eval()
 
 
 # --- diffusers models: (model, forward kwargs) ------------------------------------------------
@@ -39,8 +50,8 @@ def sd15():
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
         cross_attention_dim=16, attention_head_dim=2)
-    kw = dict(sample=_randn(B, 4, 16, 16, seed=1), timestep=torch.tensor([10] * B),
-              encoder_hidden_states=_randn(B, 7, 16, seed=2))
+    kw = dict(sample=randn(B, 4, 16, 16, seed=1), timestep=torch.tensor([10] * B),
+              encoder_hidden_states=randn(B, 7, 16, seed=2))
     return m.eval(), kw
 
 
@@ -55,10 +66,10 @@ def sdxl():
         cross_attention_dim=16, attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
         use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16)
-    kw = dict(sample=_randn(B, 4, 16, 16, seed=1), timestep=torch.tensor([10] * B),
-              encoder_hidden_states=_randn(B, 7, 16, seed=2),
-              added_cond_kwargs={"text_embeds": _randn(B, 16, seed=3),
-                                 "time_ids": _randn(B, 6, seed=4)})
+    kw = dict(sample=randn(B, 4, 16, 16, seed=1), timestep=torch.tensor([10] * B),
+              encoder_hidden_states=randn(B, 7, 16, seed=2),
+              added_cond_kwargs={"text_embeds": randn(B, 16, seed=3),
+                                 "time_ids": randn(B, 6, seed=4)})
     return m.eval(), kw
 
 
@@ -69,9 +80,9 @@ def sd3():
         sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
         caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=16)
-    kw = dict(hidden_states=_randn(B, 4, 16, 16, seed=1),
-              encoder_hidden_states=_randn(B, 7, 16, seed=2),
-              pooled_projections=_randn(B, 16, seed=3), timestep=torch.tensor([10] * B))
+    kw = dict(hidden_states=randn(B, 4, 16, 16, seed=1),
+              encoder_hidden_states=randn(B, 7, 16, seed=2),
+              pooled_projections=randn(B, 16, seed=3), timestep=torch.tensor([10] * B))
     return m.eval(), kw
 
 
@@ -89,8 +100,8 @@ def flux():
         patch_size=1, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1,
         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
         pooled_projection_dim=16, guidance_embeds=False, axes_dims_rope=(4, 4, 8))
-    kw = dict(hidden_states=_randn(B, 16, 4, seed=1), encoder_hidden_states=_randn(B, 7, 16, seed=2),
-              pooled_projections=_randn(B, 16, seed=3), timestep=torch.tensor([0.5] * B),
+    kw = dict(hidden_states=randn(B, 16, 4, seed=1), encoder_hidden_states=randn(B, 7, 16, seed=2),
+              pooled_projections=randn(B, 16, seed=3), timestep=torch.tensor([0.5] * B),
               img_ids=flux_ids(), txt_ids=torch.zeros(7, 3))
     return m.eval(), kw
 
@@ -105,7 +116,8 @@ def pixart():
         norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6)
     mask = torch.ones(B, 7)
     mask[1, 5:] = 0  # padded caption: exercises the additive float mask
-    kw = dict(hidden_states=_randn(B, 4, 8, 8, seed=1), encoder_hidden_states=_randn(B, 7, 16, seed=2),
+    kw = dict(hidden_states=randn(B, 4, 8, 8, seed=1),
+              encoder_hidden_states=randn(B, 7, 16, seed=2),
               timestep=torch.tensor([10] * B), added_cond_kwargs={"resolution": None,
                                                                  "aspect_ratio": None},
               encoder_attention_mask=mask)
@@ -119,8 +131,8 @@ def wan():
         patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4,
         out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32, num_layers=1, cross_attn_norm=True,
         qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
-    kw = dict(hidden_states=_randn(B, 4, 2, 8, 8, seed=1), timestep=torch.tensor([10] * B),
-              encoder_hidden_states=_randn(B, 7, 16, seed=2))
+    kw = dict(hidden_states=randn(B, 4, 2, 8, 8, seed=1), timestep=torch.tensor([10] * B),
+              encoder_hidden_states=randn(B, 7, 16, seed=2))
     return m.eval(), kw
 
 
@@ -131,7 +143,7 @@ def vae():
         in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         latent_channels=4, norm_num_groups=8, sample_size=16)
-    kw = dict(sample=_randn(B, 3, 16, 16, seed=1))
+    kw = dict(sample=randn(B, 3, 16, 16, seed=1))
     return m.eval(), kw
 
 
@@ -166,7 +178,7 @@ def clip_vision():
     m = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32,
                                          num_hidden_layers=2, num_attention_heads=2,
                                          image_size=8, patch_size=4, num_channels=3))
-    return m.eval(), dict(pixel_values=_randn(B, 3, 8, 8, seed=6))
+    return m.eval(), dict(pixel_values=randn(B, 3, 8, 8, seed=6))
 
 
 def t5():
@@ -299,7 +311,7 @@ def flux_pipeline():
                         tokenizer=None, text_encoder_2=None, tokenizer_2=None,
                         transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
-    kw = dict(prompt_embeds=_randn(1, 7, 16, seed=7), pooled_prompt_embeds=_randn(1, 16, seed=8),
+    kw = dict(prompt_embeds=randn(1, 7, 16, seed=7), pooled_prompt_embeds=randn(1, 16, seed=8),
               height=16, width=16, num_inference_steps=2, output_type="pt")
     return pipe, kw
 
@@ -314,7 +326,7 @@ def sd_pipeline():
         scheduler=DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    kw = dict(prompt_embeds=_randn(1, 7, 16, seed=7), negative_prompt_embeds=_randn(1, 7, 16, seed=8),
+    kw = dict(prompt_embeds=randn(1, 7, 16, seed=7), negative_prompt_embeds=randn(1, 7, 16, seed=8),
               height=32, width=32, num_inference_steps=2, output_type="pt")
     return pipe, kw
 

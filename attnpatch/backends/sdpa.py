@@ -96,9 +96,7 @@ class _ForcedSDPA(Backend):
         return _torch_reasons(self.cuda_check, call)
 
     def forward(self, call: AttentionCall, **options):
-        # the kernels need the head dim contiguous; torch's public SDPA would fall back to its
-        # math kernel for other strides, a forced kernel copies instead
-        q, k, v = (_head_dim_contiguous(t) for t in (call.query, call.key, call.value))
+        q, k, v = _kernel_inputs(call)
         if not call.return_lse:
             return self.attend(call, q, k, v, False)[0]
         out, lse = self.attend(call, q, k, v, True)
@@ -120,8 +118,17 @@ class _ForcedSDPA(Backend):
         raise NotImplementedError
 
 
-def _head_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
-    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+def _head_dim_strided(t: torch.Tensor) -> bool:
+    return t.stride(-1) != 1 and t.shape[-1] != 1
+
+
+def _kernel_inputs(call: AttentionCall):
+    """(query, key, value) with the head dim contiguous, as the kernels need it: torch's public
+    SDPA would fall back to its math kernel for other strides, a forced kernel copies instead."""
+    q, k, v = call.query, call.key, call.value
+    return (q.contiguous() if _head_dim_strided(q) else q,
+            k.contiguous() if _head_dim_strided(k) else k,
+            v.contiguous() if _head_dim_strided(v) else v)
 
 
 def _torch_reasons(check: str, call: AttentionCall) -> list[str]:
@@ -135,9 +142,8 @@ def _torch_reasons(check: str, call: AttentionCall) -> list[str]:
     if mask is not None and mask.dim() == 4 and mask.shape != (
             call.batch_size, call.num_heads, call.seq_len_q, call.seq_len_kv):
         mask = mask.expand(call.batch_size, call.num_heads, call.seq_len_q, call.seq_len_kv)
-    q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] == 1
-               else torch.empty_like(t, memory_format=torch.contiguous_format)
-               for t in (call.query, call.key, call.value))
+    q, k, v = (torch.empty_like(t, memory_format=torch.contiguous_format)
+               if _head_dim_strided(t) else t for t in (call.query, call.key, call.value))
     params = torch.backends.cuda.SDPAParams(q, k, v, mask, call.dropout_p, is_causal,
                                             call.is_gqa)
     with warnings.catch_warnings(record=True) as caught:
@@ -195,7 +201,7 @@ class SDPAFlashBackend(_ForcedSDPA):
 
 
     def backward(self, call, grad_out, out, lse, **options):
-        q, k, v = (_head_dim_contiguous(t) for t in (call.query, call.key, call.value))
+        q, k, v = _kernel_inputs(call)
         if call.device.type == "cpu":
             bias = self._cpu_bias(call, q)
             return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -255,7 +261,7 @@ class SDPAEfficientBackend(_ForcedSDPA):
 
 
     def backward(self, call, grad_out, out, lse, **options):
-        q, k, v = (_head_dim_contiguous(t) for t in (call.query, call.key, call.value))
+        q, k, v = _kernel_inputs(call)
         bias, is_causal = None, call.is_causal
         if call.attn_mask is not None:
             bias, is_causal = _aligned(call.additive_mask(q.dtype), call), False
@@ -312,7 +318,7 @@ class SDPACudnnBackend(_ForcedSDPA):
         return out, (lse if need_lse else None)
 
     def backward(self, call, grad_out, out, lse, **options):
-        q, k, v = (_head_dim_contiguous(t) for t in (call.query, call.key, call.value))
+        q, k, v = _kernel_inputs(call)
         bias = call.additive_mask(q.dtype) if call.attn_mask is not None else None
         none = torch.empty((), dtype=torch.int64, device=q.device)
         grads = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(

@@ -169,12 +169,12 @@ def attnpatch_attention(module, query, key, value, attention_mask, dropout=0.0, 
                                                    query, key)
         is_causal = False
     if torch.compiler.is_dynamo_compiling():
-        out = dispatch_call(query, key, value, attention_mask, is_causal, scaling, dropout, None,
-                        "bhsd", False, None, record.default, softcap)[0]
+        out = dispatch_call(query, key, value, attention_mask, is_causal, scaling, dropout,
+                            None, "bhsd", False, None, record.default, softcap)[0]
     else:
         out, selection = dispatch_eager(query, key, value, attention_mask, is_causal, scaling,
-                                         dropout, None, "bhsd", False, None, record.default,
-                                         None, softcap)
+                                        dropout, None, "bhsd", False, None, record.default,
+                                        None, softcap)
         record.note(selection)
     return out.transpose(1, 2).contiguous(), None
 

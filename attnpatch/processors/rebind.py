@@ -157,10 +157,10 @@ def make_sdpa(record) -> Callable:
                                  dropout_p, is_causal, scale)
         if _is_dynamo_compiling():
             return dispatch_traced(query, key, value, attn_mask, is_causal,
-                                    record.scale if scale is None else scale, dropout_p, None,
-                                    "bhsd", False, {}, record.default)[0]
+                                   record.scale if scale is None else scale, dropout_p, None,
+                                   "bhsd", False, {}, record.default)[0]
         return dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, None,
-                               "bhsd", False, None, record.default, record)[0]
+                              "bhsd", False, None, record.default, record)[0]
 
     return scaled_dot_product_attention
 
@@ -241,10 +241,10 @@ def make_dispatch(record, original: Callable) -> Callable:
             attn_mask = attn_mask[:, None, None, :]  # (B, Sk) key padding -> (B, 1, 1, Sk)
         if _is_dynamo_compiling():
             return dispatch_traced(query, key, value, attn_mask, is_causal,
-                                    record.scale if scale is None else scale, dropout_p, None,
-                                    "bshd", False, options or {}, default)[0]
+                                   record.scale if scale is None else scale, dropout_p, None,
+                                   "bshd", False, options or {}, default)[0]
         return dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, None,
-                               "bshd", False, options, default, record)[0]
+                              "bshd", False, options, default, record)[0]
 
     return dispatch_attention_fn
 

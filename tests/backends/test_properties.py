@@ -255,9 +255,14 @@ def test_gradients_through_out_and_lse_match_reference_or_refuse(backend, case):
     and lse (out only without return_lse) match float64 autograd of the reference, with no NaN
     (also for rows that see no key), or the backend refuses with explain()'s reasons (flex has
     no CPU backward; a backend without an lse gradient must refuse return_lse=True)."""
+    _check_loss_gradients(backend, case, (True, True, True, False))
+
+
+def _check_loss_gradients(backend, case, needs) -> None:
+    """Out, lse and the gradients of the leaves that ``needs`` marks (q, k, v, mask), through a
+    loss on out and lse, against float64 autograd of the reference; or explain()'s refusal."""
     attnpatch.dispatch._CACHE.clear()
     ops = operands(case)
-    needs = (True, True, True, False)
     ref_leaves = ops.detached(torch.float64, needs)
     ref_out, ref_lse = reference(*ops.views(ref_leaves), case.is_causal)
     out_lse_loss(ref_out, ref_lse if case.return_lse else None).backward()
@@ -267,7 +272,9 @@ def test_gradients_through_out_and_lse_match_reference_or_refuse(backend, case):
         return
     _check_outputs(result, ref_out, ref_lse)
     out_lse_loss(*result).backward()
-    _check_gradients([t.grad for t in leaves[:3]], [t.grad for t in ref_leaves[:3]], "qkv")
+    _check_gradients([None if t is None else t.grad for t in leaves],
+                     [None if t is None else t.grad for t in ref_leaves],
+                     ("q", "k", "v", "attn_mask"))
 
 
 @MASK_EXAMPLES
@@ -280,20 +287,7 @@ def test_mask_gradient_matches_reference_or_refuses(backend, case, qkv_grad):
     """A float mask that requires grad (q/k/v requiring grad or not): the backend either
     refuses with explain()'s reasons (never raises anything else), or gives out, lse and the
     gradients of the mask (and of q/k/v) equal to float64 autograd of the reference."""
-    attnpatch.dispatch._CACHE.clear()
-    ops = operands(case)
-    needs = (qkv_grad, qkv_grad, qkv_grad, True)
-    ref_leaves = ops.detached(torch.float64, needs)
-    ref_out, ref_lse = reference(*ops.views(ref_leaves), case.is_causal)
-    out_lse_loss(ref_out, ref_lse if case.return_lse else None).backward()
-    leaves = ops.detached(requires_grad=needs)
-    result = _attend(backend, case, *ops.views(leaves))
-    if result is None:
-        return
-    _check_outputs(result, ref_out, ref_lse)
-    out_lse_loss(*result).backward()
-    _check_gradients([t.grad for t in leaves], [t.grad for t in ref_leaves],
-                     ("q", "k", "v", "attn_mask"))
+    _check_loss_gradients(backend, case, (qkv_grad, qkv_grad, qkv_grad, True))
 
 
 # --- an fp32 additive mask with fp16/bf16 queries keeps its precision ------------------------

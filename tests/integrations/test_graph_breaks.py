@@ -17,7 +17,7 @@ import torch._dynamo
 from torch._dynamo.utils import counters
 
 import attnpatch
-from tests.tiny_models import flux, llama, rel_error, run
+from tests.tiny_models import flux, llama, randn, rel_error, run, seeded
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -49,18 +49,6 @@ def breaking():
     finally:
         attnpatch.unregister_backend(BreakingBackend.name)
         torch._dynamo.reset()
-
-
-def _seeded(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return module.eval()
-
-
-def _randn(*shape, seed=1):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 class _TwoMHA(torch.nn.Module):
@@ -100,16 +88,17 @@ def _unet():
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "UpBlock2D"), cross_attention_dim=8, attention_head_dim=2)
     assert {type(p) for p in m.attn_processors.values()} == {AttnProcessor2_0}
-    return m.eval(), dict(sample=_randn(2, 4, 8, 8, seed=1), timestep=torch.tensor([10] * 2),
-                          encoder_hidden_states=_randn(2, 5, 8, seed=2))
+    return m.eval(), dict(sample=randn(2, 4, 8, 8, seed=1), timestep=torch.tensor([10] * 2),
+                          encoder_hidden_states=randn(2, 5, 8, seed=2))
 
 
 def _mha():
-    return _seeded(_TwoMHA()), dict(x=_randn(2, 5, 16))
+    return seeded(_TwoMHA()), dict(x=randn(2, 5, 16, seed=1))
 
 
 def _sdpa_blocks():
-    return _seeded(torch.nn.Sequential(_SdpaBlock(), _SdpaBlock())), dict(input=_randn(2, 5, 16))
+    return (seeded(torch.nn.Sequential(_SdpaBlock(), _SdpaBlock())),
+            dict(input=randn(2, 5, 16, seed=1)))
 
 
 ROUTES = {

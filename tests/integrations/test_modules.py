@@ -10,20 +10,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 
 import attnpatch
 from attnpatch import AttnPatchError
-from tests.tiny_models import counting_backend, no_attnpatch_state, rel_error
-
-
-def _seeded(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Random weights everywhere (zero-initialized layers would make "equal" prove nothing)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    return module.eval()
-
-
-def _randn(*shape, seed=1):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+from tests.tiny_models import counting_backend, no_attnpatch_state, randn, rel_error, seeded
 
 
 def _first(out):
@@ -55,11 +42,11 @@ def _check_routed(model, call, modules: int, calls_each: int = 1, backend="count
 def test_mochi_attention_without_set_processor_is_routed_and_restored():
     from diffusers.models.transformers.transformer_mochi import (MochiAttention,
                                                                  MochiAttnProcessor2_0)
-    attn = _seeded(MochiAttention(query_dim=16, added_kv_proj_dim=12, heads=2, dim_head=8,
+    attn = seeded(MochiAttention(query_dim=16, added_kv_proj_dim=12, heads=2, dim_head=8,
                                   processor=MochiAttnProcessor2_0()))
     assert not hasattr(attn, "set_processor")
     original = attn.processor
-    x, ctx = _randn(2, 9, 16, seed=1), _randn(2, 5, 12, seed=2)
+    x, ctx = randn(2, 9, 16, seed=1), randn(2, 5, 12, seed=2)
     mask = torch.ones(2, 5, dtype=torch.bool)
     mask[1, 3:] = False
     report = _check_routed(attn, lambda: attn(x, encoder_hidden_states=ctx,
@@ -71,10 +58,10 @@ def test_mochi_attention_without_set_processor_is_routed_and_restored():
 def test_cosmos_causal_attention_without_set_processor_is_routed():
     from diffusers.models.autoencoders.autoencoder_kl_cosmos import (
         CosmosCausalAttention, CosmosSpatialAttentionProcessor2_0)
-    attn = _seeded(CosmosCausalAttention(num_attention_heads=2, attention_head_dim=16,
+    attn = seeded(CosmosCausalAttention(num_attention_heads=2, attention_head_dim=16,
                                          processor=CosmosSpatialAttentionProcessor2_0()))
     original = attn.processor
-    x = _randn(1, 16, 2, 4, 4)
+    x = randn(1, 16, 2, 4, 4, seed=1)
     _check_routed(attn, lambda: attn(x), modules=1)
     assert attn.processor is original
 
@@ -101,9 +88,9 @@ def test_linear_attention_is_not_an_attention_module():
 def test_sdpa_in_vae_forward_is_routed():
     from diffusers import AutoencoderKLWan
     torch.manual_seed(0)
-    vae = _seeded(AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1], num_res_blocks=1,
+    vae = seeded(AutoencoderKLWan(base_dim=3, z_dim=4, dim_mult=[1, 1], num_res_blocks=1,
                                    temperal_downsample=[False]))
-    x = _randn(1, 3, 1, 8, 8)
+    x = randn(1, 3, 1, 8, 8, seed=1)
     report = _check_routed(vae, lambda: vae(x), modules=2)
     assert {r.module_type for r in report} == {"WanAttentionBlock"}
     assert all(r.kind == "module" for r in report)
@@ -111,9 +98,9 @@ def test_sdpa_in_vae_forward_is_routed():
 
 def test_multi_head_attention_forward_in_a_pool_is_routed():
     from diffusers.models.embeddings import HunyuanDiTAttentionPool
-    pool = _seeded(HunyuanDiTAttentionPool(spacial_dim=6, embed_dim=16, num_heads=2,
+    pool = seeded(HunyuanDiTAttentionPool(spacial_dim=6, embed_dim=16, num_heads=2,
                                            output_dim=8))
-    x = _randn(2, 6, 16)
+    x = randn(2, 6, 16, seed=1)
     _check_routed(pool, lambda: pool(x), modules=1)
 
 
@@ -131,8 +118,8 @@ class _SpelledOut(torch.nn.Module):
 
 def test_sdpa_spelled_through_the_torch_global_is_routed():
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    model = _seeded(_SpelledOut())
-    x = _randn(2, 5, 16)
+    model = seeded(_SpelledOut())
+    x = randn(2, 5, 16, seed=1)
     _check_routed(model, lambda: model(x), modules=1)
     assert torch.nn.functional.scaled_dot_product_attention is sdpa  # torch itself untouched
 
@@ -155,12 +142,12 @@ def test_multihead_attention_module_is_routed(batch_first, need_weights, variant
     """Every form of nn.MultiheadAttention runs its attention through attnpatch (the fused fast
     path included: it is taken in eval/no_grad self-attention, batch_first), with weights when
     asked for."""
-    model = _seeded(_WithMHA(batch_first, kdim=12 if variant == "cross-kdim" else None,
+    model = seeded(_WithMHA(batch_first, kdim=12 if variant == "cross-kdim" else None,
                              bias_kv=variant == "bias-kv-zero-attn",
                              add_zero_attn=variant == "bias-kv-zero-attn"))
     shape = (lambda s, d: (2, s, d)) if batch_first else (lambda s, d: (s, 2, d))
-    q = _randn(*shape(7, 16), seed=1)
-    kv = _randn(*shape(5, 12), seed=2) if variant == "cross-kdim" else q
+    q = randn(*shape(7, 16), seed=1)
+    kv = randn(*shape(5, 12), seed=2) if variant == "cross-kdim" else q
     kw = {"need_weights": need_weights}
     if variant == "masks":
         padding = torch.zeros(2, 7, dtype=torch.bool)
@@ -185,8 +172,8 @@ def test_multihead_attention_module_is_routed(batch_first, need_weights, variant
 
 
 def test_multihead_attention_gradients_through_attnpatch():
-    model = _seeded(_WithMHA(True)).train()
-    q = _randn(2, 7, 16, seed=1).requires_grad_()
+    model = seeded(_WithMHA(True)).train()
+    q = randn(2, 7, 16, seed=1).requires_grad_()
     ref = model(q, q, q, need_weights=False)[0]
     ref_grads = torch.autograd.grad(ref.square().sum(), [q, *model.parameters()])
     with attnpatch.patch(model, backend="math") as handle:
@@ -201,10 +188,10 @@ def test_multihead_attention_gradients_through_attnpatch():
 def test_siglip_pooling_head_is_routed():
     from transformers import SiglipVisionConfig, SiglipVisionModel
     torch.manual_seed(0)
-    model = _seeded(SiglipVisionModel(SiglipVisionConfig(
+    model = seeded(SiglipVisionModel(SiglipVisionConfig(
         hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
         image_size=8, patch_size=4, num_channels=3)))
-    x = _randn(2, 3, 8, 8)
+    x = randn(2, 3, 8, 8, seed=1)
     with torch.no_grad():
         ref = model(pixel_values=x).pooler_output
     with counting_backend() as counting, attnpatch.patch(model, backend="counting") as handle:
@@ -235,8 +222,8 @@ def test_hand_written_attention_is_reported_not_routed():
             latents = self.perceiver(x, latents)
             return self.attn(latents, x, x, need_weights=False)[0]
 
-    model = _seeded(Resampler())
-    x, latents = _randn(2, 6, 16, seed=1), _randn(2, 3, 16, seed=2)
+    model = seeded(Resampler())
+    x, latents = randn(2, 6, 16, seed=1), randn(2, 3, 16, seed=2)
     with torch.no_grad():
         ref = model(x, latents)
     with attnpatch.patch(model, backend="math") as handle:
@@ -264,10 +251,10 @@ def test_module_routed_under_an_accelerate_hook():
     """accelerate's hooks (cpu offload) keep the wrapped forward in ``_old_forward``: patching
     after the hook still routes, and unpatch gives the hook its original forward back."""
     from accelerate.hooks import ModelHook, add_hook_to_module, remove_hook_from_module
-    model = _seeded(_WithMHA(True))
+    model = seeded(_WithMHA(True))
     add_hook_to_module(model.attn, ModelHook())
     old = model.attn._old_forward
-    q = _randn(2, 7, 16)
+    q = randn(2, 7, 16, seed=1)
     with torch.no_grad():
         ref = model(q, q, q, need_weights=False)[0]
     with counting_backend() as counting, attnpatch.patch(model, backend="counting"):
@@ -292,10 +279,10 @@ class _AnyRank(torch.nn.Module):
 
 def test_sdpa_of_any_rank_is_routed():
     model = _AnyRank()
-    q3, k3, v3 = _randn(3, 7, 8, seed=1), _randn(3, 5, 8, seed=2), _randn(3, 5, 6, seed=3)
-    mask3 = _randn(7, 5, seed=4)  # float bias broadcast over the batch dim
-    q5, k5, v5 = (_randn(2, 3, 2, 7, 8, seed=s) for s in (5, 6, 7))
-    mask5 = _randn(2, 3, 1, 1, 7, seed=8) > -0.5  # bool, broadcast over heads and queries
+    q3, k3, v3 = randn(3, 7, 8, seed=1), randn(3, 5, 8, seed=2), randn(3, 5, 6, seed=3)
+    mask3 = randn(7, 5, seed=4)  # float bias broadcast over the batch dim
+    q5, k5, v5 = (randn(2, 3, 2, 7, 8, seed=s) for s in (5, 6, 7))
+    mask5 = randn(2, 3, 1, 1, 7, seed=8) > -0.5  # bool, broadcast over heads and queries
     args = (q3, k3, v3, mask3, q5, k5, v5, mask5)
     ref = model(*args)
     with counting_backend() as counting, attnpatch.patch(model, backend="counting") as handle:
@@ -316,7 +303,7 @@ def test_flex_block_mask_from_a_diffusers_processor_runs_on_flex():
     becomes flex's block_mask option (auto picks flex; sdpa says it can't take it)."""
     from torch.nn.attention.flex_attention import create_block_mask
     model = _FlexOnly()
-    q, k, v = (_randn(1, 128, 2, 16, seed=s) for s in (1, 2, 3))  # (B, S, H, D)
+    q, k, v = (randn(1, 128, 2, 16, seed=s) for s in (1, 2, 3))  # (B, S, H, D)
     block_mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, 128, 128,
                                    device="cpu")
     ref = model(q, k, v, block_mask)
