@@ -34,7 +34,7 @@ class AttentionCall:
     __slots__ = (
         "query", "key", "value", "attn_mask", "mask_kind", "is_causal", "scale", "dropout_p",
         "layout", "return_lse", "requires_grad", "device", "default_scale", "is_gqa",
-        "softcap", "mask_requires_grad", "backward_from_lse", "options",
+        "softcap", "mask_requires_grad", "backward_from_lse", "options", "token_layout",
     )
 
     def __init__(self, query, key, value, attn_mask, mask_kind, is_causal, scale, dropout_p,
@@ -65,6 +65,9 @@ class AttentionCall:
         self.backward_from_lse = False
         #: the running backend's validated ``Options`` instance (set by the dispatcher), or None
         self.options = None
+        #: the :class:`~attnpatch.TokenLayout` of the call (which tokens are text, the image
+        #: grid), set by the dispatcher; None when it is not known (a bare ``attention()`` call)
+        self.token_layout = None
 
     # --- shapes -------------------------------------------------------------------------------
     @property
@@ -147,9 +150,11 @@ class AttentionCall:
                  values["dropout_p"], "bhsd", values["return_lse"], values["softcap"])
         grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad
                                              or v.requires_grad)
-        return build_call(q, k, v, values["attn_mask"], values["is_causal"], values["scale"],
-                          values["dropout_p"], "bhsd", values["return_lse"], grad,
-                          values["softcap"])
+        sub = build_call(q, k, v, values["attn_mask"], values["is_causal"], values["scale"],
+                         values["dropout_p"], "bhsd", values["return_lse"], grad,
+                         values["softcap"])
+        sub.token_layout = self.token_layout  # the token structure of the call it is part of
+        return sub
 
     def signature(self) -> tuple:
         """Everything that decides which backend can run this call (hashable): every tensor's
