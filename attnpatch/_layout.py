@@ -2,9 +2,16 @@
 
 Captured per forward by a hook on each patched denoiser (UNet, transformer, VAE) and refined per
 attention call by the patched processor (which knows the call's query/key lengths and whether its
-model puts the text first or last in joint attention). Strategies read it during a call with
-:func:`current_token_layout`; nothing is computed unless someone asks (a Flux grid read from
-``img_ids`` costs a device sync, so it is done lazily and at most once per forward).
+model puts the text first or last in joint attention). The dispatcher attaches it to the call
+(``AttentionCall.token_layout``) for a backend that declares ``reads_token_layout``; any backend
+can also ask :func:`current_token_layout`. Nothing is computed unless someone asks (a Flux grid
+read from ``img_ids`` costs a device sync, so it is done lazily and at most once per forward).
+
+Under ``torch.compile`` the same objects are built while dynamo traces, from shapes only, and
+published through a plain attribute instead of a ContextVar (which dynamo cannot trace): the
+layout is a constant of the graph, guarded by the shapes it was read from. A grid that only
+``img_ids`` values tell (Flux) comes from the grids this denoiser saw in eager forwards, keyed by
+image-token count.
 
 This module imports nothing from the rest of attnpatch: the patcher writes, strategies read.
 """
@@ -103,7 +110,8 @@ class ForwardInfo:
     ``grid`` is resolved lazily (``img_ids`` live on the device: reading them syncs).
     """
 
-    __slots__ = ("model", "image_tokens", "text_tokens", "_grid", "_ids", "_cache", "previous")
+    __slots__ = ("model", "image_tokens", "text_tokens", "_grid", "_ids", "_cache", "previous",
+                 "known_grids")
 
     def __init__(self, model: str, image_tokens: Optional[int], text_tokens: int,
                  grid: Optional[tuple[int, int, int]] = None, ids: Any = None):
@@ -114,11 +122,20 @@ class ForwardInfo:
         self._ids = ids
         self._cache: dict = {}
         self.previous: Optional[ForwardInfo] = None
+        #: image-token count -> grid read from ids in earlier eager forwards of this denoiser
+        #: (set by its hooks): the grid under torch.compile, where ids values can't be read
+        self.known_grids: Optional[dict] = None
 
     def grid(self) -> Optional[tuple[int, int, int]]:
         if self._grid is None and self._ids is not None:
+            if torch.compiler.is_dynamo_compiling():
+                if self.known_grids is not None and self.image_tokens is not None:
+                    return self.known_grids.get(int(self.image_tokens))
+                return None
             self._grid = _grid_from_ids(self._ids, self.image_tokens)
             self._ids = None
+            if self._grid is not None and self.known_grids is not None:
+                self.known_grids[self.image_tokens] = self._grid
         return self._grid
 
     def layout(self) -> TokenLayout:
@@ -168,37 +185,89 @@ LAYOUT_CALL: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar(
     "attnpatch_call", default=None)
 
 
+class _Traced:
+    """What the two ContextVars hold, while dynamo traces (it cannot trace a ContextVar). Only
+    written and read in traced code: dynamo runs traces one at a time, and the values (objects
+    of the trace) never reach the compiled graph except as the constants read from them."""
+
+    __slots__ = ("forward", "call")
+
+    def __init__(self):
+        self.forward: Optional[ForwardInfo] = None
+        self.call: Optional[tuple] = None  # (joint_text, seq_len_q, seq_len_kv)
+
+
+_TRACED = _Traced()
+
+
 def enter_forward(info: ForwardInfo) -> None:
+    if torch.compiler.is_dynamo_compiling():
+        info.previous = _TRACED.forward
+        _TRACED.forward = info
+        return
     info.previous = _FORWARD.get()
     _FORWARD.set(info)
 
 
 def exit_forward() -> None:
+    if torch.compiler.is_dynamo_compiling():
+        info = _TRACED.forward
+        _TRACED.forward = None if info is None else info.previous
+        return
     info = _FORWARD.get()
     _FORWARD.set(None if info is None else info.previous)
 
 
+def call_layout(joint_text: Optional[str], seq_len_q: int, seq_len_kv: int
+                ) -> TokenLayout:
+    """The layout of one attention call of ``seq_len_q`` queries and ``seq_len_kv`` keys made
+    inside the running patched forward (eager or traced); ``joint_text`` is where the calling
+    module's model puts text in joint attention ("first"/"last"/None). Outside any patched
+    forward: self-attention over image tokens, or cross-attention when the lengths differ."""
+    traced = torch.compiler.is_dynamo_compiling()
+    info = _TRACED.forward if traced else _FORWARD.get()
+    if info is None:
+        cross = seq_len_q != seq_len_kv
+        return TokenLayout(seq_len_kv if cross else 0, "key" if cross else "none",
+                           seq_len_q=seq_len_q, seq_len_kv=seq_len_kv)
+    if traced:  # no cache: a dict mutated in a trace makes dynamo refuse later mappingproxies
+        return _call_layout(info, joint_text, seq_len_q, seq_len_kv)
+    key = (joint_text, seq_len_q, seq_len_kv)
+    layout = info._cache.get(key)
+    if layout is None:
+        layout = _call_layout(info, joint_text, seq_len_q, seq_len_kv)
+        info._cache[key] = layout
+    return layout
+
+
+def set_traced_call(call: Optional[tuple]) -> Optional[tuple]:
+    """While dynamo traces: make ``call``, ``(joint_text, seq_len_q, seq_len_kv)``, the call in
+    flight (for :func:`current_token_layout`); returns the previous one, to put back."""
+    previous = _TRACED.call
+    _TRACED.call = call
+    return previous
+
+
 def current_token_layout() -> Optional[TokenLayout]:
     """The :class:`TokenLayout` of the attention call in flight (inside a patched model), or of
-    the innermost running patched model's forward between calls; None outside both.
+    the innermost running patched model's forward between calls; None outside both. The same
+    in eager mode and while ``torch.compile`` traces (``fullgraph=True`` included).
 
-    Call it from a backend's ``forward`` to learn which tokens are text and the image grid.
+    A backend gets it as ``call.token_layout`` when it declares ``reads_token_layout``; this
+    function serves the others (and code between calls).
     """
+    if torch.compiler.is_dynamo_compiling():
+        if _TRACED.call is not None:
+            joint_text, sq, sk = _TRACED.call
+            return call_layout(joint_text, int(sq), int(sk))
+        info = _TRACED.forward
+        return None if info is None else info.layout()
     info = _FORWARD.get()
     call = LAYOUT_CALL.get()
     if call is None:
         return None if info is None else info.layout()
     joint_text, query, key, seq_dim = call
-    call = (joint_text, query.shape[seq_dim], key.shape[seq_dim])
-    if info is None:
-        joint_text, sq, sk = call
-        return TokenLayout(sk if sq != sk else 0, "key" if sq != sk else "none",
-                           seq_len_q=sq, seq_len_kv=sk)
-    layout = info._cache.get(call)
-    if layout is None:
-        layout = _call_layout(info, *call)
-        info._cache[call] = layout
-    return layout
+    return call_layout(joint_text, query.shape[seq_dim], key.shape[seq_dim])
 
 
 def _call_layout(info: ForwardInfo, joint_text: Optional[str], sq: int, sk: int) -> TokenLayout:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import torch
 from . import registry
 from ._caches import BoundedCache
 from ._errors import AttnPatchError, BackendUnavailableError
-from ._layout import LAYOUT_CALL
+from ._layout import LAYOUT_CALL, TokenLayout, call_layout, set_traced_call
 from .call import AttentionCall, build_call, metadata_call, validate
 
 __all__ = ["attention", "attention_backend", "explain", "current_backend", "Explanation",
@@ -31,8 +32,10 @@ ENV_VAR = "ATTNPATCH_BACKEND"
 _CONTEXT: contextvars.ContextVar[Optional[tuple[str, dict]]] = contextvars.ContextVar(
     "attnpatch_backend", default=None)
 
-# signature -> (Selection, resolved scale, is_gqa, specialized kernel or None, options)
+# signature -> (Selection, resolved scale, is_gqa, specialized kernel or None, options, the
+# TokenLayout it was selected for, or _UNREAD when the backend does not read layouts)
 _CACHE = BoundedCache(4096)
+_UNREAD = object()
 
 
 @contextlib.contextmanager
@@ -101,28 +104,34 @@ _VERSION = registry.VERSION  # bumped on every registration change
 
 def dispatch_call(query, key, value, attn_mask=None, is_causal=False, scale=None,
                   dropout_p=0.0, backend=None, layout="bhsd", return_lse=False, options=None,
-                  default=None, softcap=None):
+                  default=None, softcap=None, token_layout=None):
     """Run one call; returns ``(result, Selection)``. Used by ``attention`` and the processors.
 
     The hot path (selection cached) only builds the signature, looks it up and runs the kernel;
     validation and selection run once per signature.
     """
+    if token_layout is not None and not isinstance(token_layout, TokenLayout):
+        raise AttnPatchError(f"token_layout must be an attnpatch.TokenLayout or None, got "
+                             f"{type(token_layout).__name__}")
     if _is_compiling():
         return dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p,
-                               backend, layout, return_lse, options or {}, default, softcap)
+                               backend, layout, return_lse, options or {}, default, softcap,
+                               None, token_layout)
     return dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, backend,
-                          layout, return_lse, options, default, None, softcap)
+                          layout, return_lse, options, default, None, softcap, token_layout)
 
 
 def dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
-                   return_lse, options, default, record=None, softcap=None):
+                   return_lse, options, default, record=None, softcap=None, token_layout=None):
     """``dispatch_call`` outside torch.compile (callers that already checked call this directly).
 
     ``record``: the :class:`~attnpatch._record.ModuleRecord` of the patched diffusers module
     making the call, or None. The call is booked on it, its ``scale`` stands in for a missing
     ``scale``, and its text position makes the call's token layout visible to the backend
     (``current_token_layout``). ``softcap``: None or the call's logit cap (``c * tanh(s / c)``
-    on the scaled scores, before the mask); part of the cache key.
+    on the scaled scores, before the mask); part of the cache key. ``token_layout``: the
+    caller's :class:`TokenLayout` for a bare call (a patched module's is resolved here), given
+    to a backend that reads it as ``call.token_layout``.
     """
     if scale is None and record is not None:
         scale = record.scale
@@ -148,6 +157,9 @@ def dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, ba
         entry = _CACHE.get(key_)
     except (AttributeError, TypeError):  # not tensors / unhashable flags: let validate() say so
         key_, entry = None, None
+    if entry is not None and entry[5] is not _UNREAD and entry[5] != _layout_of(
+            token_layout, record, query, key, layout):
+        entry = None  # a backend that reads the layout: checked and selected again for this one
     if entry is None:
         validate(query, key, value, attn_mask, is_causal, scale, dropout_p, layout, return_lse,
                  softcap)
@@ -155,22 +167,29 @@ def dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, ba
                                             or value.requires_grad)
         call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
                           return_lse, grad, softcap)
+        if registry.may_read_token_layout(name):
+            call.token_layout = _layout_of(token_layout, record, query, key, layout)
         selection = registry.select(name, call, options)
+        reads = selection.backend.reads_token_layout
+        if reads and call.token_layout is None:  # a family member that reads it
+            call.token_layout = _layout_of(token_layout, record, query, key, layout)
+            selection = registry.select(name, call, options)
         if selection.rejected:
             logger.info("attnpatch auto chose %r for %s; passed over: %s", selection.backend.name,
                         call, "; ".join(f"{n}: {', '.join(r)}" for n, r in
                                         selection.rejected.items()))
         kernel = None
-        if attn_mask is None and not return_lse and (
+        if attn_mask is None and not return_lse and not reads and (
                 softcap is None or selection.backend.supports_softcap):
             kernel = selection.backend.specialize(call)
         # the first call of a signature runs forward() and checks what it returns; cached only
         # once that passed, so a warm call never runs unchecked
         result = _first_forward(selection, call, options, record, query, key, layout)
         if key_ is not None:
-            _CACHE.put(key_, (selection, call.scale, call.is_gqa, kernel, call.options))
+            _CACHE.put(key_, (selection, call.scale, call.is_gqa, kernel, call.options,
+                              call.token_layout if reads else _UNREAD))
     else:
-        selection, resolved_scale, is_gqa, kernel, validated = entry
+        selection, resolved_scale, is_gqa, kernel, validated, read_layout = entry
         if kernel is not None:  # a plain kernel call: no AttentionCall, no layout context
             try:  # costs nothing unless it raises (CPython 3.11+)
                 if layout == "bhsd":
@@ -197,6 +216,8 @@ def dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, ba
             call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
                               return_lse, key_[-1], softcap)
         call.options = validated
+        if read_layout is not _UNREAD:
+            call.token_layout = read_layout
         try:  # costs nothing unless it raises (CPython 3.11+)
             if record is None:
                 result = selection.backend.forward(call, **options)
@@ -221,6 +242,14 @@ def dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, ba
 
 
 _NO_OPTIONS: dict = {}
+
+
+def _layout_of(token_layout, record, query, key, layout) -> Optional[TokenLayout]:
+    """The call's layout: the caller's, else the patched module's (None for a bare call)."""
+    if token_layout is not None or record is None:
+        return token_layout
+    seq = 2 if layout == "bhsd" else 1
+    return call_layout(record.joint_text, int(query.shape[seq]), int(key.shape[seq]))
 
 
 def _option_key(options: dict) -> tuple:
@@ -351,18 +380,25 @@ def _resolve_traced(backend, default_name):
 
 
 @torch.compiler.assume_constant_result
-def _select_traced(name, option_names, sig):
-    key_ = (name, option_names, registry.VERSION[0], "traced", *sig)
+def _select_traced(name, option_names, sig, layout_fields):
+    key_ = (name, option_names, registry.VERSION[0], "traced", *sig, layout_fields)
     entry = _CACHE.get(key_)
     if entry is None:
         call = metadata_call(*sig)
+        if layout_fields is not None:
+            call.token_layout = TokenLayout(*layout_fields)
         entry = _CACHE.put(key_, (registry.select(name, call, option_names), call.scale,
-                                  call.is_gqa, None, None))
+                                  call.is_gqa, None, None, _UNREAD))
     return entry[0].backend.name
 
 
+@torch.compiler.assume_constant_result
+def _may_read_layout_traced(name):
+    return registry.may_read_token_layout(name)
+
+
 def dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
-                    return_lse, options, default, softcap=None):
+                    return_lse, options, default, softcap=None, record=None, token_layout=None):
     """``dispatch_call`` while torch.compile traces: the backend is chosen at trace time, from
     metadata, and becomes a constant of the graph (the backend's kernel is what is traced).
 
@@ -371,6 +407,9 @@ def dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p, b
     prefers only for long sequences (flash4). A later ``attention_backend`` block or
     ``$ATTNPATCH_BACKEND`` change does not retrace a compiled graph; a patch's
     ``set_attention_backend`` does (dynamo guards on it).
+
+    The token layout is read only for a backend that reads it (its sizes then become constants
+    of the graph, guarded); ``current_token_layout()`` inside the backend sees the call's.
     """
     name, source = _resolve_traced(backend, None if default is None else default[0])
     if source == "patch":
@@ -384,21 +423,51 @@ def dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p, b
                 attn_mask.shape[-2] == 1, torch.is_grad_enabled() and attn_mask.requires_grad)
     meta = (query.shape[h], key.shape[h], query.shape[-1], value.shape[-1], query.dtype,
             query.device, mask, is_causal, scale, dropout_p, return_lse, grad, softcap)
-    chosen = registry.get_backend(_select_traced(name, tuple(options), meta))
+    token_layout = _traced_layout(token_layout, record, query, key, layout) \
+        if _may_read_layout_traced(name) else None
+    fields = None if token_layout is None else _layout_fields(token_layout)
+    chosen = registry.get_backend(_select_traced(name, tuple(options), meta, fields))
+    if chosen.reads_token_layout and token_layout is None:  # a family member that reads it
+        token_layout = _traced_layout(None, record, query, key, layout)
+        fields = None if token_layout is None else _layout_fields(token_layout)
+        chosen = registry.get_backend(_select_traced(name, tuple(options), meta, fields))
     call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
                       return_lse, grad, softcap)
     call.options = registry.option_values(chosen, options)
-    result = chosen.forward(call, **options)
+    if chosen.reads_token_layout:
+        call.token_layout = token_layout
+    seq = 2 if layout == "bhsd" else 1
+    previous = set_traced_call(None if record is None else
+                               (record.joint_text, query.shape[seq], key.shape[seq]))
+    try:
+        result = chosen.forward(call, **options)
+    finally:
+        set_traced_call(previous)
     if layout == "bshd":
         result = (result[0].transpose(1, 2), result[1]) if return_lse else result.transpose(1, 2)
     return result, None
+
+
+def _traced_layout(token_layout, record, query, key, layout) -> Optional[TokenLayout]:
+    """:func:`_layout_of` while dynamo traces: the sizes it reads become constants (guarded)."""
+    if token_layout is not None or record is None:
+        return token_layout
+    seq = 2 if layout == "bhsd" else 1
+    return call_layout(record.joint_text, int(query.shape[seq]), int(key.shape[seq]))
+
+
+def _layout_fields(layout: TokenLayout) -> tuple:
+    """A layout as plain constants (dynamo passes those to a constant-result function)."""
+    return tuple(int(v) if isinstance(v, torch.SymInt) else v
+                 for v in dataclasses.astuple(layout))
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
               scale: Optional[float] = None, dropout_p: float = 0.0,
               backend: Optional[str] = None, layout: str = "bhsd", return_lse: bool = False,
-              *, softcap: Optional[float] = None, **options: Any):
+              *, softcap: Optional[float] = None, token_layout: Optional[TokenLayout] = None,
+              **options: Any):
     """Scaled dot-product attention through the selected backend.
 
     Shapes (``layout="bhsd"``): query (B, H, Sq, D), key (B, Hkv, Sk, D), value (B, Hkv, Sk, Dv)
@@ -410,6 +479,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     compute it (``supports_softcap``) refuse the call with a reason.
     ``backend``: a name or alias; None uses ``attention_backend(...)``, then
     ``$ATTNPATCH_BACKEND``, then ``"auto"``. ``options`` go to the backend.
+    ``token_layout``: which tokens are text and the image grid (a :class:`TokenLayout`), for
+    backends that read it (grid-aware strategies); calls from patched models get theirs.
 
     Returns the output (B, H, Sq, Dv) (or (B, Sq, H, Dv)), and with ``return_lse=True`` also the
     log-sum-exp (B, H, Sq) in float32.
@@ -417,7 +488,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     requested backend (or every ``auto`` candidate) cannot run the call.
     """
     return dispatch_call(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
-                     return_lse, options, None, softcap)[0]
+                         return_lse, options, None, softcap, token_layout)[0]
 
 
 def _run_selection(backend: str, call: AttentionCall, options: dict):
@@ -430,7 +501,8 @@ def _run_selection(backend: str, call: AttentionCall, options: dict):
         raise AttnPatchError(f"run_backend({backend!r}) inside the strategy {name!r} would run "
                              "it again on its own sub-call: name its inner kernel, or 'auto'")
     key_ = ("run_backend", name, _option_key(options) if options else (), _VERSION[0],
-            running, call.signature())
+            running, call.signature(),
+            call.token_layout if registry.may_read_token_layout(name) else None)
     entry = _CACHE.get(key_)
     if entry is not None:
         call.options = entry[4]
@@ -456,7 +528,7 @@ def run_selected(backend: str, call: AttentionCall, options: dict):
     chosen = selection.backend
     if not checked:
         result = _first_forward(selection, call, options, None, call.query, call.key, "bhsd")
-        _CACHE.put(key_, (selection, call.scale, call.is_gqa, None, call.options))
+        _CACHE.put(key_, (selection, call.scale, call.is_gqa, None, call.options, _UNREAD))
         return result, chosen
     try:
         return chosen.forward(call, **options), chosen
@@ -489,7 +561,8 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
             attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False,
             scale: Optional[float] = None, dropout_p: float = 0.0,
             backend: Optional[str] = None, layout: str = "bhsd", return_lse: bool = False,
-            *, softcap: Optional[float] = None, **options: Any) -> Explanation:
+            *, softcap: Optional[float] = None, token_layout: Optional[TokenLayout] = None,
+            **options: Any) -> Explanation:
     """For the call ``attention(...)`` would get with these arguments: the backend it would run,
     and the reasons of every registered backend (an empty list means it could run).
 
@@ -502,6 +575,10 @@ def explain(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                                         or value.requires_grad)
     call = build_call(query, key, value, attn_mask, is_causal, scale, dropout_p, layout,
                       return_lse, grad, softcap)
+    if token_layout is not None and not isinstance(token_layout, TokenLayout):
+        raise AttnPatchError(f"token_layout must be an attnpatch.TokenLayout or None, got "
+                             f"{type(token_layout).__name__}")
+    call.token_layout = token_layout
     reasons = {b.name: registry.candidate_reasons(b, call, options)
                or (b.auto_reasons(call) if name == "auto" else [])
                for b in registry.all_backends()}

@@ -78,6 +78,10 @@ class Backend:
     supports_value_head_dim: ClassVar[bool] = True  # value head_dim may differ from query's
     #: computes ``call.softcap`` (``c * tanh(score / c)`` on the scaled scores, before the mask)
     supports_softcap: ClassVar[bool] = False
+    #: reads ``call.token_layout`` (which tokens are text, the image grid): the dispatcher then
+    #: resolves the layout for every call (eager and compiled), re-selects when it changes, and
+    #: never replaces ``forward`` with a :meth:`specialize` kernel
+    reads_token_layout: ClassVar[bool] = False
     requires_package: ClassVar[Optional[str]] = None
     requires_pip_name: ClassVar[Optional[str]] = None
     #: the options the backend takes: a frozen dataclass whose ``__post_init__`` validates the
@@ -212,7 +216,8 @@ class Backend:
         an :class:`AttentionCall` (the per-call Python that shows in launch-bound models). Only
         for a backend whose ``forward`` is a plain kernel call for that signature: ``fn`` runs
         outside the token-layout context, so a backend that reads
-        :func:`attnpatch.current_token_layout` must not specialize.
+        :func:`attnpatch.current_token_layout` must not specialize (one that declares
+        ``reads_token_layout`` is never asked).
         """
         return None
 
@@ -234,6 +239,7 @@ class Backend:
             "backward_from_lse": cls.supports_backward_from_lse,
             "mask_grad": cls.supports_mask_grad,
             "softcap": cls.supports_softcap,
+            "reads_token_layout": cls.reads_token_layout,
             "requires_package": cls.requires_package,
             "options": sorted(cls.options),
             "tolerance": {str(d).removeprefix("torch."): t for d, t in cls.tolerance.items()},
@@ -444,6 +450,15 @@ def all_backends() -> list[Backend]:
 
 def priority_list() -> list[Backend]:
     return list(_PRIORITY)
+
+
+def may_read_token_layout(name: str) -> bool:
+    """Whether the backend ``name`` (canonical; ``auto``: any of its candidates) reads
+    ``call.token_layout``, so the dispatcher must resolve it before selecting."""
+    if name == "auto":
+        return any(b.reads_token_layout for b in _PRIORITY)
+    backend = _BACKENDS.get(name)
+    return backend is not None and backend.reads_token_layout
 
 
 @dataclass

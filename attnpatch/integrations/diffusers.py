@@ -248,14 +248,16 @@ class LayoutHooks:
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.refs = 0
+        #: image-token count -> grid read from ids (Flux) in eager forwards: compiled forwards,
+        #: which can't read ids values, take the grid from here
+        self.known_grids: dict[int, tuple[int, int, int]] = {}
         self._handles = [
             model.register_forward_pre_hook(self._pre, with_kwargs=True),
             model.register_forward_hook(self._post, always_call=True),
         ]
 
     def _pre(self, module, args, kwargs):
-        if torch.compiler.is_dynamo_compiling():
-            return None
+        # runs in eager forwards and in traced ones (from shapes only: a constant of the graph)
         info = None
         try:
             info = forward_info(module, args, kwargs)
@@ -263,12 +265,11 @@ class LayoutHooks:
             info = None
         if info is None:
             info = ForwardInfo(type(module).__name__, None, 0)
+        info.known_grids = self.known_grids
         enter_forward(info)
         return None
 
     def _post(self, module, args, output):
-        if torch.compiler.is_dynamo_compiling():
-            return None
         exit_forward()
         return None
 

@@ -158,7 +158,7 @@ def make_sdpa(record) -> Callable:
         if _is_dynamo_compiling():
             return dispatch_traced(query, key, value, attn_mask, is_causal,
                                    record.scale if scale is None else scale, dropout_p, None,
-                                   "bhsd", False, {}, record.default)[0]
+                                   "bhsd", False, {}, record.default, None, record)[0]
         return dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, None,
                               "bhsd", False, None, record.default, record)[0]
 
@@ -242,7 +242,7 @@ def make_dispatch(record, original: Callable) -> Callable:
         if _is_dynamo_compiling():
             return dispatch_traced(query, key, value, attn_mask, is_causal,
                                    record.scale if scale is None else scale, dropout_p, None,
-                                   "bshd", False, options or {}, default)[0]
+                                   "bshd", False, options or {}, default, None, record)[0]
         return dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, None,
                               "bshd", False, options, default, record)[0]
 
