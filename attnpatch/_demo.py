@@ -1,7 +1,7 @@
 """``attnpatch demo``: generate with every backend that runs here and compare them.
 
 With no ``--model`` it builds two small random-weight pipelines locally (a Flux-like and an
-SD-like one, :mod:`attnpatch.pipelines.tiny`; no download), so it works offline on a fresh
+SD-like one, :mod:`attnpatch.tiny_pipelines`; no download), so it works offline on a fresh
 machine. For each pipeline it generates once with diffusers' own attention (unpatched), then
 once per backend with ``attnpatch.patch(pipe, backend=...)``, the same prompt and seed, and
 prints: seconds per denoising step (median over steps), the largest and the relative deviation
@@ -135,7 +135,7 @@ def _pipelines(args, dtype, device) -> list[tuple[str, Any, dict, tuple]]:
         pipe = scripting.load_local_pipeline(args.model, "--model", dtype=dtype)
         label = pathlib.Path(args.model).resolve().name or "model"
         return [(label, pipe.to(device), {}, (None, None))]
-    from .pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
+    from .tiny_pipelines import build_tiny_pipeline, tiny_call_kwargs
 
     out = []
     for kind, label in (("flux", "tiny-flux"), ("sd", "tiny-sd")):

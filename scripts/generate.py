@@ -168,7 +168,7 @@ def check_inputs(args) -> tuple[list[str], str, dict, dict]:
 
 def load_pipeline(args, dtype, device):
     if args.tiny:
-        from attnpatch.pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
+        from attnpatch.tiny_pipelines import build_tiny_pipeline, tiny_call_kwargs
 
         return build_tiny_pipeline(args.tiny, size="test", seed=0, dtype=dtype).to(device), \
             tiny_call_kwargs(args.tiny)

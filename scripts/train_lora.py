@@ -519,7 +519,7 @@ def load_lora_into(pipeline_cls, family: str, model, folder) -> None:
 
 def load_pipeline(args, weight_dtype):
     if args.tiny:
-        from attnpatch.pipelines.tiny import build_tiny_pipeline
+        from attnpatch.tiny_pipelines import build_tiny_pipeline
 
         return build_tiny_pipeline(args.tiny, size="test", seed=0)
     kwargs = {"dtype": weight_dtype}
