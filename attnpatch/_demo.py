@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from . import scripting
+from .pipelines import denoiser_components
 from .scripting import ScriptError
 
 DEFAULT_PROMPT = "a red fox in the snow, watercolor"
@@ -144,17 +145,6 @@ def _pipelines(args, dtype, device) -> list[tuple[str, Any, dict, tuple]]:
     return out
 
 
-def _denoisers(pipe) -> list:
-    import torch
-
-    found = []
-    for name in ("transformer", "transformer_2", "unet", "prior", "decoder"):
-        comp = getattr(pipe, name, None)
-        if isinstance(comp, torch.nn.Module):
-            found.append(comp)
-    return found
-
-
 class _StepTimer:
     """Times each denoiser forward (forward pre/post hooks); per step = the sum of a step's
     forwards (pipelines with separate conditional/unconditional passes make 2 per step)."""
@@ -241,7 +231,7 @@ def _generate(pipe, label, backend, args, extra, size, device, stage, options):
     row = Row(label, backend)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     handle = None
-    timer = _StepTimer(_denoisers(pipe), sync)
+    timer = _StepTimer([m for _, m in denoiser_components(pipe)], sync)
     try:
         if backend != UNPATCHED:
             handle = scripting.patch_pipeline(pipe, backend, _options_for(backend, options),
