@@ -107,12 +107,12 @@ def grid_from_img_ids(model: Any, hidden_states: torch.Tensor, kwargs: dict,
 
 def grid_from_thwl_ids(model: Any, hidden_states: torch.Tensor, kwargs: dict,
                        text: int) -> Optional[ForwardInfo]:
-    """Packed tokens with Flux2's ``(t, h, w, l)`` ids: rows and columns are the ids' second and
-    third columns (a view of them is read when asked; ``t`` is 0 for every generated token)."""
+    """Packed tokens with Flux2's ``(t, h, w, l)`` ids (read when asked; ``t`` is 0 for every
+    generated token)."""
     ids = kwargs.get("img_ids")
     if hidden_states.dim() != 3 or not isinstance(ids, torch.Tensor) or ids.shape[-1] != 4:
         return None
-    return ForwardInfo(type(model).__name__, hidden_states.shape[1], text, None, ids[..., :3])
+    return ForwardInfo(type(model).__name__, hidden_states.shape[1], text, None, ids)
 
 
 #: every grid source, by the name family records use, in the order tried for unknown models
