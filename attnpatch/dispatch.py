@@ -458,8 +458,9 @@ def _traced_layout(token_layout, record, query, key, layout) -> Optional[TokenLa
 
 def _layout_fields(layout: TokenLayout) -> tuple:
     """A layout as plain constants (dynamo passes those to a constant-result function)."""
-    return tuple(int(v) if isinstance(v, torch.SymInt) else v
-                 for v in dataclasses.astuple(layout))
+    # field by field: dataclasses.astuple deep-copies values, which older dynamo cannot trace
+    values = (getattr(layout, f.name) for f in dataclasses.fields(layout))
+    return tuple(int(v) if isinstance(v, torch.SymInt) else v for v in values)
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
