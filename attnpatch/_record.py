@@ -31,7 +31,7 @@ class ModuleRecord(Site):
     __slots__ = ("name", "kind", "module_type", "processor", "default", "patch_default",
                  "routed", "note_text", "calls", "backend", "_backends", "fallbacks",
                  "last_selection", "_booked", "scale", "joint_text", "original", "installed",
-                 "extra")
+                 "model_hooks", "extra")
 
     def __init__(self, name: str, kind: str, module: Any, processor: str):
         super().__init__(module)
@@ -53,6 +53,7 @@ class ModuleRecord(Site):
         self.joint_text: Optional[str] = None  # "first"/"last": text position in joint attention
         self.original: Any = None         # the processor / implementation to restore
         self.installed: Any = None        # what we installed (to detect later replacement)
+        self.model_hooks: Any = None      # the backend-hooks site of the model holding the module
         self.extra: dict = {}
 
     @property

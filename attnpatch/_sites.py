@@ -13,9 +13,11 @@ the same sites as an ``unpatch``.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["Site", "held", "acquire", "release"]
+import torch
+
+__all__ = ["Site", "held", "acquire", "release", "ForwardHooks"]
 
 
 class Site:
@@ -85,3 +87,38 @@ def release(site: Site) -> None:
                 del slots[site.key]
     site.shadowed = None
 
+
+class ForwardHooks(Site):
+    """Torch forward hooks on one module, from hook objects with optional ``pre(module, args,
+    kwargs)`` (may return new ``(args, kwargs)``) and ``post(module, args, kwargs, output)``
+    (may return a new output; runs also when the forward raises, with ``output`` None).
+
+    Registered with ``register_forward_pre_hook(with_kwargs=True)`` and
+    ``register_forward_hook(with_kwargs=True, always_call=True)`` in the hooks' order; a site
+    can be applied again after it was restored (the same hook objects, registered anew)."""
+
+    def __init__(self, module: torch.nn.Module, hooks: Sequence[Any], label: str = ""):
+        super().__init__(module)
+        self.hooks = list(hooks)
+        self.label = label
+        self._handles: list = []
+
+    def apply(self) -> None:
+        module: torch.nn.Module = self.obj
+        handles = []
+        for hook in self.hooks:
+            pre, post = getattr(hook, "pre", None), getattr(hook, "post", None)
+            if pre is not None:
+                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            if post is not None:
+                handles.append(module.register_forward_hook(post, with_kwargs=True,
+                                                            always_call=True))
+        self._handles = handles
+
+    def restore(self) -> None:
+        for handle in reversed(self._handles):
+            handle.remove()
+        self._handles = []
+
+    def __repr__(self) -> str:
+        return f"<ForwardHooks {self.label} on {type(self.obj).__name__}: {len(self.hooks)} hook(s)>"

@@ -9,7 +9,8 @@ What gets patched, per target:
   mask function (:mod:`attnpatch.integrations.transformers`); every config's previous
   implementation is put back on unpatch, the registration when the last patch lets go;
 - each diffusers model holding patched modules: a forward pre/post hook publishing the token
-  layout (:func:`attnpatch.current_token_layout`);
+  layout (:func:`attnpatch.current_token_layout`), and the hooks the modules' backends ask for
+  (:meth:`attnpatch.Backend.denoiser_hooks`);
 - the target and each component model: instance methods ``set_attention_backend`` /
   ``reset_attention_backend`` (removed again on unpatch).
 
@@ -35,7 +36,7 @@ import torch
 from . import registry
 from ._errors import AttnPatchError
 from ._record import RECORD_KEY, ModuleRecord, PatchReport
-from ._sites import Site, acquire, held, release
+from ._sites import ForwardHooks, Site, acquire, held, release
 from .integrations import diffusers as dif
 from .integrations import modules as mods
 from .integrations import transformers as tf
@@ -359,10 +360,148 @@ class _Target(Site):
         self.handle = handle
 
 
+def _same(a: Any, b: Any) -> bool:
+    """Equal option values (dataclass equality; values without a truth value, such as
+    tensors, compare by identity)."""
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _make_hooks(backend: registry.Backend, model: torch.nn.Module, options: Any) -> ForwardHooks:
+    """``backend.denoiser_hooks(model, options)`` as a (not yet applied) :class:`ForwardHooks`."""
+    label = f"{backend.name!r}"
+    try:
+        hooks = list(backend.denoiser_hooks(model, options))
+    except Exception as err:
+        raise AttnPatchError(f"backend {label}: denoiser_hooks() failed for "
+                             f"{type(model).__name__}: {type(err).__name__}: {err}") from err
+    for hook in hooks:
+        pre, post = getattr(hook, "pre", None), getattr(hook, "post", None)
+        if (pre is None and post is None) or not all(f is None or callable(f)
+                                                     for f in (pre, post)):
+            raise AttnPatchError(f"backend {label}: denoiser_hooks() returned {hook!r}, which "
+                                 "has no callable pre(module, args, kwargs) or post(module, "
+                                 "args, kwargs, output)")
+    return ForwardHooks(model, hooks, backend.name)
+
+
+class _BackendHooks(Site):
+    """The hooks backends ask for on one diffusers model (:meth:`Backend.denoiser_hooks`):
+    those of every backend that a routed attention module inside the model is set to.
+
+    Held by each patch that found the model; :meth:`sync` follows the modules' backends after
+    every change of them (patch, ``set_backend``, ``set_attention_backend``, reset, and the
+    unpatch of another patch), and restore removes them all. Hook sets a backend gave once are
+    kept while the site lives, so putting a backend back never asks it again (an unpatch never
+    fails on a backend that refuses). Records of the model's modules point here
+    (``model_hooks``), so a change made through a part of the model finds it; records a patch
+    of a part of the model makes later are seen at the model's next sync."""
+
+    KEY = "_attnpatch_backend_hooks"
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        self.installed: dict[str, ForwardHooks] = {}
+        self.built: list[tuple[str, Any, ForwardHooks]] = []
+
+    def restore(self) -> None:
+        for hooks in reversed(list(self.installed.values())):
+            release(hooks)
+        self.installed = {}
+        self.built = []
+
+    def _records(self) -> Iterator[ModuleRecord]:
+        for module in self.obj.modules():
+            record = vars(module).get(RECORD_KEY)
+            if record is not None and record.routed and not record.replaced():
+                yield record
+
+    def _wanted(self, default_of: Callable[[ModuleRecord], Any]) -> dict[str, tuple]:
+        """backend name -> (backend, options) for the backends with hooks the records name."""
+        wanted: dict[str, tuple] = {}
+        for record in self._records():
+            spec = default_of(record)
+            if spec is None or spec[0] == "auto":
+                continue
+            name, opts = spec
+            try:
+                backend = registry.get_backend(name)
+            except AttnPatchError:  # unregistered since: it asks for nothing now
+                continue
+            if type(backend).denoiser_hooks is registry.Backend.denoiser_hooks:
+                continue
+            options = registry.option_values(backend, opts)
+            if name not in wanted:
+                wanted[name] = (backend, options)
+            elif not _same(wanted[name][1], options):
+                raise AttnPatchError(
+                    f"backend {name!r} is set with different options on attention modules of "
+                    f"one {type(self.obj).__name__} ({wanted[name][1]} and {options}); its "
+                    "denoiser hooks take one set of options per model: give every module of "
+                    "the model the same options")
+        return wanted
+
+    def _hooks(self, name: str, backend: registry.Backend, options: Any) -> ForwardHooks:
+        for built_name, built_options, hooks in self.built:
+            if built_name == name and _same(built_options, options):
+                return hooks
+        hooks = _make_hooks(backend, self.obj, options)
+        self.built.append((name, options, hooks))
+        return hooks
+
+    def prepare(self, default_of: Callable[[ModuleRecord], Any]) -> None:
+        """Ask the backends for the hooks that the backends given by ``default_of`` need.
+        Raises :class:`AttnPatchError` (naming the backend) with nothing installed."""
+        for name, (backend, options) in self._wanted(default_of).items():
+            self._hooks(name, backend, options)
+
+    def sync(self) -> None:
+        """Install the hooks the modules' current backends need; remove the others."""
+        for record in self._records():
+            record.model_hooks = self
+        wanted = {name: self._hooks(name, backend, options)
+                  for name, (backend, options) in self._wanted(_current_default).items()}
+        for name, hooks in list(self.installed.items()):
+            if wanted.get(name) is not hooks:
+                release(hooks)
+                del self.installed[name]
+        for name, hooks in wanted.items():
+            if name not in self.installed:
+                self.installed[name] = acquire(self.obj, None, lambda hooks=hooks: hooks)
+
+    def __repr__(self) -> str:
+        return (f"<backend hooks on {type(self.obj).__name__}: "
+                f"{', '.join(self.installed) or 'none'}>")
+
+
+def _current_default(record: ModuleRecord):
+    return record.default
+
+
+def _linked(records) -> list[_BackendHooks]:
+    """The live backend-hooks sites of the models holding ``records``' modules."""
+    found: dict[int, _BackendHooks] = {}
+    for record in records:
+        hooks = record.model_hooks
+        if hooks is not None and hooks.refs > 0:
+            found.setdefault(id(hooks), hooks)
+    return list(found.values())
+
+
 def _change_defaults(changes: dict) -> None:
-    """Set each record's ``default`` (record -> (name, options) or None)."""
+    """Set each record's ``default`` (record -> (name, options) or None), with the hooks the
+    new backends ask for; raises with nothing changed when a backend refuses."""
+    linked = _linked(changes)
+    for hooks in linked:
+        hooks.prepare(lambda r: changes.get(r, r.default))
     for record, default in changes.items():
         record.default = default
+    for hooks in linked:
+        hooks.sync()
 
 
 def _holding(model: torch.nn.Module, modules: set[int]) -> bool:
@@ -405,7 +544,9 @@ class PatchHandle:
 
     def set_backend(self, backend: BackendSpec, **options) -> "PatchHandle":
         """Switch the patched modules to ``backend`` (a name, alias, diffusers name, or a dict of
-        pattern -> backend); ``reset_backend`` goes back to what ``patch`` set."""
+        pattern -> backend); ``reset_backend`` goes back to what ``patch`` set. The hooks
+        backends ask for on the patched diffusers models follow (:meth:`Backend.denoiser_hooks`);
+        a backend that refuses them fails the switch, with nothing changed."""
         self._check_active()
         _set_defaults([(r.name, r) for r in self._records], backend, options)
         return self
@@ -413,7 +554,7 @@ class PatchHandle:
     set_attention_backend = set_backend
 
     def reset_backend(self) -> None:
-        """Back to the backends ``patch`` set."""
+        """Back to the backends ``patch`` set (with their hooks)."""
         self._check_active()
         _change_defaults({r: r.patch_default for r in self._records})
 
@@ -424,9 +565,17 @@ class PatchHandle:
         if not self.active:
             return
         self.active = False
+        linked = _linked(self._records)
         for site in reversed(self._sites):
             release(site)
         self._sites, self._held, self._requests = [], set(), {}
+        for hooks in linked:  # models another patch holds: their modules' backends changed
+            if hooks.refs > 0:
+                try:
+                    hooks.sync()
+                except AttnPatchError as err:
+                    logger.warning("attnpatch: unpatch could not update the backend hooks on "
+                                   "%s: %s", type(hooks.obj).__name__, err)
 
     def __enter__(self) -> "PatchHandle":
         return self
@@ -464,7 +613,7 @@ class PatchHandle:
 
     def _apply(self, target, found: _Found, selected: list, plan) -> None:
         """Acquire every site the patch needs; anything raising releases the ones acquired
-        here, in reverse. Then (nothing below raises) the backend requests."""
+        here, in reverse. Then (nothing below raises) the backend requests and hooks."""
         mark = len(self._sites)
         try:
             if not self._sites:
@@ -476,8 +625,11 @@ class PatchHandle:
                 raise AttnPatchError(f"none of the {len(after)} attention modules of "
                                      f"{type(target).__name__} can be routed through "
                                      f"attnpatch: {notes}")
-            self._take_models(target, found, after)
+            mine = self._take_models(target, found, after)
             defaults = {r: plan(name) for name, r in taken}
+            linked = list({id(h): h for h in [*mine, *_linked(r for _, r in taken)]}.values())
+            for hooks in linked:
+                hooks.prepare(lambda r: defaults.get(r, r.default))
         except BaseException:
             for site in reversed(self._sites[mark:]):
                 self._held.discard(site)
@@ -499,6 +651,8 @@ class PatchHandle:
                     record, None, lambda: _Request(record, defaults[record]))
             else:
                 request.update(defaults[record])
+        for hooks in linked:
+            hooks.sync()
 
     def _take_records(self, found: _Found, selected: list) -> list[tuple[str, ModuleRecord]]:
         """(name, record) of every selected module, held (a record routes its module)."""
@@ -542,16 +696,19 @@ class PatchHandle:
         merged = [by_module.pop(id(r.module), r) for r in self._records]
         return merged + list(by_module.values())
 
-    def _take_models(self, target, found: _Found, records: list) -> None:
-        """Layout hooks on the diffusers models holding routed modules; the backend methods on
-        the target and the component models."""
+    def _take_models(self, target, found: _Found, records: list) -> list[_BackendHooks]:
+        """Layout and backend hooks on the diffusers models holding routed modules; the
+        backend methods on the target and the component models. Returns the hooks sites."""
         routed = {id(r.module) for r in records if r.routed}
+        hooks = []
         for _, model in found.denoisers:
             if _holding(model, routed):
                 self._take(model, dif.LayoutHooks.KEY, lambda: dif.LayoutHooks(model))
+                hooks.append(self._take(model, _BackendHooks.KEY, lambda: _BackendHooks(model)))
         holders = [target] + [m for _, m in found.models if _holding(m, routed)]
         for obj in holders:
             self._take(obj, _Methods.KEY, lambda: _Methods(obj))
+        return hooks
 
 
 def _handle_of(target) -> Optional[PatchHandle]:
@@ -574,10 +731,11 @@ def patch(target, backend: BackendSpec = "auto", include=None, exclude=None,
     naming a container matches everything inside it. ``options`` go to the backend.
 
     The patch-level backend sits below an ``attention_backend(...)`` block and above
-    ``$ATTNPATCH_BACKEND`` (plain ``"auto"`` leaves the environment variable in charge).
-    Raises :class:`AttnPatchError` when the target has no attention module, a pattern matches
-    nothing, a backend name is unknown, or no module can be routed; then nothing is left
-    changed.
+    ``$ATTNPATCH_BACKEND`` (plain ``"auto"`` leaves the environment variable in charge). Each
+    diffusers model holding routed modules also gets the hooks their backends ask for
+    (:meth:`Backend.denoiser_hooks`). Raises :class:`AttnPatchError` when the target has no
+    attention module, a pattern matches nothing, a backend name is unknown, no module can be
+    routed, or a backend refuses its hooks; then nothing is left changed.
     """
     return _patch(target, backend, include, exclude, options, implicit=False)
 
@@ -646,7 +804,8 @@ def set_attention_backend(target, backend: BackendSpec, **options: Any) -> Patch
 
 def _obj_set_backend(obj, backend: BackendSpec, **options: Any) -> None:
     """Installed as ``set_attention_backend`` on patched pipelines and models: any attnpatch
-    backend name (or diffusers' names), with options, or a dict of pattern -> backend."""
+    backend name (or diffusers' names), with options, or a dict of pattern -> backend. The
+    backends' hooks on the diffusers models follow (:meth:`Backend.denoiser_hooks`)."""
     named = _patched_under(obj)
     if not named:
         raise AttnPatchError(f"no attnpatch-patched attention module left in "
