@@ -239,8 +239,12 @@ def test_a_switch_the_backend_refuses_changes_nothing(shifted, model):
             model.set_attention_backend({"single*": "test_refusing", "*": "sdpa"})
         with pytest.raises(AttnPatchError, match="with different options on attention modules"):
             handle.set_backend({"single*": ("test_shifted", {"shift": 3.0}), "*": "test_shifted"})
-        assert hooks_on(model) == before
+        with pytest.raises(AttnPatchError, match="test_refusing"):  # patch again, same handle
+            attnpatch.patch(model, backend="test_refusing")
+        assert hooks_on(model) == before and handle.active
         assert {r.requested for r in handle.report()} == {"test_shifted"}
+        assert attnpatch.patch(model, backend="sdpa") is handle  # patch again: hooks follow
+        assert hooks_on(model)[0][1:] == []
     check_unchanged(model, kw, ref, processors)
 
 
