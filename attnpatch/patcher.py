@@ -302,6 +302,11 @@ def _hand_record(name: str, module: torch.nn.Module) -> ModuleRecord:
     return record
 
 
+#: discovery kind -> the record of one such module
+_RECORDS: dict[str, Callable[[str, torch.nn.Module], ModuleRecord]] = {
+    "diffusers": _ProcessorRecord, "module": _ClassRecord, "hand": _hand_record}
+
+
 class _Request(Site):
     """One patch's backend for one record (its ``default`` and ``patch_default``); private to
     that patch. Released before the record (it is acquired after it), it puts back what the
@@ -658,15 +663,9 @@ class PatchHandle:
         """(name, record) of every selected module, held (a record routes its module)."""
         taken = []
         for name, module, kind in selected:
-            if kind == "hand":
-                factory = lambda: _hand_record(name, module)  # noqa: E731
-            elif kind == "diffusers":
-                factory = lambda: _ProcessorRecord(name, module)  # noqa: E731
-            elif kind == "module":
-                factory = lambda: _ClassRecord(name, module)  # noqa: E731
-            else:
-                continue
-            taken.append((name, self._take(module, RECORD_KEY, factory)))
+            make = _RECORDS.get(kind)  # transformers modules: per model, below
+            if make is not None:
+                taken.append((name, self._take(module, RECORD_KEY, lambda: make(name, module))))
         selected_ids = {id(m) for _, m, _ in selected}
         groups: dict[int, list] = {}
         for name, module, kind in selected:

@@ -202,8 +202,8 @@ class Registration(Site):
 
     KEY = "_attnpatch_registration"
 
-    def __init__(self, holder: Any = REGISTRY):
-        super().__init__(holder)
+    def __init__(self):
+        super().__init__(REGISTRY)
         self.saved: tuple = (_MISSING, _MISSING)
 
     def apply(self) -> None:
