@@ -6,26 +6,37 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-__all__ = ["ModuleRecord", "ModuleReport", "PatchReport"]
+from ._sites import Site
+
+__all__ = ["RECORD_KEY", "ModuleRecord", "ModuleReport", "PatchReport"]
+
+#: where a patched module keeps its record (the transformers attention function looks it up)
+RECORD_KEY = "_attnpatch_record"
 
 
-class ModuleRecord:
-    """One patched attention module.
+class ModuleRecord(Site):
+    """One patched attention module, and the site that routes it (stored on the module under
+    :data:`RECORD_KEY`, counted per patch that holds it).
 
     ``default`` is the patch-level backend handed to the dispatcher, ``(name, options)`` or None
     (None: the ``$ATTNPATCH_BACKEND`` / ``auto`` default). The processor (diffusers) or the
     AttentionInterface function (transformers) calls :meth:`note` after every eager call.
+
+    The base class changes nothing when applied: a transformers module is routed by its record
+    being there (its model's configs are switched by another site), and a module attnpatch
+    cannot route is held only to be reported. The patcher's subclasses install a diffusers
+    processor or a routed module class.
     """
 
-    __slots__ = ("name", "kind", "module", "module_type", "processor", "default", "patch_default",
+    __slots__ = ("name", "kind", "module_type", "processor", "default", "patch_default",
                  "routed", "note_text", "calls", "backend", "_backends", "fallbacks",
                  "last_selection", "_booked", "scale", "joint_text", "original", "installed",
-                 "refs", "extra")
+                 "model_hooks", "extra")
 
     def __init__(self, name: str, kind: str, module: Any, processor: str):
+        super().__init__(module)
         self.name = name
         self.kind = kind                  # "diffusers" | "transformers" | "module"
-        self.module = module
         self.module_type = type(module).__name__
         self.processor = processor        # original processor class name / "AttentionInterface"
         self.default: Optional[tuple[str, dict]] = None
@@ -42,8 +53,19 @@ class ModuleRecord:
         self.joint_text: Optional[str] = None  # "first"/"last": text position in joint attention
         self.original: Any = None         # the processor / implementation to restore
         self.installed: Any = None        # what we installed (to detect later replacement)
-        self.refs = 0                     # handles that hold this record
+        self.model_hooks: Any = None      # the backend-hooks site of the model holding the module
         self.extra: dict = {}
+
+    @property
+    def module(self) -> Any:
+        """The attention module."""
+        return self.obj
+
+    def stale(self) -> bool:
+        """Routes nothing now: never routed, or its processor or class replaced after patching
+        (a new patch of the module makes a new record). A transformers model switched away
+        after patching stays as its user set it: patching again reuses the record."""
+        return not self.routed or (self.kind != "transformers" and self.replaced())
 
     def note(self, selection) -> None:
         """Book one eager call that ran through the dispatcher's ``selection``.

@@ -4,17 +4,23 @@ What gets patched, per target:
 
 - diffusers attention modules (anything with ``processor``/``set_processor``): a routed copy of
   the processor (:mod:`attnpatch.processors`); the original object is put back on unpatch;
+- modules computing attention in their own methods: their routed class (swapped back);
 - transformers models (``PreTrainedModel``): the ``attnpatch`` AttentionInterface function and
   mask function (:mod:`attnpatch.integrations.transformers`); every config's previous
-  implementation is put back on unpatch;
+  implementation is put back on unpatch, the registration when the last patch lets go;
 - each diffusers model holding patched modules: a forward pre/post hook publishing the token
-  layout (:func:`attnpatch.current_token_layout`);
+  layout (:func:`attnpatch.current_token_layout`), and the hooks the modules' backends ask for
+  (:meth:`attnpatch.Backend.denoiser_hooks`);
 - the target and each component model: instance methods ``set_attention_backend`` /
   ``reset_attention_backend`` (removed again on unpatch).
 
-State lives on the patched objects (attributes named ``_attnpatch_*``, all removed on unpatch),
-never in module globals. Patching an already patched module reuses its state (reference
-counted), so ``patch`` is idempotent and ``patch(pipe)`` + ``patch(pipe.unet)`` compose.
+Each of these is a site (:mod:`attnpatch._sites`): apply/restore, stored on the object it
+changes (attributes named ``_attnpatch_*``, all removed on unpatch) and counted per patch that
+holds it, never in module globals (the transformers registration is a site on that module's
+holder). Patching an already patched module reuses its sites, so ``patch`` is idempotent and
+``patch(pipe)`` + ``patch(pipe.unet)`` compose. A :class:`PatchHandle` holds its sites in the
+order it acquired them and releases them in reverse; a patch that fails half-way releases the
+ones it acquired the same way.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ import torch
 
 from . import registry
 from ._errors import AttnPatchError
-from ._record import ModuleRecord, PatchReport
+from ._record import RECORD_KEY, ModuleRecord, PatchReport
+from ._sites import ForwardHooks, Site, acquire, held, release
 from .integrations import diffusers as dif
 from .integrations import modules as mods
 from .integrations import transformers as tf
@@ -41,11 +48,6 @@ logger = logging.getLogger(__name__)
 _MISSING = object()
 _METHODS = ("set_attention_backend", "reset_attention_backend")
 BackendSpec = Union[str, tuple, dict, None]
-
-#: record kind -> (install, restore) for the changes made per module: a routed diffusers
-#: processor, or a module's routed class (attention computed in its own methods)
-_SWAPS = {"diffusers": (dif.patch_module, dif.restore_module),
-          "module": (mods.patch_module, mods.restore_module)}
 
 
 # --- discovery --------------------------------------------------------------------------------
@@ -258,41 +260,257 @@ def _backend_plan(backend: BackendSpec, options: dict, names: list[str]
     return lambda name: spec
 
 
-# --- shared per-object state (reference counted) ----------------------------------------------
+# --- the sites patch() acquires, besides records and the integrations' own --------------------
 
-class _MethodSite:
-    """``set_attention_backend``/``reset_attention_backend`` bound to one pipeline or model."""
+class _ProcessorRecord(ModuleRecord):
+    """A diffusers attention module, routed by a copy of its processor; restore puts the
+    original processor object back (unless someone replaced ours meanwhile)."""
 
-    def __init__(self, obj):
-        self.obj = obj
-        self.refs = 0
-        self.saved = {n: obj.__dict__.get(n, _MISSING) for n in _METHODS}
-        obj.__dict__["set_attention_backend"] = types.MethodType(_obj_set_backend, obj)
-        obj.__dict__["reset_attention_backend"] = types.MethodType(_obj_reset_backend, obj)
+    __slots__ = ()
+
+    def __init__(self, name: str, module: torch.nn.Module):
+        super().__init__(name, "diffusers", module, type(module.processor).__name__)
+
+    def apply(self) -> None:
+        dif.patch_module(self)
 
     def restore(self) -> None:
+        dif.restore_module(self)
+
+
+class _ClassRecord(ModuleRecord):
+    """A module that computes attention in its own methods, routed by swapping its class for
+    the routed subclass; restore swaps the original class back."""
+
+    __slots__ = ()
+
+    def __init__(self, name: str, module: torch.nn.Module):
+        super().__init__(name, "module", module, "forward")
+
+    def apply(self) -> None:
+        mods.patch_module(self)
+
+    def restore(self) -> None:
+        mods.restore_module(self)
+
+
+def _hand_record(name: str, module: torch.nn.Module) -> ModuleRecord:
+    record = ModuleRecord(name, "module", module, "hand-written")
+    record.note_text = (f"computes softmax attention by hand in "
+                        f"{mods.hand_written_attention(module)} (no SDPA call to redirect): not "
+                        "routed, runs as before")
+    return record
+
+
+#: discovery kind -> the record of one such module
+_RECORDS: dict[str, Callable[[str, torch.nn.Module], ModuleRecord]] = {
+    "diffusers": _ProcessorRecord, "module": _ClassRecord, "hand": _hand_record}
+
+
+class _Request(Site):
+    """One patch's backend for one record (its ``default`` and ``patch_default``); private to
+    that patch. Released before the record (it is acquired after it), it puts back what the
+    record had before while another patch still holds the record; otherwise the record keeps
+    it, so that the report of an undone patch still says what was requested."""
+
+    def __init__(self, record: ModuleRecord, default: Optional[tuple[str, dict]]):
+        super().__init__(record)
+        self.default = default
+        self.saved: tuple = (None, None)
+
+    def apply(self) -> None:
+        record = self.obj
+        self.saved = (record.default, record.patch_default)
+        record.default = record.patch_default = self.default
+
+    def update(self, default: Optional[tuple[str, dict]]) -> None:
+        """The same patch asks again (``patch`` called again on its target)."""
+        self.default = self.obj.default = self.obj.patch_default = default
+
+    def restore(self) -> None:
+        record = self.obj
+        if record.refs > 1:
+            record.default, record.patch_default = self.saved
+
+
+class _Methods(Site):
+    """``set_attention_backend``/``reset_attention_backend`` bound to one pipeline or model
+    (instance attributes; whatever the instance had under those names comes back)."""
+
+    KEY = "_attnpatch_methods"
+
+    def apply(self) -> None:
+        slots = vars(self.obj)
+        self.saved = {n: slots.get(n, _MISSING) for n in _METHODS}
+        slots["set_attention_backend"] = types.MethodType(_obj_set_backend, self.obj)
+        slots["reset_attention_backend"] = types.MethodType(_obj_reset_backend, self.obj)
+
+    def restore(self) -> None:
+        slots = vars(self.obj)
         for n, value in self.saved.items():
             if value is _MISSING:
-                self.obj.__dict__.pop(n, None)
+                slots.pop(n, None)
             else:
-                self.obj.__dict__[n] = value
+                slots[n] = value
 
 
-def _acquire_site(obj, attr: str, make: Callable[[], Any]):
-    site = obj.__dict__.get(attr)
-    if site is None:
-        site = make()
-        obj.__dict__[attr] = site
-    site.refs += 1
-    return site
+class _Target(Site):
+    """The :class:`PatchHandle` of the object that was passed to :func:`patch` (being stored
+    there is the whole change)."""
+
+    KEY = "_attnpatch_handle"
+
+    def __init__(self, target, handle: "PatchHandle"):
+        super().__init__(target)
+        self.handle = handle
 
 
-def _release_site(obj, attr: str, site, restore: Callable[[Any], None]) -> None:
-    site.refs -= 1
-    if site.refs <= 0:
-        restore(site)
-        if obj.__dict__.get(attr) is site:
-            del obj.__dict__[attr]
+def _same(a: Any, b: Any) -> bool:
+    """Equal option values (dataclass equality; values without a truth value, such as
+    tensors, compare by identity)."""
+    if a is b:
+        return True
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
+def _make_hooks(backend: registry.Backend, model: torch.nn.Module, options: Any) -> ForwardHooks:
+    """``backend.denoiser_hooks(model, options)`` as a (not yet applied) :class:`ForwardHooks`."""
+    label = f"{backend.name!r}"
+    try:
+        hooks = list(backend.denoiser_hooks(model, options))
+    except Exception as err:
+        raise AttnPatchError(f"backend {label}: denoiser_hooks() failed for "
+                             f"{type(model).__name__}: {type(err).__name__}: {err}") from err
+    for hook in hooks:
+        pre, post = getattr(hook, "pre", None), getattr(hook, "post", None)
+        if (pre is None and post is None) or not all(f is None or callable(f)
+                                                     for f in (pre, post)):
+            raise AttnPatchError(f"backend {label}: denoiser_hooks() returned {hook!r}, which "
+                                 "has no callable pre(module, args, kwargs) or post(module, "
+                                 "args, kwargs, output)")
+    return ForwardHooks(model, hooks, backend.name)
+
+
+class _BackendHooks(Site):
+    """The hooks backends ask for on one diffusers model (:meth:`Backend.denoiser_hooks`):
+    those of every backend that a routed attention module inside the model is set to.
+
+    Held by each patch that found the model; :meth:`sync` follows the modules' backends after
+    every change of them (patch, ``set_backend``, ``set_attention_backend``, reset, and the
+    unpatch of another patch), and restore removes them all. Hook sets a backend gave once are
+    kept while the site lives, so putting a backend back never asks it again (an unpatch never
+    fails on a backend that refuses). Records of the model's modules point here
+    (``model_hooks``), so a change made through a part of the model finds it; records a patch
+    of a part of the model makes later are seen at the model's next sync."""
+
+    KEY = "_attnpatch_backend_hooks"
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
+        self.installed: dict[str, ForwardHooks] = {}
+        self.built: list[tuple[str, Any, ForwardHooks]] = []
+
+    def restore(self) -> None:
+        for hooks in reversed(list(self.installed.values())):
+            release(hooks)
+        self.installed = {}
+        self.built = []
+
+    def _records(self) -> Iterator[ModuleRecord]:
+        for module in self.obj.modules():
+            record = vars(module).get(RECORD_KEY)
+            if record is not None and record.routed and not record.replaced():
+                yield record
+
+    def _wanted(self, default_of: Callable[[ModuleRecord], Any]) -> dict[str, tuple]:
+        """backend name -> (backend, options) for the backends with hooks the records name."""
+        wanted: dict[str, tuple] = {}
+        for record in self._records():
+            spec = default_of(record)
+            if spec is None or spec[0] == "auto":
+                continue
+            name, opts = spec
+            try:
+                backend = registry.get_backend(name)
+            except AttnPatchError:  # unregistered since: it asks for nothing now
+                continue
+            if type(backend).denoiser_hooks is registry.Backend.denoiser_hooks:
+                continue
+            options = registry.option_values(backend, opts)
+            if name not in wanted:
+                wanted[name] = (backend, options)
+            elif not _same(wanted[name][1], options):
+                raise AttnPatchError(
+                    f"backend {name!r} is set with different options on attention modules of "
+                    f"one {type(self.obj).__name__} ({wanted[name][1]} and {options}); its "
+                    "denoiser hooks take one set of options per model: give every module of "
+                    "the model the same options")
+        return wanted
+
+    def _hooks(self, name: str, backend: registry.Backend, options: Any) -> ForwardHooks:
+        for built_name, built_options, hooks in self.built:
+            if built_name == name and _same(built_options, options):
+                return hooks
+        hooks = _make_hooks(backend, self.obj, options)
+        self.built.append((name, options, hooks))
+        return hooks
+
+    def prepare(self, default_of: Callable[[ModuleRecord], Any]) -> None:
+        """Ask the backends for the hooks that the backends given by ``default_of`` need.
+        Raises :class:`AttnPatchError` (naming the backend) with nothing installed."""
+        for name, (backend, options) in self._wanted(default_of).items():
+            self._hooks(name, backend, options)
+
+    def sync(self) -> None:
+        """Install the hooks the modules' current backends need; remove the others."""
+        for record in self._records():
+            record.model_hooks = self
+        wanted = {name: self._hooks(name, backend, options)
+                  for name, (backend, options) in self._wanted(_current_default).items()}
+        for name, hooks in list(self.installed.items()):
+            if wanted.get(name) is not hooks:
+                release(hooks)
+                del self.installed[name]
+        for name, hooks in wanted.items():
+            if name not in self.installed:
+                self.installed[name] = acquire(self.obj, None, lambda hooks=hooks: hooks)
+
+    def __repr__(self) -> str:
+        return (f"<backend hooks on {type(self.obj).__name__}: "
+                f"{', '.join(self.installed) or 'none'}>")
+
+
+def _current_default(record: ModuleRecord):
+    return record.default
+
+
+def _linked(records) -> list[_BackendHooks]:
+    """The live backend-hooks sites of the models holding ``records``' modules."""
+    found: dict[int, _BackendHooks] = {}
+    for record in records:
+        hooks = record.model_hooks
+        if hooks is not None and hooks.refs > 0:
+            found.setdefault(id(hooks), hooks)
+    return list(found.values())
+
+
+def _change_defaults(changes: dict) -> None:
+    """Set each record's ``default`` (record -> (name, options) or None), with the hooks the
+    new backends ask for; raises with nothing changed when a backend refuses."""
+    linked = _linked(changes)
+    for hooks in linked:
+        hooks.prepare(lambda r: changes.get(r, r.default))
+    for record, default in changes.items():
+        record.default = default
+    for hooks in linked:
+        hooks.sync()
+
+
+def _holding(model: torch.nn.Module, modules: set[int]) -> bool:
+    return any(id(m) in modules for m in model.modules())
 
 
 # --- the handle -------------------------------------------------------------------------------
@@ -301,19 +519,18 @@ class PatchHandle:
     """What :func:`patch` did to one target; undo it with :meth:`unpatch` (or a ``with`` block).
 
     ``report()`` lists every attention module: the backend that ran last, calls, fallbacks and
-    their reasons, and modules that could not be routed with the reason.
+    their reasons, and modules that could not be routed with the reason. ``sites`` lists every
+    change the patch holds, in the order it made them; ``unpatch()`` releases them in reverse.
     """
 
     def __init__(self, target, implicit: bool = False):
         self.target = target
         self.implicit = implicit
         self.active = True
+        self._sites: list[Site] = []
+        self._held: set[Site] = set()
         self._records: list[ModuleRecord] = []
-        self._swapped: list[ModuleRecord] = []  # diffusers processors and module classes
-        self._tf_sites: list = []
-        self._hook_sites: list = []
-        self._method_sites: list = []
-        self._changed: list[tuple[ModuleRecord, Any, Any]] = []
+        self._requests: dict[ModuleRecord, _Request] = {}
 
     # -- public --
     def report(self) -> PatchReport:
@@ -324,9 +541,17 @@ class PatchHandle:
     def records(self) -> list[ModuleRecord]:
         return list(self._records)
 
+    @property
+    def sites(self) -> tuple[Site, ...]:
+        """Every change this patch holds (records, processors, configs, registrations, hooks,
+        methods), in the order it made them."""
+        return tuple(self._sites)
+
     def set_backend(self, backend: BackendSpec, **options) -> "PatchHandle":
         """Switch the patched modules to ``backend`` (a name, alias, diffusers name, or a dict of
-        pattern -> backend); ``reset_backend`` goes back to what ``patch`` set."""
+        pattern -> backend); ``reset_backend`` goes back to what ``patch`` set. The hooks
+        backends ask for on the patched diffusers models follow (:meth:`Backend.denoiser_hooks`);
+        a backend that refuses them fails the switch, with nothing changed."""
         self._check_active()
         _set_defaults([(r.name, r) for r in self._records], backend, options)
         return self
@@ -334,34 +559,28 @@ class PatchHandle:
     set_attention_backend = set_backend
 
     def reset_backend(self) -> None:
+        """Back to the backends ``patch`` set (with their hooks)."""
         self._check_active()
-        for r in self._records:
-            r.default = r.patch_default
+        _change_defaults({r: r.patch_default for r in self._records})
 
     def unpatch(self) -> None:
         """Restore everything ``patch`` changed: processors (the original objects), transformers
-        implementations, hooks and methods. Idempotent."""
+        implementations and registrations, hooks and methods, releasing its sites in reverse.
+        Idempotent."""
         if not self.active:
             return
         self.active = False
-        for obj, site in reversed(self._method_sites):
-            _release_site(obj, "_attnpatch_methods", site, _MethodSite.restore)
-        for model, site in reversed(self._hook_sites):
-            _release_site(model, "_attnpatch_layout", site, dif.LayoutHooks.remove)
-        for model, site in reversed(self._tf_sites):
-            _release_site(model, "_attnpatch_tf_site", site, tf.TransformersSite.restore)
-        for r in reversed(self._swapped):
-            r.refs -= 1
-            if r.refs <= 0:
-                _SWAPS[r.kind][1](r)
-                if r.module.__dict__.get("_attnpatch_record") is r:
-                    del r.module.__dict__["_attnpatch_record"]
-        for r, default, patch_default in self._changed:  # shared records: what they had before
-            if r.refs > 0:
-                r.default, r.patch_default = default, patch_default
-        self._method_sites, self._hook_sites, self._tf_sites = [], [], []
-        if getattr(self.target, "__dict__", {}).get("_attnpatch_handle") is self:
-            _set_handle(self.target, None)
+        linked = _linked(self._records)
+        for site in reversed(self._sites):
+            release(site)
+        self._sites, self._held, self._requests = [], set(), {}
+        for hooks in linked:  # models another patch holds: their modules' backends changed
+            if hooks.refs > 0:
+                try:
+                    hooks.sync()
+                except AttnPatchError as err:
+                    logger.warning("attnpatch: unpatch could not update the backend hooks on "
+                                   "%s: %s", type(hooks.obj).__name__, err)
 
     def __enter__(self) -> "PatchHandle":
         return self
@@ -380,46 +599,74 @@ class PatchHandle:
         if not self.active:
             raise AttnPatchError("this patch was undone (unpatch()); patch the target again")
 
-    def _hold(self, r: ModuleRecord, default) -> None:
-        if r in self._records:
-            r.default = r.patch_default = default
-            return
-        if r.refs > 0:
-            self._changed.append((r, r.default, r.patch_default))
-        r.default = r.patch_default = default
-        self._records.append(r)
+    def _take(self, obj, key: Optional[str], factory: Callable[[], Site]) -> Site:
+        """Hold the site under ``key`` on ``obj`` (once per handle; a stale one is replaced)."""
+        if key is not None:
+            site = held(obj, key)
+            if site is not None and site in self._held and not site.stale():
+                return site
+        site = acquire(obj, key, factory)
+        if site not in self._held:
+            self._held.add(site)
+            self._sites.append(site)
+        return site
+
+    def _let_go(self, site: Site) -> None:
+        self._sites.remove(site)
+        self._held.discard(site)
+        release(site)
 
     def _apply(self, target, found: _Found, selected: list, plan) -> None:
-        selected_ids = {id(m) for _, m, _ in selected}
-        # diffusers attention modules
-        mine = {id(r.module): r for r in self._swapped}
+        """Acquire every site the patch needs; anything raising releases the ones acquired
+        here, in reverse. Then (nothing below raises) the backend requests and hooks."""
+        mark = len(self._sites)
+        try:
+            if not self._sites:
+                self._take(target, _Target.KEY, lambda: _Target(target, self))
+            taken = self._take_records(found, selected)
+            after = self._merged(taken)
+            if not any(r.routed for r in after):
+                notes = "; ".join(f"{r.name}: {r.note_text}" for r in after[:6])
+                raise AttnPatchError(f"none of the {len(after)} attention modules of "
+                                     f"{type(target).__name__} can be routed through "
+                                     f"attnpatch: {notes}")
+            mine = self._take_models(target, found, after)
+            defaults = {r: plan(name) for name, r in taken}
+            linked = list({id(h): h for h in [*mine, *_linked(r for _, r in taken)]}.values())
+            for hooks in linked:
+                hooks.prepare(lambda r: defaults.get(r, r.default))
+        except BaseException:
+            for site in reversed(self._sites[mark:]):
+                self._held.discard(site)
+                release(site)
+            del self._sites[mark:]
+            raise
+        kept = set(after)
+        for record in self._records:
+            if record not in kept:  # a stale record of this handle, replaced by a new one
+                request = self._requests.pop(record, None)
+                if request is not None:
+                    self._let_go(request)
+                self._let_go(record)
+        self._records = after
+        for _, record in taken:
+            request = self._requests.get(record)
+            if request is None:
+                self._requests[record] = self._take(
+                    record, None, lambda: _Request(record, defaults[record]))
+            else:
+                request.update(defaults[record])
+        for hooks in linked:
+            hooks.sync()
+
+    def _take_records(self, found: _Found, selected: list) -> list[tuple[str, ModuleRecord]]:
+        """(name, record) of every selected module, held (a record routes its module)."""
+        taken = []
         for name, module, kind in selected:
-            if kind == "hand":
-                r = ModuleRecord(name, "module", module, "hand-written")
-                where = mods.hand_written_attention(module)
-                r.note_text = (f"computes softmax attention by hand in {where} (no SDPA call "
-                               "to redirect): not routed, runs as before")
-                self._hold(r, plan(name))
-                continue
-            if kind not in _SWAPS:
-                continue
-            r = module.__dict__.get("_attnpatch_record")
-            if r is None or r.replaced() or not r.routed:
-                what = type(module.processor).__name__ if kind == "diffusers" else "forward"
-                r = ModuleRecord(name, kind, module, what)
-                _SWAPS[kind][0](r)
-                if r.routed:
-                    module.__dict__["_attnpatch_record"] = r
-                stale = mine.get(id(module))
-                if stale is not None:  # re-patch of a module whose processor was swapped out
-                    stale.refs -= 1
-                    self._swapped.remove(stale)
-                    self._records.remove(stale)
-            if r not in self._swapped:
-                r.refs += 1
-                self._swapped.append(r)
-            self._hold(r, plan(name))
-        # transformers models
+            make = _RECORDS.get(kind)  # transformers modules: per model, below
+            if make is not None:
+                taken.append((name, self._take(module, RECORD_KEY, lambda: make(name, module))))
+        selected_ids = {id(m) for _, m, _ in selected}
         groups: dict[int, list] = {}
         for name, module, kind in selected:
             if kind == "transformers":
@@ -428,63 +675,44 @@ class PatchHandle:
             members = groups.get(id(model))
             if not members:
                 continue
-            site = model.__dict__.get("_attnpatch_tf_site")
-            if site is None:
-                records = [ModuleRecord(n, "transformers", m,
-                                        str(getattr(getattr(m, "config", None),
-                                                    "_attn_implementation", "?")))
-                           for n, m in members]
+            why_not = tf.cannot_switch(model)
+            site = None
+            if why_not is None:
+                self._take(tf.REGISTRY, tf.Registration.KEY, tf.Registration)
                 excluded = [m for m in found.tf_all.get(id(model), [])
                             if id(m) not in selected_ids]
-                site = tf.TransformersSite(model, records, excluded)
-                site.apply()
-                if not site.applied:  # the model can't switch: report, hold nothing
-                    for r in records:
-                        self._hold(r, plan(r.name))
-                    continue
-                model.__dict__["_attnpatch_tf_site"] = site
-            if not any(site is s for _, s in self._tf_sites):
-                site.refs += 1
-                self._tf_sites.append((model, site))
-            for n, m in members:
-                r = m.__dict__.get("_attnpatch_record")
-                if r is None:  # excluded by an earlier patch of this model, included now
-                    r = ModuleRecord(n, "transformers", m, site._saved_impl(m.config))
-                    m.__dict__.pop("_attnpatch_passthrough", None)
-                    if m in site.excluded:
-                        site.excluded.remove(m)
-                    r.routed = True
-                    r.extra["impl"] = tf.ATTN_NAME
-                    m.__dict__["_attnpatch_record"] = r
-                    site.records.append(r)
-                self._hold(r, plan(n))
-        # token layout hooks on the diffusers models that hold routed modules
-        routed_names = [r.name for r in self._swapped if r.routed]
-        for name, model in found.denoisers:
-            if any(_inside(n, [name]) is not None for n in routed_names) and not any(
-                    model is m for m, _ in self._hook_sites):
-                site = _acquire_site(model, "_attnpatch_layout", lambda: dif.LayoutHooks(model))
-                self._hook_sites.append((model, site))
-        # set_attention_backend / reset_attention_backend
-        holders = [target] + [m for n, m in found.models
-                              if any(_inside(r.name, [n]) is not None for r in self._records if r.routed)]
+                site = self._take(model, tf.ImplementationSite.KEY,
+                                  lambda: tf.ImplementationSite(model, excluded))
+            for name, module in members:
+                taken.append((name, self._take(
+                    module, RECORD_KEY, lambda: tf.module_record(name, module, site, why_not))))
+        return taken
+
+    def _merged(self, taken: list[tuple[str, ModuleRecord]]) -> list[ModuleRecord]:
+        """This handle's records once ``taken`` are in: a record taken for a module replaces
+        the one held for it (in place); new ones come last."""
+        by_module = {id(r.module): r for _, r in taken}
+        merged = [by_module.pop(id(r.module), r) for r in self._records]
+        return merged + list(by_module.values())
+
+    def _take_models(self, target, found: _Found, records: list) -> list[_BackendHooks]:
+        """Layout and backend hooks on the diffusers models holding routed modules; the
+        backend methods on the target and the component models. Returns the hooks sites."""
+        routed = {id(r.module) for r in records if r.routed}
+        hooks = []
+        for _, model in found.denoisers:
+            if _holding(model, routed):
+                self._take(model, dif.LayoutHooks.KEY, lambda: dif.LayoutHooks(model))
+                hooks.append(self._take(model, _BackendHooks.KEY, lambda: _BackendHooks(model)))
+        holders = [target] + [m for _, m in found.models if _holding(m, routed)]
         for obj in holders:
-            if any(obj is o for o, _ in self._method_sites):
-                continue
-            site = _acquire_site(obj, "_attnpatch_methods", lambda: _MethodSite(obj))
-            self._method_sites.append((obj, site))
+            self._take(obj, _Methods.KEY, lambda: _Methods(obj))
+        return hooks
 
 
 def _handle_of(target) -> Optional[PatchHandle]:
-    handle = getattr(target, "__dict__", {}).get("_attnpatch_handle")
-    return handle if handle is not None and handle.active else None
-
-
-def _set_handle(target, handle: Optional[PatchHandle]) -> None:
-    if handle is None:
-        target.__dict__.pop("_attnpatch_handle", None)
-    else:
-        target.__dict__["_attnpatch_handle"] = handle
+    site = getattr(target, "__dict__", {}).get(_Target.KEY)
+    return site.handle if site is not None and site.handle.active else None
 
 
 # --- public functions -------------------------------------------------------------------------
@@ -502,9 +730,11 @@ def patch(target, backend: BackendSpec = "auto", include=None, exclude=None,
     naming a container matches everything inside it. ``options`` go to the backend.
 
     The patch-level backend sits below an ``attention_backend(...)`` block and above
-    ``$ATTNPATCH_BACKEND`` (plain ``"auto"`` leaves the environment variable in charge).
-    Raises :class:`AttnPatchError` when the target has no attention module, a pattern matches
-    nothing, a backend name is unknown, or no module can be routed.
+    ``$ATTNPATCH_BACKEND`` (plain ``"auto"`` leaves the environment variable in charge). Each
+    diffusers model holding routed modules also gets the hooks their backends ask for
+    (:meth:`Backend.denoiser_hooks`). Raises :class:`AttnPatchError` when the target has no
+    attention module, a pattern matches nothing, a backend name is unknown, no module can be
+    routed, or a backend refuses its hooks; then nothing is left changed.
     """
     return _patch(target, backend, include, exclude, options, implicit=False)
 
@@ -521,24 +751,8 @@ def _patch(target, backend, include, exclude, options, implicit: bool) -> PatchH
         if why is not None:
             raise AttnPatchError(why)
     plan = _backend_plan(backend, options, [n for n, _, _ in selected])
-    handle = _handle_of(target)
-    fresh = handle is None
-    if fresh:
-        handle = PatchHandle(target, implicit)
-    try:
-        handle._apply(target, found, selected, plan)
-    except BaseException:
-        if fresh:
-            handle.unpatch()
-        raise
-    if not any(r.routed for r in handle._records):
-        notes = "; ".join(f"{r.name}: {r.note_text}" for r in handle._records[:6])
-        if fresh:
-            handle.unpatch()
-        raise AttnPatchError(f"none of the {len(handle._records)} attention modules of "
-                             f"{type(target).__name__} can be routed through attnpatch: {notes}")
-    if fresh:
-        _set_handle(target, handle)
+    handle = _handle_of(target) or PatchHandle(target, implicit)
+    handle._apply(target, found, selected, plan)
     skipped = [r for r in handle._records if not r.routed]
     if skipped:
         logger.warning("attnpatch: %d attention module(s) not routed: %s", len(skipped),
@@ -550,9 +764,9 @@ def unpatch(target) -> None:
     """Undo :func:`patch` on ``target`` (the object that was passed to it)."""
     handle = _handle_of(target)
     if handle is None:
-        held = [n for n, m in _walk(target) if "_attnpatch_record" in m.__dict__] \
+        held_here = [n for n, m in _walk(target) if RECORD_KEY in vars(m)] \
             if (dif.is_pipeline(target) or isinstance(target, torch.nn.Module)) else []
-        if held:
+        if held_here:
             raise AttnPatchError(f"{type(target).__name__} was patched as part of a larger "
                                  f"target (e.g. its pipeline): unpatch that one")
         raise AttnPatchError(f"{type(target).__name__} is not patched")
@@ -562,8 +776,8 @@ def unpatch(target) -> None:
 def _patched_under(obj) -> list[tuple[str, ModuleRecord]]:
     out = []
     for name, module in _walk(obj):
-        r = module.__dict__.get("_attnpatch_record")
-        if r is not None:
+        r = vars(module).get(RECORD_KEY)
+        if r is not None and r.routed:
             out.append((name, r))
     return out
 
@@ -571,8 +785,7 @@ def _patched_under(obj) -> list[tuple[str, ModuleRecord]]:
 def _set_defaults(named: list[tuple[str, ModuleRecord]], backend: BackendSpec,
                   options: dict) -> None:
     plan = _backend_plan(backend, options, [n for n, _ in named])
-    for name, r in named:
-        r.default = plan(name)
+    _change_defaults({r: plan(name) for name, r in named})
 
 
 def set_attention_backend(target, backend: BackendSpec, **options: Any) -> PatchHandle:
@@ -590,7 +803,8 @@ def set_attention_backend(target, backend: BackendSpec, **options: Any) -> Patch
 
 def _obj_set_backend(obj, backend: BackendSpec, **options: Any) -> None:
     """Installed as ``set_attention_backend`` on patched pipelines and models: any attnpatch
-    backend name (or diffusers' names), with options, or a dict of pattern -> backend."""
+    backend name (or diffusers' names), with options, or a dict of pattern -> backend. The
+    backends' hooks on the diffusers models follow (:meth:`Backend.denoiser_hooks`)."""
     named = _patched_under(obj)
     if not named:
         raise AttnPatchError(f"no attnpatch-patched attention module left in "
@@ -605,5 +819,4 @@ def _obj_reset_backend(obj) -> None:
     if handle is not None and handle.implicit:
         handle.unpatch()
         return
-    for _, r in _patched_under(obj):
-        r.default = r.patch_default
+    _change_defaults({r: r.patch_default for _, r in _patched_under(obj)})

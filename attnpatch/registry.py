@@ -8,7 +8,7 @@ import difflib
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Mapping, Optional, Union
+from typing import Any, Callable, ClassVar, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -204,6 +204,30 @@ class Backend:
         dense = call.replace(query=f64(call.query), key=f64(call.key), value=f64(call.value),
                              attn_mask=f64(call.attn_mask), dropout_p=0.0, return_lse=True)
         return reference_attention(dense, accumulate=torch.float64)
+
+    def denoiser_hooks(self, model: torch.nn.Module, options: Any) -> Sequence[Any]:
+        """Hooks this backend needs on a diffusers model whose attention modules
+        :func:`attnpatch.patch` routes to it: the denoiser (or another ``ModelMixin`` holding
+        routed modules, such as a VAE: return ``()`` for a model you leave alone). For
+        context parallelism: shard inputs at the model's entry, gather outputs at its exit.
+
+        Each hook is an object with ``pre(module, args, kwargs)``, which may return new
+        ``(args, kwargs)``, and/or ``post(module, args, kwargs, output)``, which may return a
+        new output (it runs also when the forward raises, with ``output`` None). The patch
+        registers them as torch forward hooks (``with_kwargs=True``; the post hook with
+        ``always_call=True``), in order, after attnpatch's own token-layout hook (which sees
+        the model's unsharded inputs).
+
+        ``options``: the validated ``Options`` instance of the request. Called once per model,
+        backend and options, when a patch, ``set_backend`` or ``set_attention_backend`` first
+        sets a routed module of ``model`` to this backend with them; the hooks stay installed
+        while any routed module of the model is set to it, and are removed exactly when none
+        is (or on unpatch; putting the backend back reinstalls the same hooks). One model
+        takes one set of hooks per backend: modules of one model set to this backend with
+        different options are refused. ``auto`` (and ``attention_backend`` blocks) install
+        none. An exception raised here fails the request, with nothing changed, as an
+        :class:`AttnPatchError` naming the backend. Default: no hooks."""
+        return ()
 
     def specialize(self, call: AttentionCall) -> Optional[Callable]:
         """A kernel ``fn(query, key, value) -> out`` on (B, H, S, D) tensors that computes exactly

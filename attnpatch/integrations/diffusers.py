@@ -17,6 +17,7 @@ import torch
 
 from .._layout import ForwardInfo, enter_forward, exit_forward
 from .._record import ModuleRecord
+from .._sites import Site
 from ..pipelines import forward_info, text_position
 from ..processors.rebind import NotRoutable, calls_attention, route_processor
 
@@ -171,18 +172,24 @@ def restore_module(record: ModuleRecord) -> bool:
 
 # --- token layout -----------------------------------------------------------------------------
 
-class LayoutHooks:
-    """Forward pre/post hooks on one denoiser that publish its :class:`ForwardInfo`."""
+class LayoutHooks(Site):
+    """Forward pre/post hooks on one denoiser that publish its :class:`ForwardInfo` (a site,
+    stored on the model under ``KEY``)."""
+
+    KEY = "_attnpatch_layout"
 
     def __init__(self, model: torch.nn.Module):
+        super().__init__(model)
         self.model = model
-        self.refs = 0
         #: image-token count -> grid read from ids (Flux) in eager forwards: compiled forwards,
         #: which can't read ids values, take the grid from here
         self.known_grids: dict[int, tuple[int, int, int]] = {}
+        self._handles: list = []
+
+    def apply(self) -> None:
         self._handles = [
-            model.register_forward_pre_hook(self._pre, with_kwargs=True),
-            model.register_forward_hook(self._post, always_call=True),
+            self.model.register_forward_pre_hook(self._pre, with_kwargs=True),
+            self.model.register_forward_hook(self._post, always_call=True),
         ]
 
     def _pre(self, module, args, kwargs):
@@ -202,7 +209,7 @@ class LayoutHooks:
         exit_forward()
         return None
 
-    def remove(self) -> None:
+    def restore(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []

@@ -5,7 +5,8 @@
 without it transformers silently drops padding masks for unknown implementations). A patched
 model's configs are switched to ``ATTN_NAME`` with ``set_attn_implementation``; each config's
 previous ``_attn_implementation`` is restored exactly on unpatch, and the global registrations
-are removed again when the last patched model is restored.
+(a :class:`Registration` site on the module-level :data:`REGISTRY`, counted per patch) are
+removed again when the last patch holding them lets go.
 
 The function gets ``module``, so records (and backends) are per attention module. It follows
 ``sdpa_attention_forward``'s conventions: ``is_causal`` from the call or ``module.is_causal``
@@ -26,11 +27,13 @@ from typing import Any, Iterator, Optional
 import torch
 
 from .._errors import AttnPatchError
-from .._record import ModuleRecord
+from .._record import RECORD_KEY, ModuleRecord
+from .._sites import Site, held
 from ..dispatch import dispatch_call, dispatch_eager
 
 __all__ = ["ATTN_NAME", "is_pretrained_model", "is_attention_module", "unsupported_reason",
-           "TransformersSite", "attnpatch_attention"]
+           "REGISTRY", "Registration", "registered", "cannot_switch", "ImplementationSite",
+           "module_record", "attnpatch_attention"]
 
 #: the implementation name; avoids the substrings (flash, sdpa, flex_attention) and the
 #: org/repo pattern that make transformers take special code paths
@@ -140,7 +143,7 @@ def _passthrough(module, query, key, value, attention_mask, impl: str, **kwargs)
 def attnpatch_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                         is_causal=None, position_bias=None, cache=None, **kwargs):
     """The ``AttentionInterface`` function: q/k/v (B, H, S, D) in, ((B, S, H, D), None) out."""
-    record: Optional[ModuleRecord] = getattr(module, "_attnpatch_record", None)
+    record: Optional[ModuleRecord] = getattr(module, RECORD_KEY, None)
     if record is None:
         impl = getattr(module, "_attnpatch_passthrough", "sdpa")
         return _passthrough(module, query, key, value, attention_mask, impl, dropout=dropout,
@@ -179,42 +182,52 @@ def attnpatch_attention(module, query, key, value, attention_mask, dropout=0.0, 
     return out.transpose(1, 2).contiguous(), None
 
 
-# --- global registration (reference counted) ------------------------------------------------
+# --- global registration (a site on a module-level holder) -------------------------------------
 
 _MISSING = object()
-_REG = {"users": 0, "saved": None}
 
 
-def _acquire() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    if _REG["users"] == 0:
-        _REG["saved"] = (AttentionInterface._global_mapping.get(ATTN_NAME, _MISSING),
-                         AttentionMaskInterface._global_mapping.get(ATTN_NAME, _MISSING))
+class _Holder:
+    """Where the site of attnpatch's entries in transformers' registries is kept: one per
+    process, counted per patch that switched a model to ``ATTN_NAME``."""
+
+
+#: the holder of the :class:`Registration` site (``acquire(REGISTRY, Registration.KEY, ...)``)
+REGISTRY = _Holder()
+
+
+class Registration(Site):
+    """``ATTN_NAME`` in ``AttentionInterface`` and ``AttentionMaskInterface``; restore puts back
+    exactly what those two mappings held under the name before."""
+
+    KEY = "_attnpatch_registration"
+
+    def __init__(self):
+        super().__init__(REGISTRY)
+        self.saved: tuple = (_MISSING, _MISSING)
+
+    def apply(self) -> None:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+        self.saved = (AttentionInterface._global_mapping.get(ATTN_NAME, _MISSING),
+                      AttentionMaskInterface._global_mapping.get(ATTN_NAME, _MISSING))
         AttentionInterface.register(ATTN_NAME, attnpatch_attention)
         AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
-    _REG["users"] += 1
 
-
-def _release() -> None:
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface
-    _REG["users"] -= 1
-    if _REG["users"] > 0:
-        return
-    saved_attn, saved_mask = _REG["saved"] or (_MISSING, _MISSING)
-    for mapping, saved in ((AttentionInterface._global_mapping, saved_attn),
-                           (AttentionMaskInterface._global_mapping, saved_mask)):
-        if saved is _MISSING:
-            mapping.pop(ATTN_NAME, None)
-        else:
-            mapping[ATTN_NAME] = saved
-    _REG["saved"] = None
+    def restore(self) -> None:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+        for mapping, saved in zip((AttentionInterface._global_mapping,
+                                   AttentionMaskInterface._global_mapping), self.saved):
+            if saved is _MISSING:
+                mapping.pop(ATTN_NAME, None)
+            else:
+                mapping[ATTN_NAME] = saved
 
 
 def registered() -> bool:
     """Whether attnpatch's AttentionInterface entry is currently registered (for tests)."""
-    return _REG["users"] > 0
+    return held(REGISTRY, Registration.KEY) is not None
 
 
 # --- one patched model ------------------------------------------------------------------------
@@ -239,25 +252,29 @@ def _configs(model) -> list:
     return list(seen.values())
 
 
-class TransformersSite:
-    """One transformers model switched to ``ATTN_NAME``: the configs' previous implementations
-    and the records/passthrough markers set on its attention modules."""
+def cannot_switch(model) -> Optional[str]:
+    """Why ``model``'s attention implementation cannot be switched to ``ATTN_NAME``, or None."""
+    if model._can_set_attn_implementation():
+        return None
+    return (f"{type(model).__name__} does not use transformers' AttentionInterface (cannot "
+            "switch its attention implementation)")
 
-    def __init__(self, model, records: list[ModuleRecord], excluded: list):
-        self.model = model
-        self.records = records
+
+class ImplementationSite(Site):
+    """One transformers model switched to ``ATTN_NAME`` (needs the :class:`Registration`): every
+    config's previous implementation, and a passthrough marker on each attention module the
+    patch ``excluded`` (they run what they ran before). Records go on the routed modules
+    separately (:func:`module_record`)."""
+
+    KEY = "_attnpatch_tf_site"
+
+    def __init__(self, model, excluded: list):
+        super().__init__(model)
         self.excluded = excluded
-        self.refs = 0
         self.saved: list[tuple[Any, Any]] = []
-        self.applied = False
 
     def apply(self) -> None:
-        model = self.model
-        if not model._can_set_attn_implementation():
-            for r in self.records:
-                r.note_text = (f"{type(model).__name__} does not use transformers' "
-                               "AttentionInterface (cannot switch its attention implementation)")
-            return
+        model = self.obj
         original = model.config._attn_implementation
         if self.excluded and original not in ("eager", "sdpa"):
             raise AttnPatchError(
@@ -266,30 +283,17 @@ class TransformersSite:
                 "exclude the whole model")
         self.saved = [(cfg, cfg.__dict__.get("_attn_implementation_internal", _MISSING))
                       for cfg in _configs(model)]
-        _acquire()
         try:
             model.set_attn_implementation(ATTN_NAME)
         except Exception as err:
             self._restore_configs()
-            _release()
             raise AttnPatchError(f"{type(model).__name__}: could not switch to the attnpatch "
                                  f"attention implementation: {err}") from err
-        self.applied = True
-        for r in self.records:
-            cfg = getattr(r.module, "config", None)
-            impl = getattr(cfg, "_attn_implementation", None)
-            if impl != ATTN_NAME:
-                r.note_text = (f"its config's attention implementation stayed {impl!r} "
-                               "(submodel refused set_attn_implementation)")
-                continue
-            r.original = self._saved_impl(cfg)
-            r.extra["impl"] = ATTN_NAME
-            r.module._attnpatch_record = r
-            r.routed = True
         for module in self.excluded:
-            module._attnpatch_passthrough = self._saved_impl(getattr(module, "config", None))
+            module._attnpatch_passthrough = self.saved_impl(getattr(module, "config", None))
 
-    def _saved_impl(self, cfg) -> str:
+    def saved_impl(self, cfg) -> str:
+        """The implementation ``cfg`` had before the switch ("sdpa" when it had none)."""
         for c, value in self.saved:
             if c is cfg:
                 return value if isinstance(value, str) else "sdpa"
@@ -307,13 +311,27 @@ class TransformersSite:
                 cfg.__dict__["_attn_implementation_internal"] = value
 
     def restore(self) -> None:
-        if not self.applied:
-            return
-        for r in self.records:
-            if r.module.__dict__.get("_attnpatch_record") is r:
-                del r.module._attnpatch_record
         for module in self.excluded:
             module.__dict__.pop("_attnpatch_passthrough", None)
         self._restore_configs()
-        self.applied = False
-        _release()
+
+
+def module_record(name: str, module, site: Optional[ImplementationSite],
+                  why_not: Optional[str] = None) -> ModuleRecord:
+    """The record of one attention module of a switched model (``site``): routed when its
+    config now names ``ATTN_NAME``; else, or with ``why_not``, reported as not routed."""
+    cfg = getattr(module, "config", None)
+    before = site.saved_impl(cfg) if site is not None else str(
+        getattr(cfg, "_attn_implementation", "?"))
+    record = ModuleRecord(name, "transformers", module, before)
+    impl = getattr(cfg, "_attn_implementation", None)
+    if why_not is not None:
+        record.note_text = why_not
+    elif impl != ATTN_NAME:
+        record.note_text = (f"its config's attention implementation stayed {impl!r} "
+                            "(submodel refused set_attn_implementation)")
+    else:
+        record.original = before
+        record.extra["impl"] = ATTN_NAME
+        record.routed = True
+    return record
