@@ -139,7 +139,8 @@ class Backend:
             reasons.append("backward not supported (inputs require grad)")
         if call.return_lse and not self.supports_lse:
             reasons.append("return_lse=True not supported")
-        elif call.return_lse and call.requires_grad and not self.lse_has_grad:
+        elif (call.return_lse and call.requires_grad and not self.lse_has_grad
+              and not call.backward_from_lse):  # a merge's partial: no lse gradient needed
             reasons.append(f"return_lse=True with backward not supported ({self.name} gives no "
                            "gradient through the lse)")
         if call.backward_from_lse and call.requires_grad and not self.supports_backward_from_lse:
