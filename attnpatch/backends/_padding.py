@@ -43,7 +43,7 @@ __all__ = [
     "Segment", "causal_plan", "flash_visible", "plan_visible", "run_causal_plan",
     "run_causal_plan_backward", "key_padding_keep", "unpad_kv", "dense_cu_seqlens",
     "lse_from_varlen", "run_key_padding", "run_key_padding_backward", "pad_head_dim",
-    "pad_head_dim_to",
+    "pad_head_dim_to", "aligned_bias",
 ]
 
 Window = tuple[Optional[int], Optional[int]]
@@ -274,3 +274,17 @@ def pad_head_dim_to(t: torch.Tensor, size: int) -> torch.Tensor:
     """Zero-pad the last dim to ``size`` (>= its length); ``t`` itself when nothing to pad."""
     extra = size - t.shape[-1]
     return F.pad(t, (0, extra)) if extra else t
+
+
+def aligned_bias(bias: torch.Tensor, shape: tuple[int, ...], multiple: int) -> torch.Tensor:
+    """``bias`` (an additive mask broadcastable to ``shape`` = (B, H, Sq, Sk)) expanded to
+    ``shape`` (stride 0 where it broadcasts), stored so that every stride but the last (1) is a
+    multiple of ``multiple`` elements, as the memory-efficient kernels require of a bias (SDPA's:
+    16; xFormers': 8). Copied into row-padded storage only when it is not stored so already."""
+    sk = shape[-1]
+    if bias.stride(-1) != 1 or any(s % multiple for s in bias.stride()[:-1]):
+        stored = torch.empty(*bias.shape[:-1], sk + (-sk % multiple), dtype=bias.dtype,
+                             device=bias.device)[..., :sk]
+        stored.copy_(bias)
+        bias = stored
+    return bias.expand(shape)

@@ -349,3 +349,24 @@ def test_pad_head_dim_is_exact():
     assert qp.shape[-1] == 16 and vp.shape[-1] == 8 and P.pad_head_dim(qp, 8) is qp
     out = attnpatch.attention(qp, kp, vp, scale=scale, backend="math")[..., :7]
     torch.testing.assert_close(out, attnpatch.attention(q, k, v, backend="math"), **EXACT)
+
+
+@pytest.mark.parametrize("multiple", [8, 16])
+@pytest.mark.parametrize("seq_k", [16, 13])
+def test_aligned_bias_strides_and_values(seq_k, multiple):
+    """The memory-efficient kernels' bias (SDPA's: 16, xFormers': 8): every stride but the last
+    a multiple, broadcast with stride 0, equal to the additive mask; copied only when needed."""
+    shape = (2, 4, 5, seq_k)
+    mask = torch.rand(2, 1, 5, seq_k) > 0.4
+    q, k, v, _ = make_inputs(batch=2, heads=4, seq_q=5, seq_k=seq_k, dtype=torch.float16)
+    additive = attnpatch.explain(q, k, v, attn_mask=mask).call.additive_mask()
+    bias = P.aligned_bias(additive, shape, multiple)
+    assert bias.shape == shape and bias.dtype == torch.float16 and bias.stride(1) == 0
+    assert all(s % multiple == 0 for s in bias.stride()[:-1]) and bias.stride(-1) == 1
+    expected = torch.zeros(shape, dtype=torch.float16).masked_fill(~mask.expand(shape),
+                                                                    float("-inf"))
+    assert torch.equal(bias, expected)
+    assert (bias.data_ptr() == additive.data_ptr()) is (seq_k % multiple == 0)
+    add = torch.randn(1, 1, 5, seq_k)
+    bias = P.aligned_bias(add, (3, 2, 5, seq_k), multiple)
+    assert torch.equal(bias, add.expand(3, 2, 5, seq_k)) and bias.stride()[:2] == (0, 0)
