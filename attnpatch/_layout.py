@@ -29,10 +29,6 @@ from ._caches import BoundedCache
 
 __all__ = ["TokenLayout", "current_token_layout"]
 
-#: where the text tokens of one attention call are
-TEXT_POSITIONS = ("none", "first", "last", "key", "unknown")
-
-
 @dataclass(frozen=True)
 class TokenLayout:
     """The token structure of one attention call (or, outside a call, of one model forward).

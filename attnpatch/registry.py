@@ -14,12 +14,11 @@ import torch
 
 from . import constraints as C
 from ._errors import AttnPatchError, BackendUnavailableError
-from .call import AttentionCall
+from .call import MASK_KINDS, AttentionCall
 
 __all__ = ["Backend", "NoOptions", "option_values", "check_options", "Strategy",
            "running_strategies", "register_backend", "get_backend", "canonical_name",
-           "priority_list", "all_backends", "Selection", "select", "candidate_reasons",
-           "registry_version"]
+           "priority_list", "all_backends", "Selection", "select", "candidate_reasons"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ class Backend:
     max_head_dim: ClassVar[Optional[int]] = None
     min_compute_capability: ClassVar[Optional[tuple[int, int]]] = None
     max_compute_capability: ClassVar[Optional[tuple[int, int]]] = None
-    mask_kinds: ClassVar[frozenset[str]] = frozenset({"none", "key_padding", "bool", "float"})
+    mask_kinds: ClassVar[frozenset[str]] = frozenset(MASK_KINDS)
     supports_causal: ClassVar[bool] = True
     supports_causal_with_mask: ClassVar[bool] = True
     supports_dropout: ClassVar[bool] = True
@@ -139,7 +138,8 @@ class Backend:
             reasons.append("backward not supported (inputs require grad)")
         if call.return_lse and not self.supports_lse:
             reasons.append("return_lse=True not supported")
-        elif call.return_lse and call.requires_grad and not self.lse_has_grad:
+        elif (call.return_lse and call.requires_grad and not self.lse_has_grad
+              and not call.backward_from_lse):  # a merge's partial: no lse gradient needed
             reasons.append(f"return_lse=True with backward not supported ({self.name} gives no "
                            "gradient through the lse)")
         if call.backward_from_lse and call.requires_grad and not self.supports_backward_from_lse:
@@ -320,10 +320,6 @@ VERSION = [0]
 RESERVED = ("auto",)
 
 
-def registry_version() -> int:
-    return VERSION[0]
-
-
 def register_backend(backend: Union[type[Backend], Backend, None] = None, *,
                      replace: bool = False):
     """Register a :class:`Backend` subclass (or instance); usable as a class decorator.
@@ -381,6 +377,13 @@ def _declare_options(cls: type) -> None:
     cls.options = names
 
 
+def _not_taken(backend: Backend, names) -> list[str]:
+    """The option names (sorted) that ``backend`` does not take: the one "does not take
+    option" check, behind the error (:func:`option_values`) and the reason
+    (:func:`candidate_reasons`)."""
+    return sorted(set(names) - backend.options)
+
+
 def option_values(backend: Backend, values: Mapping[str, Any]):
     """``backend.Options(**values)``, validated: raises :class:`AttnPatchError` naming an
     option the backend does not take (and the ones it does), or a bad value."""
@@ -388,7 +391,7 @@ def option_values(backend: Backend, values: Mapping[str, Any]):
         return values
     if not values:
         return NO_OPTIONS if backend.Options is NoOptions else backend.Options()
-    extra = sorted(set(values) - backend.options)
+    extra = _not_taken(backend, values)
     if extra:
         raise AttnPatchError(f"backend {backend.name!r} does not take option(s) {extra}; it "
                              f"takes {sorted(backend.options) or 'no options'}")
@@ -409,7 +412,7 @@ def check_options(name: str, options: Mapping[str, Any]) -> None:
     if name != "auto":
         option_values(_BACKENDS[name], options)
         return
-    takers = [b for b in _PRIORITY if set(options) <= b.options]
+    takers = [b for b in _PRIORITY if not _not_taken(b, options)]
     if not takers:
         known = sorted({o for b in _PRIORITY for o in b.options})
         raise AttnPatchError(f"no backend that 'auto' can choose takes option(s) "
@@ -499,7 +502,7 @@ def candidate_reasons(backend: Backend, call: AttentionCall, option_names) -> li
     if reasons:
         return reasons
     reasons = list(backend.not_supported_reasons(call))
-    extra = sorted(set(option_names) - backend.options)
+    extra = _not_taken(backend, option_names)
     if extra:
         takes = sorted(backend.options) or "none"
         reasons.append(f"does not take option(s) {extra} (takes {takes})")
@@ -529,8 +532,7 @@ def select(requested: str, call: AttentionCall, option_names=(),
     """
     if requested != "auto":
         backend = _BACKENDS[requested]
-        extra = sorted(set(option_names) - backend.options)
-        if extra:  # option_values() says it, naming what the backend takes
+        if _not_taken(backend, option_names):  # option_values() says it, naming what it takes
             option_values(backend, dict.fromkeys(option_names))
         reasons = candidate_reasons(backend, call, ())
         if reasons:

@@ -97,21 +97,6 @@ def reference(q, k, v, attn_mask=None, is_causal=False, scale=None, softcap=None
     return torch.softmax(scores, dim=-1).masked_fill(empty, 0.0) @ v, lse
 
 
-def gradient_errors(reference_fn, fn, q, k, v) -> dict[str, float]:
-    """Relative errors of the q/k/v gradients of ``fn`` (on the inputs) against
-    ``reference_fn`` (on float64 copies), through the same random weighting of the output."""
-    grads = []
-    for f, to_leaf in ((reference_fn, lambda t: t.detach().double().requires_grad_()),
-                       (fn, lambda t: t.detach().requires_grad_())):
-        leaves = [to_leaf(t) for t in (q, k, v)]
-        out = f(*leaves)
-        weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1),
-                             dtype=torch.float64).to(out.dtype)
-        (out * weight).sum().backward()
-        grads.append([t.grad for t in leaves])
-    return {name: rel_error(ours, ref) for name, ours, ref in zip("qkv", grads[1], grads[0])}
-
-
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()

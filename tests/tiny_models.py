@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import warnings
-from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -283,13 +282,6 @@ def no_attnpatch_state(*objs) -> list[str]:
 def processors_of(model) -> dict:
     return {n: m.processor for n, m in model.named_modules()
             if hasattr(m, "processor") and hasattr(m, "set_processor")}
-
-
-def backend_counts(report) -> Counter:
-    c = Counter()
-    for r in report:
-        c.update(r.backends)
-    return c
 
 
 # --- pipelines (no tokenizer: they run from prompt embeddings) ---------------------------------

@@ -25,6 +25,10 @@ without any kernel import, so every helper is exact and testable on CPU tensors:
   segment has an empty row. :func:`flash_visible` is the kernels' rule written out, and
   :func:`plan_visible` composes a plan from it: tests prove ``plan_visible == tril`` for all
   sizes, and run the executors against the math backend.
+
+Each executor has a backward twin (:func:`run_causal_plan_backward`,
+:func:`run_key_padding_backward`) that runs the kernels' backward entry points on the same
+segments or packed sequences, from a given (out, lse), and assembles dense gradients.
 """
 
 from __future__ import annotations
@@ -37,9 +41,9 @@ import torch.nn.functional as F
 
 __all__ = [
     "Segment", "causal_plan", "flash_visible", "plan_visible", "run_causal_plan",
-    "key_padding_keep", "unpad_kv", "dense_cu_seqlens", "lse_from_varlen", "run_key_padding",
-    "pad_head_dim",
-    "pad_head_dim_to",
+    "run_causal_plan_backward", "key_padding_keep", "unpad_kv", "dense_cu_seqlens",
+    "lse_from_varlen", "run_key_padding", "run_key_padding_backward", "pad_head_dim",
+    "pad_head_dim_to", "aligned_bias",
 ]
 
 Window = tuple[Optional[int], Optional[int]]
@@ -122,6 +126,40 @@ def run_causal_plan(plan: tuple[Segment, ...], q: torch.Tensor, k: torch.Tensor,
     return torch.cat(outs, dim=1), lse
 
 
+DenseBwdFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                       torch.Tensor, bool, Window],
+                      tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def run_causal_plan_backward(plan: tuple[Segment, ...], q: torch.Tensor, k: torch.Tensor,
+                             v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+                             lse: torch.Tensor, dense_bwd: DenseBwdFn
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The q/k/v gradients of :func:`run_causal_plan`'s attention for ``dout``, from ``out``
+    (B, Sq, H, Dv) and ``lse`` (B, H, Sq) as given (possibly those of a larger attention).
+
+    ``dense_bwd(q, k, v, out, dout, lse, causal, window) -> (dq, dk, dv)`` is one backward
+    kernel call on a segment (its rows of out, dout and lse). Returns dq (B, Sq, H, D), dk and
+    dv (B, Sk, Hkv, D|Dv); keys no segment sees get zero. Key gradients of several segments
+    add up in float32 (float64 for float64 inputs).
+    """
+    if len(plan) == 1 and (plan[0].q_start, plan[0].q_end, plan[0].k_end) == (
+            0, q.shape[1], k.shape[1]):
+        return dense_bwd(q, k, v, out, dout, lse, plan[0].causal, plan[0].window)
+    dq = torch.zeros_like(q)
+    acc = torch.promote_types(k.dtype, torch.float32) if len(plan) > 1 else k.dtype
+    dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+    for s in plan:
+        rows = slice(s.q_start, s.q_end)
+        gq, gk, gv = dense_bwd(q[:, rows], k[:, :s.k_end], v[:, :s.k_end], out[:, rows],
+                               dout[:, rows], lse[:, :, rows], s.causal, s.window)
+        dq[:, rows] = gq
+        dk[:, :s.k_end] += gk
+        dv[:, :s.k_end] += gv
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
 # --- key padding through varlen ------------------------------------------------------------------
 def key_padding_keep(mask: torch.Tensor, batch: int) -> torch.Tensor:
     """A key-padding mask (B|1, 1, 1, Sk) as a (B, Sk) bool "keep" matrix (a view)."""
@@ -189,6 +227,44 @@ def run_key_padding(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: tor
     return out, (None if lse is None else lse_from_varlen(lse, batch, seq_q))
 
 
+VarlenBwdFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                        torch.Tensor, torch.Tensor, torch.Tensor, int, int],
+                       tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+def run_key_padding_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                             out: torch.Tensor, dout: torch.Tensor, lse: torch.Tensor,
+                             keep: torch.Tensor, varlen_bwd: VarlenBwdFn
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The q/k/v gradients of :func:`run_key_padding`'s attention for ``dout`` (B, Sq, H, Dv),
+    from ``out`` (B, Sq, H, Dv) and ``lse`` (B, H, Sq) as given.
+
+    ``varlen_bwd(q_packed, k_packed, v_packed, out_packed, dout_packed, lse_packed (H, B*Sq),
+    cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) -> (dq, dk, dv)`` (packed) is one
+    non-causal varlen backward kernel call. Returns dense dq (B, Sq, H, D), dk, dv
+    (B, Sk, Hkv, D|Dv): zero at padded keys, and zero for the queries of a batch element that
+    keeps no key. Synchronizes with the device (packed size), like the forward.
+    """
+    batch, seq_q, heads, _ = q.shape
+    k_packed, v_packed, cu_k, max_k, seqlens = unpad_kv(k, v, keep)
+    dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+    if max_k == 0:
+        return torch.zeros_like(q), dk, dv
+    cu_q = dense_cu_seqlens(batch, seq_q, q.device)
+
+    def packed(t):
+        return t.reshape(batch * seq_q, heads, t.shape[-1])
+
+    lse_packed = lse.permute(1, 0, 2).reshape(heads, batch * seq_q)
+    dq, dk_packed, dv_packed = varlen_bwd(packed(q), k_packed, v_packed, packed(out),
+                                          packed(dout), lse_packed, cu_q, cu_k, seq_q, max_k)
+    dk[keep] = dk_packed.to(dk.dtype)
+    dv[keep] = dv_packed.to(dv.dtype)
+    has_keys = (seqlens > 0).view(batch, 1, 1, 1)
+    dq = torch.where(has_keys, dq.reshape(batch, seq_q, heads, dq.shape[-1]), 0.0)
+    return dq, dk, dv
+
+
 def pad_head_dim(t: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad the last dim to a multiple (exact for q/k; slice the output for v)."""
     return pad_head_dim_to(t, t.shape[-1] + (-t.shape[-1] % multiple))
@@ -198,3 +274,17 @@ def pad_head_dim_to(t: torch.Tensor, size: int) -> torch.Tensor:
     """Zero-pad the last dim to ``size`` (>= its length); ``t`` itself when nothing to pad."""
     extra = size - t.shape[-1]
     return F.pad(t, (0, extra)) if extra else t
+
+
+def aligned_bias(bias: torch.Tensor, shape: tuple[int, ...], multiple: int) -> torch.Tensor:
+    """``bias`` (an additive mask broadcastable to ``shape`` = (B, H, Sq, Sk)) expanded to
+    ``shape`` (stride 0 where it broadcasts), stored so that every stride but the last (1) is a
+    multiple of ``multiple`` elements, as the memory-efficient kernels require of a bias (SDPA's:
+    16; xFormers': 8). Copied into row-padded storage only when it is not stored so already."""
+    sk = shape[-1]
+    if bias.stride(-1) != 1 or any(s % multiple for s in bias.stride()[:-1]):
+        stored = torch.empty(*bias.shape[:-1], sk + (-sk % multiple), dtype=bias.dtype,
+                             device=bias.device)[..., :sk]
+        stored.copy_(bias)
+        bias = stored
+    return bias.expand(shape)

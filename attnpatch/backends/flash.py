@@ -16,7 +16,13 @@ one signature. What they have in common is done once, with exact pure-torch help
   equal SDPA's for ``Sq != Sk`` (see :func:`._padding.causal_plan`);
 * head dims are zero-padded to a multiple of 8 (exact; the output is sliced back);
 * a call's ``softcap`` goes to the kernels' own ``softcap=`` (scale, then cap, then mask: what
-  Gemma 2 computes); a build whose entry point takes no ``softcap=`` refuses it with a reason.
+  Gemma 2 computes); a build whose entry point takes no ``softcap=`` refuses it with a reason;
+* :meth:`~_FlashAttention.backward` (a partial of an exact merge) runs the kernels' own backward
+  entry points (flash-attn 2: ``_wrapped_flash_attn_backward``, FA3: ``_flash_attn_backward``,
+  FA4: ``flash_attn.cute.interface._flash_attn_bwd``) on the same segments or packed sequences
+  as the forward, with the given (out, lse). All three take the lse as float32 (B, H, Sq)
+  (varlen: (H, total_q)), natural log, unpadded, and read a row's -inf as 0 (then P = exp(s)):
+  attnpatch's -inf (a row that sees no key) is passed as +inf, which gives P = 0.
 
 Any other mask is refused (no arbitrary masks in these kernels), as is ``is_causal`` together
 with a key-padding mask (unpadding moves keys, so the causal diagonal would move with them).
@@ -59,6 +65,14 @@ def _import(module: str):
 
 @functools.lru_cache(maxsize=None)
 def _takes(fn, param: str) -> bool:
+    """Whether ``fn`` has a parameter ``param``: a function, or an operator registered with
+    ``torch.library`` (flash-attn's backward ops: a ``custom_op`` definition or its
+    ``torch.ops`` packet, whose Python signature is ``*args, **kwargs``)."""
+    overloads = getattr(fn, "overloads", None)
+    if callable(overloads):  # torch.ops.<namespace>.<name>: the schemas say
+        return any(param == arg.name for name in overloads()
+                   for arg in getattr(fn, name)._schema.arguments)
+    fn = getattr(fn, "_init_fn", fn)  # torch.library.custom_op: the function it wraps
     try:
         return param in inspect.signature(fn).parameters
     except (TypeError, ValueError):
@@ -97,6 +111,7 @@ class _FlashAttention(Backend):
     supports_lse = True
     supports_value_head_dim = False
     supports_softcap = True
+    supports_backward_from_lse = True
     # fp16/bf16 only; their GPU tests allow twice math's error + 1e-2 on the input gradients
     tolerance = {**Backend.tolerance, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 
@@ -111,6 +126,9 @@ class _FlashAttention(Backend):
     any_right_window: ClassVar[bool] = False
     #: head dims are zero-padded to this multiple before the call
     head_dim_multiple: ClassVar[int] = 8
+    #: the module and functions of the backward from (out, lse): (dense, varlen)
+    backward_module: ClassVar[str]
+    backward_entries: ClassVar[tuple[str, str]]
 
     # --- environment ---------------------------------------------------------------------------
     def missing_reason(self) -> str:
@@ -142,6 +160,8 @@ class _FlashAttention(Backend):
         reasons = super().not_supported_reasons(call)
         if call.softcap is not None:
             reasons += self.softcap_reasons(call)
+        if call.backward_from_lse and call.requires_grad:
+            reasons += self.backward_reasons(call)
         if call.device.type == "cuda":
             reasons += self.device_reasons(call, C.compute_capability(call.device))
         return reasons
@@ -161,6 +181,26 @@ class _FlashAttention(Backend):
         if fn is not None and not _takes(fn, "softcap"):
             return [f"softcap={call.softcap} not supported by this {self.package} build "
                     f"({self.module}.{entry} takes no softcap=)"]
+        return []
+
+    def backward_reasons(self, call: AttentionCall) -> list[str]:
+        """Why the installed build cannot run :meth:`backward` for ``call``: its backward entry
+        point (dense, or varlen for a key-padding mask) does not import, is missing (flash-attn
+        2 < 2.7 has no ``_wrapped_*`` ops), or takes no ``softcap=`` for a capped call. Nothing
+        is imported for a package that is not there."""
+        if not C.module_present(self.probe):
+            return []
+        mod, err = _import(self.backward_module)
+        entry = self.backward_entries[call.mask_kind == "key_padding"]
+        fn = None if mod is None else getattr(mod, entry, None)
+        if fn is None:
+            why = err or f"it has no {entry}"
+            return [f"backward from a merged (out, lse) not supported by this {self.package} "
+                    f"build ({self.backward_module}: {why})"]
+        if call.softcap is not None and not _takes(fn, "softcap"):
+            return [f"softcap={call.softcap} with backward from a merged (out, lse) not "
+                    f"supported by this {self.package} build ({self.backward_module}.{entry} "
+                    "takes no softcap=)"]
         return []
 
     def device_reasons(self, call: AttentionCall, capability: tuple[int, int]) -> list[str]:
@@ -199,12 +239,51 @@ class _FlashAttention(Backend):
         out = out[..., :dv].transpose(1, 2)
         return (out, lse.float()) if call.return_lse else out
 
+    def backward(self, call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, **options: Any):
+        """The kernel's backward from ``out``/``lse`` as given (see :meth:`Backend.backward`),
+        on the forward's plan: the same head-dim padding, causal segments or packed keys.
+        Returns (B, H, S, D) gradients in the inputs' dtype."""
+        mod, err = _import(self.backward_module)
+        if mod is None:
+            raise BackendUnavailableError(
+                f"backend {self.name!r} cannot import {self.backward_module}:", {self.name: [err]})
+        q, k, v = call.bshd()
+        d_pad, dv_pad = self.padded_head_dims(call)
+        o, do = out.to(call.dtype).transpose(1, 2), grad_out.to(call.dtype).transpose(1, 2)
+        q, k = P.pad_head_dim_to(q, d_pad), P.pad_head_dim_to(k, d_pad)
+        v, o, do = (P.pad_head_dim_to(t, dv_pad) for t in (v, o, do))
+        # the kernels read an lse of -inf as 0 (P = exp(s)); +inf gives P = 0 there
+        lse = lse.float().masked_fill(lse == float("-inf"), float("inf"))
+        if call.mask_kind == "key_padding":
+            keep = P.key_padding_keep(call.attn_mask, call.batch_size)
+            dq, dk, dv = P.run_key_padding_backward(
+                q, k, v, o, do, lse, keep, functools.partial(self._varlen_bwd, mod, call))
+        else:
+            plan = P.causal_plan(call.seq_len_q, call.seq_len_kv, call.is_causal,
+                                 self.any_right_window)
+            dq, dk, dv = P.run_causal_plan_backward(
+                plan, q, k, v, o, do, lse, functools.partial(self._dense_bwd, mod, call))
+        d, dv_ = call.head_dim, call.head_dim_v
+        return (dq[..., :d].transpose(1, 2), dk[..., :d].transpose(1, 2),
+                dv[..., :dv_].transpose(1, 2))
+
     def _dense(self, mod, call, q, k, v, causal, window):
         """``flash_attn_func`` on (B, S, H, D): returns (out, lse (B, H, Sq) | None)."""
         raise NotImplementedError
 
     def _varlen(self, mod, call, q, k, v, cu_q, cu_k, max_q, max_k):
         """``flash_attn_varlen_func`` on packed (T, H, D), non-causal: (out, lse | None)."""
+        raise NotImplementedError
+
+    def _dense_bwd(self, mod, call, q, k, v, out, dout, lse, causal, window):
+        """The dense backward entry point on (B, S, H, D), lse (B, H, Sq) float32 (+inf for a
+        row without keys): returns (dq, dk, dv)."""
+        raise NotImplementedError
+
+    def _varlen_bwd(self, mod, call, q, k, v, out, dout, lse, cu_q, cu_k, max_q, max_k):
+        """The varlen backward entry point on packed (T, H, D), lse (H, total_q), non-causal:
+        returns packed (dq, dk, dv)."""
         raise NotImplementedError
 
 
@@ -241,6 +320,8 @@ class Flash4Backend(_FlashAttention):
     install = "pip install flash-attn-4"
     any_right_window = True
     lse_has_grad = True
+    backward_module = "flash_attn.cute.interface"
+    backward_entries = ("_flash_attn_bwd", "_flash_attn_bwd")
 
     def auto_reasons(self, call):
         if call.seq_len_kv < self.auto_min_seq_len_kv or call.head_dim not in self.auto_head_dims:
@@ -295,6 +376,21 @@ class Flash4Backend(_FlashAttention):
             return_lse=call.return_lse, **kw)
         return out, (lse if call.return_lse else None)
 
+    # flash-attn-4's _flash_attn_bwd: lse (B, H, Sq) (varlen: (H, total_q)) float32, natural
+    # log, unpadded; window None = unbounded; softcap 0.0 = off; GQA and dq/dk/dv allocation
+    # (the inputs' dtype) its own
+    def _dense_bwd(self, mod, call, q, k, v, out, dout, lse, causal, window):
+        return mod._flash_attn_bwd(
+            q, k, v, out, dout, lse.contiguous(), softmax_scale=call.scale, causal=causal,
+            softcap=call.softcap or 0.0, window_size_left=window[0],
+            window_size_right=window[1])[:3]
+
+    def _varlen_bwd(self, mod, call, q, k, v, out, dout, lse, cu_q, cu_k, max_q, max_k):
+        return mod._flash_attn_bwd(
+            q, k, v, out, dout, lse.contiguous(), softmax_scale=call.scale, causal=False,
+            softcap=call.softcap or 0.0, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k,
+            max_seqlen_q=max_q, max_seqlen_k=max_k)[:3]
+
 
 @register_backend
 class Flash3Backend(_FlashAttention):
@@ -311,6 +407,8 @@ class Flash3Backend(_FlashAttention):
     module = "flash_attn_interface"
     package = "flash_attn_interface"
     install = "build FlashAttention-3: flash-attention/hopper, python setup.py install"
+    backward_module = "flash_attn_interface"
+    backward_entries = ("_flash_attn_backward", "_flash_attn_backward")
 
     def _lse_kwargs(self, fn, call) -> dict:
         # newer builds return (out, lse) only with return_attn_probs=True, older ones always
@@ -335,6 +433,29 @@ class Flash3Backend(_FlashAttention):
                     **self._lse_kwargs(fn, call))
         return _split_result(result, max_q, call.return_lse, "flash_attn_interface")
 
+    # FA3's _flash_attn_backward(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k,
+    # seqused_q, seqused_k, max_seqlen_q, max_seqlen_k, dq, dk, dv, softmax_scale, causal, ...)
+    # writes into dq/dk/dv; lse (B, H, Sq) (varlen: (H, total_q)) float32, natural log. The
+    # window is a pair in builds from flash-attn 2.8's tree, two arguments in later ones.
+    def _bwd(self, mod, call, q, k, v, out, dout, lse, varlen, causal, window):
+        fn = mod._flash_attn_backward
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        left, right = _fa2_window(window)
+        kw = {"softcap": call.softcap or 0.0}
+        if _takes(fn, "window_size_left"):
+            kw.update(window_size_left=left, window_size_right=right)
+        else:
+            kw["window_size"] = (left, right)
+        fn(dout, q, k, v, out, lse.contiguous(), *varlen, dq, dk, dv, call.scale, causal, **kw)
+        return dq, dk, dv
+
+    def _dense_bwd(self, mod, call, q, k, v, out, dout, lse, causal, window):
+        return self._bwd(mod, call, q, k, v, out, dout, lse, (None,) * 6, causal, window)
+
+    def _varlen_bwd(self, mod, call, q, k, v, out, dout, lse, cu_q, cu_k, max_q, max_k):
+        return self._bwd(mod, call, q, k, v, out, dout, lse, (cu_q, cu_k, None, None, max_q,
+                                                              max_k), False, P.NO_WINDOW)
+
 
 @register_backend
 class Flash2Backend(_FlashAttention):
@@ -351,6 +472,9 @@ class Flash2Backend(_FlashAttention):
     module = "flash_attn"
     package = "flash_attn"
     install = "pip install flash-attn"
+    # the custom ops of flash-attn >= 2.7 (window as two ints, softcap)
+    backward_module = "flash_attn.flash_attn_interface"
+    backward_entries = ("_wrapped_flash_attn_backward", "_wrapped_flash_attn_varlen_backward")
 
     def missing_reason(self) -> str:
         reason = super().missing_reason()
@@ -386,6 +510,24 @@ class Flash2Backend(_FlashAttention):
             causal=False, **kw)
         return _split_result(result, max_q, call.return_lse, "flash_attn")
 
+    # flash-attn 2.7+: (dout, q, k, v, out, softmax_lse, dq, dk, dv, [cu_seqlens_q,
+    # cu_seqlens_k, max_seqlen_q, max_seqlen_k,] dropout_p, softmax_scale, causal,
+    # window_size_left, window_size_right, softcap, alibi_slopes, deterministic, rng_state),
+    # writing into dq/dk/dv; lse (B, H, Sq) (varlen: (H, total_q)) float32, natural log
+    def _dense_bwd(self, mod, call, q, k, v, out, dout, lse, causal, window):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        mod._wrapped_flash_attn_backward(
+            dout, q, k, v, out, lse.contiguous(), dq, dk, dv, 0.0, call.scale, causal,
+            *_fa2_window(window), call.softcap or 0.0, None, False, None)
+        return dq, dk, dv
+
+    def _varlen_bwd(self, mod, call, q, k, v, out, dout, lse, cu_q, cu_k, max_q, max_k):
+        dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+        mod._wrapped_flash_attn_varlen_backward(
+            dout, q, k, v, out, lse.contiguous(), dq, dk, dv, cu_q, cu_k, max_q, max_k, 0.0,
+            call.scale, False, -1, -1, call.softcap or 0.0, None, False, None)
+        return dq, dk, dv
+
 
 @register_backend
 class FlashBackend(Backend):
@@ -410,6 +552,8 @@ class FlashBackend(Backend):
     supports_lse = True
     lse_has_grad = True
     supports_softcap = True
+    supports_backward_from_lse = True
+    tolerance = _FlashAttention.tolerance
 
     def _member_backends(self) -> list[Backend]:
         out = []
@@ -461,3 +605,12 @@ class FlashBackend(Backend):
             raise BackendUnavailableError(f"backend 'flash' cannot run {call}:",
                                           {self.name: reasons})
         return member.forward(call, **options)
+
+    def backward(self, call: AttentionCall, grad_out: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, **options: Any):
+        """The backward of the member that runs ``call`` (see :meth:`Backend.backward`)."""
+        member, reasons = self.choose(call)
+        if member is None:
+            raise BackendUnavailableError(f"backend 'flash' cannot run the backward of {call}:",
+                                          {self.name: reasons})
+        return member.backward(call, grad_out, out, lse, **options)

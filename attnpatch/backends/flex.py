@@ -219,16 +219,17 @@ def _with_softcap(score_mod: Optional[Callable], cap: Optional[float]) -> Option
 
 
 def _with_tensor_mask(score_mod: Optional[Callable], call: AttentionCall) -> Optional[Callable]:
+    """``score_mod`` followed by the call's tensor mask as an additive bias
+    (:meth:`AttentionCall.additive_mask`: a bool mask in the query dtype, 0 or -inf; a float
+    mask in its own dtype, so no precision is lost to a half-precision query)."""
     mask = call.attn_mask
     if mask is None:
         return score_mod
-    mask = mask.expand(call.batch_size, call.num_heads, call.seq_len_q, call.seq_len_kv)
-    if mask.dtype == torch.bool:
-        def masked(score, b, h, q_idx, kv_idx):
-            return torch.where(mask[b, h, q_idx, kv_idx], score, float("-inf"))
-    else:
-        def masked(score, b, h, q_idx, kv_idx):
-            return score + mask[b, h, q_idx, kv_idx]
+    bias = call.additive_mask(call.dtype if mask.dtype == torch.bool else mask.dtype).expand(
+        call.batch_size, call.num_heads, call.seq_len_q, call.seq_len_kv)
+
+    def masked(score, b, h, q_idx, kv_idx):
+        return score + bias[b, h, q_idx, kv_idx]
     if score_mod is None:
         return masked
 

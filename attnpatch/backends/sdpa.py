@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..call import AttentionCall, cast_bias
 from ..registry import Backend, register_backend
 from ._lse import with_lse_gradient
-from ._padding import pad_head_dim
+from ._padding import aligned_bias, pad_head_dim
 
 
 def _sdpa(call: AttentionCall):
@@ -253,7 +253,7 @@ class SDPAEfficientBackend(_ForcedSDPA):
     def attend(self, call, q, k, v, need_lse):
         bias, is_causal = None, call.is_causal  # the kernel's causal is top-left, like ours
         if call.attn_mask is not None:
-            bias, is_causal = _aligned(call.additive_mask(q.dtype), call), False
+            bias, is_causal = _efficient_bias(call, q.dtype), False
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
             q, k, v, bias, need_lse or call.requires_grad or call.mask_requires_grad,
             call.dropout_p, is_causal, scale=None if call.default_scale else call.scale)[:2]
@@ -264,7 +264,7 @@ class SDPAEfficientBackend(_ForcedSDPA):
         q, k, v = _kernel_inputs(call)
         bias, is_causal = None, call.is_causal
         if call.attn_mask is not None:
-            bias, is_causal = _aligned(call.additive_mask(q.dtype), call), False
+            bias, is_causal = _efficient_bias(call, q.dtype), False
         padded_q = -(-call.seq_len_q // 32) * 32  # the kernel's lse rows come in blocks of 32
         lse = torch.nn.functional.pad(lse.float(), (0, padded_q - call.seq_len_q)).contiguous()
         none = torch.empty((), dtype=torch.int64, device=q.device)
@@ -280,18 +280,12 @@ def _bshd_memory(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def _aligned(bias: torch.Tensor, call: AttentionCall) -> torch.Tensor:
-    """``bias`` (4-D, broadcastable to (B, H, Sq, Sk)) stored with its rows padded to a multiple
-    of 16 elements, as the memory-efficient kernel requires, and expanded (stride 0 where it
-    broadcasts): what F.scaled_dot_product_attention does to a mask for this kernel."""
-    sk = call.seq_len_kv
-    shape = (call.batch_size, call.num_heads, call.seq_len_q, sk)
-    if sk % 16 or bias.stride(-2) % 16 or bias.stride(-1) != 1:
-        stored = torch.empty(*bias.shape[:-1], sk + (-sk % 16), dtype=bias.dtype,
-                             device=bias.device)[..., :sk]
-        stored.copy_(bias)
-        bias = stored
-    return bias.expand(shape)
+def _efficient_bias(call: AttentionCall, dtype: torch.dtype) -> torch.Tensor:
+    """The call's mask as the memory-efficient kernel takes it: additive, rows stored at a
+    multiple of 16 elements, expanded to (B, H, Sq, Sk) (what F.scaled_dot_product_attention
+    does to a mask for this kernel)."""
+    shape = (call.batch_size, call.num_heads, call.seq_len_q, call.seq_len_kv)
+    return aligned_bias(call.additive_mask(dtype), shape, 16)
 
 
 @register_backend

@@ -5,9 +5,10 @@ Masks become the ``attn_bias`` xFormers runs fastest:
 * ``is_causal`` alone: ``LowerTriangularMask`` (top-left aligned, as SDPA's);
 * a key-padding mask: ``BlockDiagonalMask`` over the unpadded keys (queries kept dense, one
   block per batch element), i.e. xFormers' varlen path;
-* any other mask (bool, float, or causal together with key padding): an additive tensor bias in
-  the query dtype, allocated with its last dim padded to a multiple of 8 as xFormers' kernels
-  require, then sliced and broadcast (stride 0) over batch and heads.
+* any other mask (bool, float, or causal together with key padding): the call's additive mask
+  in the query dtype (:meth:`AttentionCall.additive_mask`), its rows stored at a multiple of 8
+  elements as xFormers' kernels require (copied only when they are not), broadcast (stride 0)
+  over batch and heads.
 
 Grouped-query attention uses xFormers' 5-D (B, M, G, H, K) layout in inference; with gradients
 (which xFormers' GQA does not support) k/v heads are repeated instead.
@@ -28,7 +29,7 @@ import torch
 
 from .. import constraints as C
 from .._errors import BackendUnavailableError
-from ..call import AttentionCall, cast_bias
+from ..call import AttentionCall
 from ..registry import Backend, register_backend
 from . import _padding as P
 
@@ -87,21 +88,6 @@ def _extension_error() -> Optional[str]:
             break
         kept.append(line.strip())
     return " ".join(" ".join(kept).split()) or type(exc).__name__
-
-
-def _aligned_bias(mask: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    """An additive bias from a bool/float mask broadcastable to ``shape`` = (B, H, Sq, Sk),
-    stored with its last dim padded to a multiple of 8 (xFormers' alignment), broadcast with
-    stride 0 wherever the mask broadcasts."""
-    sk = shape[-1]
-    stored = tuple(mask.shape[:-1]) + (-(-sk // 8) * 8,)
-    buf = torch.zeros(stored, dtype=dtype, device=mask.device)
-    view = buf[..., :sk]
-    if mask.dtype == torch.bool:
-        view.masked_fill_(~mask.expand(view.shape), float("-inf"))
-    else:
-        view.copy_(cast_bias(mask, dtype).expand(view.shape))  # no overflow to -inf
-    return view.expand(shape)
 
 
 @register_backend
@@ -206,8 +192,7 @@ def _prepare(fmha, call: AttentionCall, check: bool):
     shape = (batch, heads, seq_q, seq_k)
     grouped = heads != kv_heads
     if grouped and call.requires_grad:  # xFormers' GQA is forward-only: repeat k/v heads
-        group = heads // kv_heads
-        k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+        k, v = (t.transpose(1, 2) for t in call.kv_per_query_head())
         grouped = False
     bias: Any = None
     packed = False
@@ -226,13 +211,12 @@ def _prepare(fmha, call: AttentionCall, check: bool):
             bias = ab.BlockDiagonalMask.from_seqlens([seq_q] * batch, seqlens.tolist(),
                                                      device=call.device)
     else:
-        mask = call.combined_mask()
         if check:
             pad = -(-seq_k // 8) * 8
             bias = torch.zeros(1, 1, 1, pad, dtype=call.dtype,
                                device=call.device)[..., :seq_k].expand(shape)
-        else:
-            bias = _aligned_bias(mask, call.dtype, shape)
+        else:  # xFormers' alignment: 8 elements
+            bias = P.aligned_bias(call.additive_mask(call.dtype), shape, 8)
     if grouped:  # (B, M, G, H/G, K); k/v broadcast over the heads of a group
         group = heads // kv_heads
         q = q.unflatten(2, (kv_heads, group))

@@ -10,8 +10,7 @@ import torch
 import attnpatch
 from attnpatch import registry
 
-from ..conftest import (CPU_BACKENDS, STRUCTURES, check_or_refuse, make_inputs, reference,
-                       rel_error)
+from ..conftest import CPU_BACKENDS, STRUCTURES, check_or_refuse, make_inputs, rel_error
 
 # (Sq, Sk, head_dim) with every S in {1, 77, 113, 1023} and every head_dim in {40, 64, 72, 128}
 SHAPES = [(1, 1, 40), (77, 77, 64), (113, 113, 72), (1023, 1023, 128), (77, 113, 40),

@@ -433,3 +433,121 @@ def test_flash4_refuses_softcap_at_head_dim_256_on_blackwell():
     assert fa4.device_reasons(attnpatch.explain(q, k, v).call, (10, 0)) == []
     q, k, v, _ = make_inputs(dtype=torch.float16, seq_q=9, head_dim=128)
     assert fa4.device_reasons(attnpatch.explain(q, k, v, softcap=30.0).call, (10, 0)) == []
+
+
+# --- backward from a merged (out, lse): declared, and refused where it cannot run -------------
+# The kernels' backward runs on the GPU machine (test_flash_gpu.py); the helpers it runs on are
+# proven in test_padding.py. Here: declarations and every refusal, with stand-in modules only
+# for builds that lack what the backward needs.
+def _partial(**kw):
+    """A sub-call as merge_partials runs it: return_lse, backward from the merged (out, lse)."""
+    kw.setdefault("dtype", torch.float16)
+    softcap = kw.pop("softcap", None)
+    q, k, v, mask = make_inputs(requires_grad=True, seq_q=9, seq_k=11, head_dim=16, **kw)
+    sub = attnpatch.explain(q, k, v, attn_mask=mask, return_lse=True, softcap=softcap).call
+    sub.backward_from_lse = True
+    return sub
+
+
+def test_backward_from_lse_is_declared():
+    for cls in (*VERSIONS, FlashBackend):
+        assert cls.supports_backward_from_lse, cls.name
+        assert cls.capabilities()["backward_from_lse"] is True
+    assert registry.get_backend("flash").capabilities()["backward_from_lse"] is True
+
+
+@pytest.mark.parametrize("cls", VERSIONS, ids=lambda c: c.name)
+def test_a_partial_needs_no_gradient_through_its_lse(cls):
+    """flash2/flash3 give no lse gradient, so return_lse with backward is refused, except for a
+    partial of an exact merge: its backward runs from the merged (out, lse)."""
+    sub = _partial()
+    assert cls().not_supported_reasons(sub) == ["device cpu not supported (needs cuda)"]
+    sub.backward_from_lse = False
+    lse_reason = (f"return_lse=True with backward not supported ({cls.name} gives no gradient "
+                  "through the lse)")
+    assert (lse_reason in cls().not_supported_reasons(sub)) is (not cls.lse_has_grad)
+
+
+@needs_no_cuda
+@pytest.mark.parametrize("backend", ["flash4", "flash3", "flash2", "flash"])
+def test_merge_with_flash_partials_is_refused_here_with_the_reasons(backend):
+    q, k, v, _ = make_inputs(dtype=torch.float16, seq_q=9, seq_k=12, head_dim=16,
+                             requires_grad=True)
+    call = attnpatch.explain(q, k, v).call
+    parts = [attnpatch.Partial(call.replace(key=k[:, :, s], value=v[:, :, s]), backend)
+             for s in (slice(0, 5), slice(5, 12))]
+    with pytest.raises(attnpatch.BackendUnavailableError) as err:
+        attnpatch.merge_partials(call, parts)
+    expected = attnpatch.explain(q, k[:, :, :5], v[:, :, :5], backend=backend).reasons[backend]
+    assert err.value.reasons == {backend: expected} and expected
+
+
+@needs_no_cuda
+def test_flash_backward_without_a_member_raises_the_members_reasons():
+    sub = _partial()
+    flash = FlashBackend()
+    with pytest.raises(attnpatch.BackendUnavailableError) as err:
+        flash.backward(sub, sub.query, sub.query, sub.query[..., 0].float())
+    assert err.value.reasons == {"flash": flash.not_supported_reasons(sub)}
+
+
+FAKE_BWD = '''
+def {entry}(q, k, v, out, dout, lse, softmax_scale=None, causal=False):
+    raise AssertionError("never run: a stand-in for a build's backward signature")
+'''
+
+
+@pytest.mark.parametrize("cls", VERSIONS, ids=lambda c: c.name)
+def test_a_build_without_the_backward_entry_point_refuses_backward_from_lse(fake_flash, cls):
+    backend, _ = fake_flash(cls)
+    fake = type(backend)
+    fake.backward_module = fake.module  # the fake module has the forward entry points only
+    dense, padded = _partial(), _partial(mask="key_padding")
+    for sub in (dense, padded):
+        entry = cls.backward_entries[sub.mask_kind == "key_padding"]
+        reason = ("backward from a merged (out, lse) not supported by this attnpatch_fake_flash "
+                  f"build (attnpatch_fake_flash: it has no {entry})")
+        assert backend.backward_reasons(sub) == [reason]
+        assert reason in backend.not_supported_reasons(sub)
+        sub.backward_from_lse = False  # a plain call does not need it
+        assert backend.backward_reasons(sub) == [reason]
+        assert reason not in backend.not_supported_reasons(sub)
+    assert AbsentFlash4().backward_reasons(dense) == []  # not installed: nothing imported
+
+
+@pytest.mark.parametrize("cls", VERSIONS, ids=lambda c: c.name)
+def test_a_backward_entry_point_without_softcap_refuses_a_capped_partial(fresh_lookups, cls):
+    name = f"attnpatch_fake_bwd_{cls.name}"
+    (fresh_lookups / f"{name}.py").write_text("".join(
+        FAKE_BWD.replace("{entry}", e) for e in set(cls.backward_entries)))
+    fake = type("FakeBwd", (cls,), dict(name=f"test_fake_bwd_{cls.name}", probe=name,
+                                         backward_module=name, package=name))()
+    capped = _partial(softcap=0.7)
+    entry = cls.backward_entries[0]
+    assert fake.backward_reasons(capped) == [
+        f"softcap=0.7 with backward from a merged (out, lse) not supported by this {name} build "
+        f"({name}.{entry} takes no softcap=)"]
+    assert fake.backward_reasons(_partial()) == []
+    sys.modules.pop(name, None)
+
+
+def test_a_backward_module_that_does_not_import_is_a_reason(fresh_lookups):
+    (fresh_lookups / "attnpatch_broken_bwd.py").write_text(
+        "raise ImportError('undefined symbol: mha_bwd')\n")
+    fake = type("BrokenBwd", (Flash4Backend,), dict(
+        name="test_broken_bwd", probe="attnpatch_broken_bwd",
+        backward_module="attnpatch_broken_bwd"))()
+    assert fake.backward_reasons(_partial()) == [
+        "backward from a merged (out, lse) not supported by this flash_attn.cute build "
+        "(attnpatch_broken_bwd: ImportError: undefined symbol: mha_bwd)"]
+
+
+def test_takes_reads_torch_library_operators():
+    """flash-attn's backward entry points are torch.library operators (a custom_op
+    definition, or its torch.ops packet) whose Python signature is (*args, **kwargs)."""
+    @torch.library.custom_op("attnpatch_test::bwd_like", mutates_args=())
+    def bwd_like(x: torch.Tensor, softcap: float = 0.0) -> torch.Tensor:
+        return x.clone()
+
+    for fn in (bwd_like, torch.ops.attnpatch_test.bwd_like):
+        assert F._takes(fn, "softcap") and not F._takes(fn, "window_size_left")

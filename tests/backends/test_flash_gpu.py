@@ -21,10 +21,11 @@ import pytest
 import torch
 
 import attnpatch
+from attnpatch import Partial, merge_partials, registry
 from attnpatch.backends.flash import Flash4Backend, FlashBackend
 from attnpatch.constraints import module_present
 
-from ..conftest import make_inputs
+from ..conftest import make_inputs, out_lse_loss, reference, rel_error
 
 pytestmark = [
     pytest.mark.gpu,
@@ -319,3 +320,203 @@ def test_gemma2_patched_with_flash4_equals_eager():
     eager_err = ((ref - ref32).norm() / ref32.norm()).item()
     err = ((out - ref32).norm() / ref32.norm()).item()
     assert err <= 2 * eager_err + 1e-3, (err, eager_err)
+
+
+# --- backward from a merged (out, lse): flash4 as the partials' kernel of an exact merge -------
+# merge_partials runs each partial's kernel backward with the merged out and lse
+# (Flash4Backend.backward: flash_attn.cute.interface._flash_attn_bwd). Both tests compare with
+# float64 (the dense reference; the math backward from the same out and lse) within flash4's
+# declared tolerance and within twice the error of the math backend on the same bf16/fp16
+# inputs (+1e-3 on out and lse, +1e-2 on gradients, as test_lse_gpu.py allows).
+OUT_SLACK, GRAD_SLACK = 1e-3, 1e-2
+
+#: make_inputs keywords, plus: split (keys [:split] and [split:]), causal (the first part's
+#: top-left causal pattern), padding ("first": batch element 1 keeps no key of the first part;
+#: "both": of either part, so its rows see no key at all), softcap
+MERGE_CASES = {
+    "odd": dict(batch=2, heads=4, seq_q=113, seq_k=333, head_dim=64, split=150),
+    "gqa": dict(batch=2, heads=8, kv_heads=2, seq_q=257, seq_k=190, head_dim=128, split=77),
+    "padded_head_dim": dict(batch=1, heads=4, seq_q=77, seq_k=201, head_dim=100, split=100),
+    # first part causal with more queries than its keys (a right window) and fewer (a key slice)
+    "causal_q_longer": dict(batch=2, heads=4, seq_q=257, seq_k=300, head_dim=64, split=100,
+                            causal=True),
+    "causal_k_longer_gqa": dict(batch=2, heads=8, kv_heads=2, seq_q=77, seq_k=301, head_dim=64,
+                                split=200, causal=True),
+    "key_padding": dict(batch=2, heads=4, seq_q=113, seq_k=250, head_dim=64, split=120,
+                        padding="first"),
+    "no_key_anywhere": dict(batch=2, heads=4, seq_q=113, seq_k=250, head_dim=64, split=120,
+                            padding="both"),
+    "softcap": dict(batch=2, heads=4, seq_q=113, seq_k=250, head_dim=64, split=120,
+                    softcap=0.5),
+}
+
+
+def split_inputs(case: dict, dtype, device="cuda"):
+    """q, k, v, the two parts' key-padding masks (or None), and the dense (B, 1, Sq, Sk) bool
+    mask of what the merged attention sees (None: everything)."""
+    kw = dict(case)
+    split, causal, padding = kw.pop("split"), kw.pop("causal", False), kw.pop("padding", None)
+    kw.pop("softcap", None)
+    q, k, v, _ = make_inputs(dtype=dtype, device=device, **kw)
+    b, sq, sk = q.shape[0], q.shape[2], k.shape[2]
+    gen = torch.Generator().manual_seed(5)
+    masks = [None, None]
+    for i, (lo, hi) in enumerate(((0, split), (split, sk))):
+        if padding == "both" or (padding == "first" and i == 0):
+            keep = torch.rand(b, 1, 1, hi - lo, generator=gen) > 0.3
+            keep[..., 0] = True
+            keep[1] = False
+            masks[i] = keep.to(device)
+    visible = None
+    if causal or padding:
+        visible = torch.ones(b, 1, sq, sk, dtype=torch.bool, device=device)
+        if causal:
+            visible[..., :split] &= torch.ones(sq, split, dtype=torch.bool, device=device).tril()
+        for m, part in zip(masks, (slice(0, split), slice(split, sk))):
+            if m is not None:
+                visible[..., part] &= m
+    return q, k, v, masks, visible
+
+
+def run_merge(backend: str, q, k, v, case: dict, masks):
+    """merge_partials over keys [:split] and [split:] run by ``backend``: (out, lse,
+    [dq, dk, dv]) for the loss out_lse_loss(out) (the merged lse carries no gradient)."""
+    split, causal, softcap = case["split"], case.get("causal", False), case.get("softcap")
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ql, kl, vl = leaves
+    call = attnpatch.explain(ql, kl, vl, return_lse=True, softcap=softcap).call
+    parts = [Partial(call.replace(key=kl[:, :, :split], value=vl[:, :, :split],
+                                  is_causal=causal, attn_mask=masks[0]), backend),
+             Partial(call.replace(key=kl[:, :, split:], value=vl[:, :, split:],
+                                  attn_mask=masks[1]), backend)]
+    out, lse = merge_partials(call, parts)
+    grads = torch.autograd.grad(out_lse_loss(out), leaves)
+    return out.detach(), lse, grads
+
+
+def check_merge(backend: str, case: dict, dtype, device="cuda"):
+    q, k, v, masks, visible = split_inputs(case, dtype, device)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref_out, ref_lse = reference(*leaves, visible, softcap=case.get("softcap"))
+    ref_grads = torch.autograd.grad(out_lse_loss(ref_out), leaves)
+    ref = (ref_out.detach(), ref_lse.detach(), ref_grads)
+    out, lse, grads = got = run_merge(backend, q, k, v, case, masks)
+    math = run_merge("math", q, k, v, case, masks)
+    empty = torch.isneginf(ref[1])
+    assert out.dtype == dtype and out.shape == ref[0].shape
+    assert lse.dtype == torch.float32 and lse.shape == ref[1].shape
+    assert (out[empty] == 0).all() and torch.isneginf(lse[empty]).all()
+    assert torch.isfinite(lse[~empty]).all()
+    tol = registry.get_backend(backend).tolerance[dtype]
+
+    def errors(result):
+        errs = {"out": rel_error(result[0], ref[0]),
+                "lse": rel_error(result[1][~empty], ref[1][~empty])}
+        errs.update({f"d{n}": rel_error(g, r) for n, g, r in zip("qkv", result[2], ref[2])})
+        return errs
+    ours, baseline = errors(got), errors(math)
+    for what, err in ours.items():
+        slack = GRAD_SLACK if what.startswith("d") else OUT_SLACK
+        assert err <= tol and err <= 2 * baseline[what] + slack, (
+            f"{what}: error {err:.2e} (math {baseline[what]:.2e}, tolerance {tol:.0e})")
+    for name, g, t in zip("qkv", grads, (q, k, v)):
+        assert g.dtype == dtype and g.shape == t.shape and torch.isfinite(g).all(), name
+    if case.get("padding") == "both":  # batch element 1 sees no key: no gradient anywhere
+        assert all((g[1] == 0).all() for g in grads)
+    return got
+
+
+MERGE_MATRIX = [pytest.param("flash4", case, torch.bfloat16, id=f"flash4-{case}-bfloat16")
+                for case in MERGE_CASES]
+MERGE_MATRIX += [pytest.param("flash4", "odd", torch.float16, id="flash4-odd-float16"),
+                 pytest.param("flash", "gqa", torch.bfloat16, id="flash-gqa-bfloat16")]
+
+
+@pytest.mark.parametrize("backend, case, dtype", MERGE_MATRIX)
+def test_merge_of_flash4_partials_is_exact_forward_and_backward(backend, case, dtype):
+    """Two key halves on flash4, merged: attention over all the keys (float64 reference) in
+    out, lse and the q/k/v gradients; rows without keys give 0 and -inf, finite gradients."""
+    check_merge(backend, MERGE_CASES[case], dtype)
+
+
+#: make_inputs keywords of the part, plus: causal, padding ("first": batch element 1 keeps
+#: no key of the part, other keys of the larger attention it belongs to; "both": none there
+#: either, so its lse is -inf), softcap. The larger attention adds REST keys.
+BACKWARD_CASES = {
+    "odd": dict(batch=2, heads=4, seq_q=113, seq_k=77, head_dim=64),
+    "gqa": dict(batch=2, heads=8, kv_heads=2, seq_q=113, seq_k=77, head_dim=128),
+    "padded_head_dim": dict(batch=2, heads=4, seq_q=113, seq_k=77, head_dim=100),
+    "causal_q_longer": dict(batch=2, heads=4, seq_q=113, seq_k=40, head_dim=64, causal=True),
+    "causal_k_longer": dict(batch=2, heads=4, seq_q=40, seq_k=113, head_dim=64, causal=True),
+    "key_padding_gqa": dict(batch=2, heads=8, kv_heads=2, seq_q=113, seq_k=77, head_dim=64,
+                            padding="first"),
+    "no_key_anywhere": dict(batch=2, heads=4, seq_q=113, seq_k=77, head_dim=64,
+                            padding="both"),
+    "softcap": dict(batch=2, heads=4, seq_q=113, seq_k=77, head_dim=64, softcap=0.5),
+}
+REST = 50
+
+
+def check_backward_from_given_out_lse(backend: str, case: dict, dtype, device="cuda"):
+    """``backend.backward(call, grad_out, out, lse)`` with the out and lse of a larger attention
+    (the part's keys and REST more) against the math backward from the same values in
+    float64."""
+    kw = dict(case)
+    causal, padding, softcap = kw.pop("causal", False), kw.pop("padding", None), kw.pop(
+        "softcap", None)
+    kw["seq_k"] = kw["seq_k"] + REST
+    q, k_all, v_all, _ = make_inputs(dtype=dtype, device=device, **kw)
+    sk = k_all.shape[2] - REST
+    k, v = k_all[:, :, :sk], v_all[:, :, :sk]
+    b, sq = q.shape[0], q.shape[2]
+    mask = None
+    big = torch.ones(b, 1, sq, sk + REST, dtype=torch.bool, device=device)
+    if causal:
+        big[..., :sk] &= torch.ones(sq, sk, dtype=torch.bool, device=device).tril()
+    if padding:
+        mask = torch.rand(b, 1, 1, sk, generator=torch.Generator().manual_seed(3)) > 0.3
+        mask[..., 0] = True
+        mask[1] = False
+        mask = mask.to(device)
+        big[..., :sk] &= mask
+        if padding == "both":
+            big[1] = False
+    big_out, big_lse = reference(q, k_all, v_all, big, softcap=softcap)
+    out, lse = big_out.to(dtype), big_lse.float()
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(4),
+                           dtype=torch.float64).to(device, dtype)
+    assert bool(torch.isneginf(lse[1]).all()) is (padding == "both")
+
+    call = attnpatch.explain(q, k, v, attn_mask=mask, is_causal=causal, softcap=softcap).call
+    call64 = attnpatch.explain(q.double(), k.double(), v.double(), attn_mask=mask,
+                               is_causal=causal, softcap=softcap).call
+    math = registry.get_backend("math")
+    ref = math.backward(call64, grad_out.double(), out.double(), lse.double())
+    baseline = math.backward(call, grad_out, out, lse)
+    b_ = registry.get_backend(backend)
+    got = b_.backward(call, grad_out, out, lse)
+    tol = b_.tolerance[dtype]
+    for name, g, r, m, t in zip("qkv", got, ref, baseline, (q, k, v)):
+        assert g.dtype == dtype and g.shape == t.shape and torch.isfinite(g).all(), name
+        err, math_err = rel_error(g, r), rel_error(m, r)
+        assert err <= tol and err <= 2 * math_err + GRAD_SLACK, (
+            f"d{name}: error {err:.2e} (math {math_err:.2e}, tolerance {tol:.0e})")
+    if padding:  # no key of the part for batch element 1, and padded keys: zero gradients
+        assert (got[0][1] == 0).all()
+        padded = ~mask[:, 0, 0, :]
+        assert (got[1].transpose(1, 2)[padded] == 0).all()
+        assert (got[2].transpose(1, 2)[padded] == 0).all()
+    return got
+
+
+BACKWARD_MATRIX = [pytest.param(case, torch.bfloat16, id=f"{case}-bfloat16")
+                   for case in BACKWARD_CASES]
+BACKWARD_MATRIX += [pytest.param("odd", torch.float16, id="odd-float16")]
+
+
+@pytest.mark.parametrize("case, dtype", BACKWARD_MATRIX)
+def test_flash4_backward_from_a_given_out_and_lse_equals_math(case, dtype):
+    """Flash4Backend.backward directly, from the (out, lse) of a larger attention (as a merge
+    passes them; -inf for rows that see no key anywhere): the math backward's float64 result
+    from the same values."""
+    check_backward_from_given_out_lse("flash4", BACKWARD_CASES[case], dtype)

@@ -15,6 +15,7 @@ from hypothesis import given, settings
 
 import attnpatch
 from attnpatch.backends import _padding as P
+from attnpatch.backends.math import reference_backward
 
 from ..conftest import make_inputs
 
@@ -59,6 +60,52 @@ def emulated_varlen(scale=None, lse_layout="packed"):
             lse = lse.view(lse.shape[0], -1, max_q).permute(1, 0, 2)
         return torch.cat(outs, dim=0), lse
     return varlen
+
+
+def math_bshd_backward(q, k, v, out, dout, lse, mask=None, is_causal=False, scale=None):
+    """The math backend's backward from a given (out, lse) on (B, S, H, D) tensors (lse
+    (B, H, Sq)): (dq, dk, dv) as (B, S, H, D)."""
+    call = attnpatch.explain(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                             layout="bshd").call
+    grads = reference_backward(call, dout.transpose(1, 2), out.transpose(1, 2), lse)
+    return tuple(g.transpose(1, 2) for g in grads)
+
+
+def emulated_dense_bwd(scale=None):
+    """A stand-in for a dense backward entry point: flash's bottom-right rule, by math."""
+    def dense_bwd(q, k, v, out, dout, lse, causal, window):
+        visible = P.flash_visible(q.shape[1], k.shape[1], causal, window)
+        return math_bshd_backward(q, k, v, out, dout, lse, mask=visible, scale=scale)
+    return dense_bwd
+
+
+def emulated_varlen_bwd(scale=None):
+    """A stand-in for a varlen backward entry point (non-causal): math per packed sequence,
+    lse (H, total_q)."""
+    def varlen_bwd(q, k, v, out, dout, lse, cu_q, cu_k, max_q, max_k):
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for b in range(cu_q.numel() - 1):
+            rows, keys = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+            assert rows.stop - rows.start <= max_q and keys.stop - keys.start <= max_k
+            if keys.stop == keys.start:
+                continue
+            grads = math_bshd_backward(q[rows][None], k[keys][None], v[keys][None],
+                                       out[rows][None], dout[rows][None],
+                                       lse[:, rows][None], scale=scale)
+            dq[rows], dk[keys], dv[keys] = (g[0] for g in grads)
+        return dq, dk, dv
+    return varlen_bwd
+
+
+def given_out_lse(q, k, v, mask=None, is_causal=False, seed=0):
+    """(out, lse) of a larger attention that this one is part of (as an exact merge passes
+    them): this attention's, moved by random amounts, and a random dout."""
+    gen = torch.Generator().manual_seed(seed)
+    out, lse = math_bshd(q, k, v, mask=mask, is_causal=is_causal)
+    out = out + torch.randn(out.shape, generator=gen, dtype=out.dtype)
+    lse = lse.masked_fill(torch.isneginf(lse), 0.0) + torch.rand(lse.shape, generator=gen,
+                                                                 dtype=lse.dtype)
+    return out, torch.randn(out.shape, generator=gen, dtype=out.dtype), lse
 
 
 # --- flash's masking rule, pinned to its documentation -----------------------------------------
@@ -128,6 +175,52 @@ def test_run_causal_plan_gradients_equal_math():
             torch.testing.assert_close(g, r, **EXACT)
         if sk > sq:  # keys no query sees get exactly zero gradient
             assert (grads[1][:, :, sq:] == 0).all() and (grads[2][:, :, sq:] == 0).all()
+
+
+@settings(max_examples=15, deadline=None)
+@given(sq=st.integers(1, 30), sk=st.integers(1, 30), gqa=st.booleans(),
+       any_right_window=st.booleans(), seed=st.integers(0, 2**16))
+def test_run_causal_plan_backward_equals_math_from_given_out_lse(sq, sk, gqa,
+                                                                  any_right_window, seed):
+    """Every segment's backward from the rows of a given (out, lse), assembled: the math
+    backward of top-left causal attention from the same (out, lse) (float64, rounding only);
+    keys no query sees get zero."""
+    q, k, v, _ = make_inputs(batch=2, heads=4, kv_heads=2 if gqa else 4, seq_q=sq, seq_k=sk,
+                             head_dim=8, head_dim_v=5, dtype=torch.float64, seed=seed)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out, dout, lse = given_out_lse(q, k, v, is_causal=True, seed=seed)
+    plan = P.causal_plan(sq, sk, True, any_right_window)
+    grads = P.run_causal_plan_backward(plan, q, k, v, out, dout, lse, emulated_dense_bwd())
+    ref = math_bshd_backward(q, k, v, out, dout, lse, is_causal=True)
+    for g, r, t in zip(grads, ref, (q, k, v)):
+        assert g.shape == t.shape and g.dtype == t.dtype
+        torch.testing.assert_close(g, r, **EXACT)
+    if sk > sq:
+        assert (grads[1][:, sq:] == 0).all() and (grads[2][:, sq:] == 0).all()
+
+
+def test_run_causal_plan_backward_adds_key_gradients_of_segments_in_float32():
+    """FA2/FA3's plan for Sq > Sk has two segments over the same keys: their key gradients
+    add up in float32, one rounding to the inputs' dtype."""
+    sq, sk = 13, 5
+    plan = P.causal_plan(sq, sk, True, any_right_window=False)
+    assert len(plan) == 2
+    q, k, v, _ = make_inputs(batch=1, heads=2, seq_q=sq, seq_k=sk, head_dim=8,
+                             dtype=torch.bfloat16)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out, dout, lse = given_out_lse(q.double(), k.double(), v.double(), is_causal=True)
+    seen = []
+
+    def dense_bwd(*args):
+        grads = emulated_dense_bwd()(*(a.double() if torch.is_tensor(a) else a for a in args))
+        seen.append(grads)
+        return tuple(g.to(torch.bfloat16) for g in grads)
+
+    dq, dk, dv = P.run_causal_plan_backward(plan, q, k, v, out.bfloat16(), dout.bfloat16(),
+                                            lse.float(), dense_bwd)
+    assert dq.dtype == dk.dtype == dv.dtype == torch.bfloat16
+    summed = (seen[0][1].bfloat16().float() + seen[1][1].bfloat16().float()).bfloat16()
+    assert torch.equal(dk, summed)
 
 
 # --- key padding through varlen ----------------------------------------------------------------
@@ -207,6 +300,47 @@ def test_run_key_padding_all_keys_masked():
     assert (q.grad == 0).all()
 
 
+@settings(max_examples=20, deadline=None)
+@given(keep=keep_masks, sq=st.integers(1, 20), gqa=st.booleans(), broadcast=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_run_key_padding_backward_equals_math_from_given_out_lse(keep, sq, gqa, broadcast,
+                                                                  seed):
+    """One varlen backward from a given (out, lse), gradients scattered back: the math
+    backward under the key-padding mask from the same (out, lse): zero at padded keys, and for
+    the queries of a batch element that keeps no key (their lse is that of other keys)."""
+    keep = torch.tensor(keep)
+    if broadcast:
+        keep = keep[:1]
+    batch = 3 if broadcast else keep.shape[0]
+    mask = keep[:, None, None, :]
+    q, k, v, _ = make_inputs(batch=batch, heads=4, kv_heads=1 if gqa else 4, seq_q=sq,
+                             seq_k=keep.shape[1], head_dim=8, head_dim_v=6,
+                             dtype=torch.float64, seed=seed)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out, dout, lse = given_out_lse(q, k, v, mask=mask, seed=seed)
+    grads = P.run_key_padding_backward(q, k, v, out, dout, lse, P.key_padding_keep(mask, batch),
+                                       emulated_varlen_bwd())
+    ref = math_bshd_backward(q, k, v, out, dout, lse, mask=mask)
+    for g, r, t in zip(grads, ref, (q, k, v)):
+        assert g.shape == t.shape and g.dtype == t.dtype
+        torch.testing.assert_close(g, r, **EXACT)
+    padded = ~P.key_padding_keep(mask, batch)
+    assert (grads[1][padded] == 0).all() and (grads[2][padded] == 0).all()
+
+
+def test_run_key_padding_backward_without_any_key_is_zero():
+    q, k, v, _ = make_inputs(batch=2, heads=2, seq_q=3, seq_k=4, head_dim=8,
+                             dtype=torch.float64)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    out, dout, lse = given_out_lse(q, k, v)
+
+    def never(*args):
+        raise AssertionError("no kernel call without keys")
+    grads = P.run_key_padding_backward(q, k, v, out, dout, lse,
+                                       torch.zeros(2, 4, dtype=torch.bool), never)
+    assert all((g == 0).all() and g.shape == t.shape for g, t in zip(grads, (q, k, v)))
+
+
 def test_pad_head_dim_is_exact():
     q, k, v, _ = make_inputs(batch=1, heads=2, seq_q=5, seq_k=6, head_dim=12, head_dim_v=7,
                              dtype=torch.float64)
@@ -215,3 +349,24 @@ def test_pad_head_dim_is_exact():
     assert qp.shape[-1] == 16 and vp.shape[-1] == 8 and P.pad_head_dim(qp, 8) is qp
     out = attnpatch.attention(qp, kp, vp, scale=scale, backend="math")[..., :7]
     torch.testing.assert_close(out, attnpatch.attention(q, k, v, backend="math"), **EXACT)
+
+
+@pytest.mark.parametrize("multiple", [8, 16])
+@pytest.mark.parametrize("seq_k", [16, 13])
+def test_aligned_bias_strides_and_values(seq_k, multiple):
+    """The memory-efficient kernels' bias (SDPA's: 16, xFormers': 8): every stride but the last
+    a multiple, broadcast with stride 0, equal to the additive mask; copied only when needed."""
+    shape = (2, 4, 5, seq_k)
+    mask = torch.rand(2, 1, 5, seq_k) > 0.4
+    q, k, v, _ = make_inputs(batch=2, heads=4, seq_q=5, seq_k=seq_k, dtype=torch.float16)
+    additive = attnpatch.explain(q, k, v, attn_mask=mask).call.additive_mask()
+    bias = P.aligned_bias(additive, shape, multiple)
+    assert bias.shape == shape and bias.dtype == torch.float16 and bias.stride(1) == 0
+    assert all(s % multiple == 0 for s in bias.stride()[:-1]) and bias.stride(-1) == 1
+    expected = torch.zeros(shape, dtype=torch.float16).masked_fill(~mask.expand(shape),
+                                                                    float("-inf"))
+    assert torch.equal(bias, expected)
+    assert (bias.data_ptr() == additive.data_ptr()) is (seq_k % multiple == 0)
+    add = torch.randn(1, 1, 5, seq_k)
+    bias = P.aligned_bias(add, (3, 2, 5, seq_k), multiple)
+    assert torch.equal(bias, add.expand(3, 2, 5, seq_k)) and bias.stride()[:2] == (0, 0)

@@ -14,7 +14,7 @@ import torch
 
 import attnpatch
 from attnpatch import constraints as C
-from attnpatch.backends.xformers import XFormersBackend, _aligned_bias, parse_xformers_reasons
+from attnpatch.backends.xformers import XFormersBackend, parse_xformers_reasons
 
 from ..conftest import make_inputs
 
@@ -109,20 +109,6 @@ def test_parse_xformers_reasons():
     ]
     assert parse_xformers_reasons("something\n  else", prefix="xformers backward") == [
         "xformers backward: something else"]
-
-
-@pytest.mark.parametrize("seq_k", [8, 13])
-def test_aligned_bias(seq_k):
-    mask = torch.rand(2, 1, 5, seq_k) > 0.4
-    bias = _aligned_bias(mask, torch.float16, (2, 4, 5, seq_k))
-    assert bias.shape == (2, 4, 5, seq_k) and bias.dtype == torch.float16
-    assert bias.stride(1) == 0 and bias.stride(2) % 8 == 0 and bias.stride(0) % 8 == 0
-    expected = torch.zeros(2, 4, 5, seq_k, dtype=torch.float16).masked_fill(
-        ~mask.expand(2, 4, 5, seq_k), float("-inf"))
-    assert torch.equal(bias, expected)
-    add = torch.randn(1, 1, 5, seq_k)
-    bias = _aligned_bias(add, torch.float32, (3, 2, 5, seq_k))
-    assert torch.equal(bias, add.expand(3, 2, 5, seq_k)) and bias.stride()[:2] == (0, 0)
 
 
 # --- GPU machine ---------------------------------------------------------------------------------
