@@ -565,15 +565,30 @@ def _safe_logsumexp(values: list) -> torch.Tensor:
     return torch.where(empty, torch.full_like(total, float("-inf")), torch.log(safe) + top)
 
 
+def _folded(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """A part's sub-call tensor, (B·m, Hx, c, ...) or (B, m, c, ...) with per-problem heads, as
+    (B, m, Hx, c, ...) or (B, 1, m, c, ...): a view, the layout :func:`_read` indexes."""
+    return t.unflatten(0, (batch, -1))
+
+
+def _read(t: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """``t`` (B, m, Hx, c, ...) at the per-batch rows ``inv`` (X, Y) (flat over (m, Hx, c);
+    -1 reads row 0): (B, X, Y, ...)."""
+    heads, count = t.shape[2], t.shape[3]
+    row = inv.clamp(min=0)
+    return t[:, row // (heads * count), (row // count) % heads, row % count]
+
+
 def _gather_merge(outs: list, lses: list, invs: list, dtype: torch.dtype, detach: bool):
     """The merged (out, lse): every part's output read at the rows it keeps, weighted by
-    exp(lse_i - lse). ``outs[i]`` (B, R_i, Dv), ``lses[i]`` (B, R_i), ``invs[i]`` (X, Y) long
-    row indices (-1: the part does not keep that head/position). Returns out (B, X, Y, Dv) in
-    ``dtype`` and lse (B, X, Y) in fp32 (fp64 for fp64). One fused kernel under torch.compile;
-    differentiable (``detach``: the mixing weights carry no gradient)."""
+    exp(lse_i - lse). ``outs[i]`` (B, m, Hx, c, Dv) and ``lses[i]`` (B, m, Hx, c) (see
+    :func:`_folded`), ``invs[i]`` (X, Y) long rows (-1: the part does not keep that
+    head/position). Returns out (B, X, Y, Dv) in ``dtype`` and lse (B, X, Y) in fp32 (fp64 for
+    fp64). One fused kernel under torch.compile (each output read once, the result written
+    once); differentiable (``detach``: the mixing weights carry no gradient)."""
     acc = _accumulator(dtype)
     kept = [inv >= 0 for inv in invs]
-    at = [torch.where(k, lse[:, inv.clamp(min=0)].to(acc), float("-inf"))
+    at = [torch.where(k, _read(lse, inv).to(acc), float("-inf"))
           for lse, inv, k in zip(lses, invs, kept)]
     lse = _safe_logsumexp(at)
     base = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
@@ -582,19 +597,19 @@ def _gather_merge(outs: list, lses: list, invs: list, dtype: torch.dtype, detach
         weight = torch.exp(a - base)
         if detach:
             weight = weight.detach()
-        term = torch.where(k[..., None], weight[..., None] * o[:, inv.clamp(min=0)].to(acc), 0.0)
+        term = torch.where(k[..., None], weight[..., None] * _read(o, inv).to(acc), 0.0)
         out = term if out is None else out + term
     return out.to(dtype), lse
 
 
 def _gather_sum(grads: list, invs: list, per_query_head: list, group: int, dtype):
-    """Σ_i ``grads[i]`` (B, R_i, D) read at ``invs[i]`` (X, Y) (-1: nothing): (B, X, Y, D) in
-    ``dtype``, summed in fp32. An inverse over query heads (``per_query_head``) is summed over
-    each group of ``group`` heads onto its kv head."""
+    """Σ_i ``grads[i]`` (B, m, Hx, c, D) read at ``invs[i]`` (X, Y) (-1: nothing):
+    (B, X, Y, D) in ``dtype``, summed in fp32. An inverse over query heads
+    (``per_query_head``) is summed over each group of ``group`` heads onto its kv head."""
     acc = _accumulator(dtype)
     total = None
     for g, inv, per_query in zip(grads, invs, per_query_head):
-        term = torch.where((inv >= 0)[..., None], g[:, inv.clamp(min=0)].to(acc), 0.0)
+        term = torch.where((inv >= 0)[..., None], _read(g, inv).to(acc), 0.0)
         if per_query and group > 1:
             term = term.unflatten(1, (-1, group)).sum(2)
         total = term if total is None else total + term
@@ -645,13 +660,13 @@ class _Run:
         for part, sub in self.sub_calls(q, k, v, grad):
             (o, lse), backend = run_selected(self.opts.inner, sub, {})
             self.backends.append(backend)
-            outs.append(o.reshape(batch, -1, o.shape[-1]))
-            lses.append(lse.reshape(batch, -1))
-        out, lse = (self._fused_merge if self.fused else self._scatter_merge)(outs, lses)
+            outs.append(o)
+            lses.append(lse)
+        folded = [_folded(o, batch) for o in outs], [_folded(lse, batch) for lse in lses]
+        out, lse = (self._fused_merge if self.fused else self._scatter_merge)(*folded)
         own = [t for pair in zip(outs, lses) for t in pair] if (
             grad and self.opts.detach_weights) else []
         return out, lse, own
-
 
     def _scatter_merge(self, outs, lses):
         call = self.call
@@ -663,11 +678,12 @@ class _Run:
         total = torch.full((batch, heads * seq), float("-inf"), dtype=acc, device=call.device)
         index = [part.rows("q", heads, 1, a, b) for part in self.plan.parts]
         for idx, lse in zip(index, lses):
-            total.index_copy_(1, idx, torch.logaddexp(total.index_select(1, idx), lse.to(acc)))
+            total.index_copy_(1, idx, torch.logaddexp(total.index_select(1, idx),
+                                                      lse.reshape(batch, -1).to(acc)))
         base = total.nan_to_num(neginf=0.0)
         for idx, o, lse in zip(index, outs, lses):
-            weight = torch.exp(lse.to(acc) - base.index_select(1, idx))
-            merged.index_add_(1, idx, o.to(acc) * weight[..., None])
+            weight = torch.exp(lse.to(acc) - base.index_select(1, idx).view(lse.shape))
+            merged.index_add_(1, idx, (o.to(acc) * weight[..., None]).reshape(batch, -1, dv))
         if bshd:
             out = merged.view(batch, seq, heads, dv).transpose(1, 2)
             total = total.view(batch, seq, heads).transpose(1, 2)
@@ -685,7 +701,7 @@ class _Run:
     def backward(self, q, k, v, out, lse, grad_out, own):
         """(dq, dk, dv): every part's kernel backward from the merged (out, lse) at its rows
         (``detach_weights``: from its own (out, lse), for grad_out times its weight)."""
-        batch, acc = self.call.batch_size, _accumulator(self.call.dtype)
+        acc = _accumulator(self.call.dtype)
         lse4 = lse.unsqueeze(-1)
         blocked = lse4.masked_fill(lse4 == float("-inf"), float("inf"))  # P = 0 for empty rows
         rg, ro, rb, rl = _rows(grad_out), _rows(out), _rows(blocked), _rows(lse4)
@@ -693,13 +709,11 @@ class _Run:
         for i, (part, sub) in enumerate(self.sub_calls(q, k, v, True)):
             g = _take(grad_out, rg, part, "q", 1)
             if self.opts.detach_weights:
-                o_own, l_own = own[2 * i], own[2 * i + 1]  # (B, R, Dv), (B, R)
-                merged = _take(lse4, rl, part, "q", 1).reshape(batch, -1)
+                o, l_own = own[2 * i], own[2 * i + 1]  # the part's own (out, lse)
+                merged = _take(lse4, rl, part, "q", 1).squeeze(-1)
                 weight = torch.exp(l_own.to(acc) - merged.nan_to_num(neginf=0.0))
-                rows = g.shape[:-1]
-                g = (g.to(acc) * weight.view(rows).unsqueeze(-1)).to(g.dtype)
-                o = o_own.view(*rows, o_own.shape[-1])
-                lp = l_own.masked_fill(l_own == float("-inf"), float("inf")).view(rows)
+                g = (g.to(acc) * weight.unsqueeze(-1)).to(g.dtype)
+                lp = l_own.masked_fill(l_own == float("-inf"), float("inf"))
             else:
                 o = _take(out, ro, part, "q", 1)
                 lp = _take(blocked, rb, part, "q", 1).squeeze(-1)
@@ -720,7 +734,7 @@ class _Run:
             rows_k = part.rows("k", kv_heads, self.group, seq, 1)
             for buf, rows, d in ((grads[0], rows_q, dq), (grads[1], rows_k, dk),
                                  (grads[2], rows_k, dv)):
-                buf.index_add_(1, rows, d.reshape(batch, -1, d.shape[-1]).to(acc))
+                buf.index_add_(1, rows, d.to(acc).reshape(batch, -1, d.shape[-1]))
         return tuple(g.view(batch, h, seq, -1).to(t.dtype) for g, h, t in
                      zip(grads, (heads, kv_heads, kv_heads), (q, k, v)))
 
@@ -734,12 +748,10 @@ class _Run:
         inv_k = [p.inverse("k", heads if pq else kv_heads, seq, False)
                  for p, pq in zip(plan_parts, per_query)]
         summed = _compiled(_gather_sum, self.plan)
-
-        def flat(t):
-            return t.reshape(batch, -1, t.shape[-1])
-        dq = summed([flat(d[0]) for d in parts], inv_q, [False] * len(parts), 1, q.dtype)
-        dk = summed([flat(d[1]) for d in parts], inv_k, per_query, self.group, k.dtype)
-        dv = summed([flat(d[2]) for d in parts], inv_k, per_query, self.group, v.dtype)
+        dq = summed([_folded(d[0], batch) for d in parts], inv_q, [False] * len(parts), 1,
+                    q.dtype)
+        dk = summed([_folded(d[1], batch) for d in parts], inv_k, per_query, self.group, k.dtype)
+        dv = summed([_folded(d[2], batch) for d in parts], inv_k, per_query, self.group, v.dtype)
         return dq, dk, dv
 
 
@@ -880,7 +892,7 @@ def _traced(call: AttentionCall, plan: _Plan, opts: DilatedOptions):
         o, lse = attention(_take(q, rq, part, "q", group), _take(k, rk, part, "k", group),
                            _take(v, rv, part, "k", group), _part_mask(call, part), part.causal,
                            call.scale, 0.0, opts.inner, return_lse=True, softcap=call.softcap)
-        outs.append(o.reshape(batch, -1, o.shape[-1]))
-        lses.append(lse.reshape(batch, -1))
+        outs.append(_folded(o, batch))
+        lses.append(_folded(lse, batch))
         invs.append(part.inverse("q", heads, seq, False))
     return _gather_merge(outs, lses, invs, call.dtype, opts.detach_weights)

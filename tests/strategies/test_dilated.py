@@ -560,3 +560,28 @@ def test_torch_compile_gradients_match_eager(inner, fullgraph):
     for a, b in zip(torch.autograd.grad(traced, (q, k, v), grad),
                     torch.autograd.grad(eager, (q, k, v), grad)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_benchmark_runs_quick_on_cpu(tmp_path):
+    """``benchmarks/dilated.py --quick`` (the GPU command with tiny shapes): every variant runs,
+    agrees with the fp32 dilated function, and its FLOPs fraction (counted independently by
+    the script) is the one the plan reports."""
+    import json
+    import pathlib
+    import re
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[2]
+    out = tmp_path / "dilated.json"
+    subprocess.run([sys.executable, str(root / "benchmarks" / "dilated.py"), "--quick",
+                    "--device", "cpu", "--budget", "0.01", "--out", str(out)], check=True,
+                   cwd=root, capture_output=True, timeout=600)
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["shape"] for r in rows} == {"flux_tiny", "wan_tiny", "wan_tiny_grid"}
+    for row in rows:
+        assert "error" not in row, row
+        assert row["fwd_ms"] > 0 and row["fwd_bwd_ms"] > 0
+        if row["flops_fraction"] < 1:
+            assert row["rel_err_vs_fp32_dilated"] < 1e-5, row
+            reported = float(re.search(r"([\d.]+)% of dense FLOPs", row["plan"]).group(1))
+            assert abs(reported - 100 * row["flops_fraction"]) < 0.051, row
