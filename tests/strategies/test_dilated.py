@@ -220,6 +220,48 @@ def test_random_patterns_match_the_definition(data):
     check(q, k, v, tuple(lengths), tuple(rates), is_causal=causal)
 
 
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_random_grids_and_text_match_the_definition(data):
+    frames, height, width = (data.draw(st.integers(1, n), label=a)
+                             for a, n in (("F", 3), ("H", 4), ("W", 5)))
+    grid = data.draw(st.sampled_from(["2d", "3d"]), label="grid")
+    text = data.draw(st.integers(0, 3), label="text")
+    position = data.draw(st.sampled_from(["first", "last"]), label="position") if text else "none"
+    seq = frames * height * width + text
+    layout = TokenLayout(text, position, frames, height, width, seq, seq)
+    axes = 2 if grid == "2d" else 3
+    count = data.draw(st.integers(1, 2), label="patterns")
+    lengths = [tuple(data.draw(st.integers(1, 6)) for _ in range(axes)) for _ in range(count)]
+    rates = [tuple(data.draw(st.integers(1, w)) for w in ws) for ws in lengths]
+    heads = data.draw(st.integers(1, 5), label="heads")
+    q, k, v, _ = make_inputs(batch=1, heads=heads, seq_q=seq, head_dim=4,
+                             seed=data.draw(st.integers(0, 99)), **F64)
+    check(q, k, v, tuple(lengths), tuple(rates), layout=layout, grid=grid,
+          is_causal=data.draw(st.booleans(), label="causal"))
+
+
+@pytest.mark.parametrize("compile", [False, True])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_bshd_memory_gives_the_same_values_and_gradients(batch, compile):
+    """(B, S, H, D) inputs (what diffusers passes): rate-1 segments are read as strided views
+    where they can be, the output comes back in (B, S, H, D) memory."""
+    q, k, v, _ = make_inputs(batch=batch, heads=4, kv_heads=2, seq_q=45, head_dim=8, seed=24,
+                             **F64)
+    opts = dict(backend="dilated", segment_lengths=(8, 20, 45), dilation_rates=(1, 2, 4),
+                inner="math", compile=compile)
+    grad = torch.randn_like(q)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref = attnpatch.attention(*leaves, **opts)
+    ref_grads = torch.autograd.grad(ref, leaves, grad)
+    bshd = [t.transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v)]
+    out = attnpatch.attention(*bshd, layout="bshd", **opts)
+    assert out.is_contiguous()  # (B, S, H, D), as given
+    torch.testing.assert_close(out.transpose(1, 2), ref, rtol=0, atol=1e-13)
+    for a, b in zip(torch.autograd.grad(out, bshd, grad.transpose(1, 2)), ref_grads):
+        torch.testing.assert_close(a.transpose(1, 2), b, rtol=0, atol=1e-12)
+
+
 # --- consequences ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("structure", ["plain", "float", "causal+bool", "gqa"])
@@ -489,6 +531,23 @@ def test_patched_model_equals_dense_with_one_whole_segment(factory):
         report = handle.report()
     assert rel_error(out, ref) <= 1e-5
     assert {n for r in report.routed for n in r.backends} == {"dilated"}
+
+
+def test_per_module_backends_and_set_attention_backend():
+    model, kw = wan()
+    ref = run(model, kw)
+    grid = dict(segment_lengths=((1, 2, 2),), dilation_rates=((1, 2, 1),), grid="3d")
+    with attnpatch.patch(model, backend={"*attn1": ("dilated", grid), "*": "sdpa"}) as handle:
+        out = run(model, kw)
+        ran = {r.name: set(r.backends) for r in handle.report()}
+        assert all(b == ({"dilated"} if n.endswith("attn1") else {"sdpa"})
+                   for n, b in ran.items()), ran
+        assert rel_error(out, ref) > 1e-4
+        model.set_attention_backend("dilated")  # default patterns: runs, every module
+        run(model, kw)
+        attnpatch.set_attention_backend(model, "dilated", inner="math", **DENSE)
+        assert rel_error(run(model, kw), ref) <= 1e-5
+        assert all("dilated" in r.backends for r in handle.report())
 
 
 def test_patched_models_report_their_patterns_and_cost():
