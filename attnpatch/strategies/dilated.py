@@ -602,16 +602,19 @@ def _gather_merge(outs: list, lses: list, invs: list, dtype: torch.dtype, detach
     return out.to(dtype), lse
 
 
-def _gather_sum(grads: list, invs: list, per_query_head: list, group: int, dtype):
+def _gather_sum(grads: list, invs: list, per_query_head: list, group: int, dtype,
+                transposed: bool):
     """Σ_i ``grads[i]`` (B, m, Hx, c, D) read at ``invs[i]`` (X, Y) (-1: nothing):
     (B, X, Y, D) in ``dtype``, summed in fp32. An inverse over query heads
-    (``per_query_head``) is summed over each group of ``group`` heads onto its kv head."""
+    (``per_query_head``) is summed over each group of ``group`` heads onto its kv head (the
+    heads are Y when ``transposed``, else X)."""
     acc = _accumulator(dtype)
+    axis = 2 if transposed else 1
     total = None
     for g, inv, per_query in zip(grads, invs, per_query_head):
         term = torch.where((inv >= 0)[..., None], _read(g, inv).to(acc), 0.0)
         if per_query and group > 1:
-            term = term.unflatten(1, (-1, group)).sum(2)
+            term = term.unflatten(axis, (-1, group)).sum(axis + 1)
         total = term if total is None else total + term
     return total.to(dtype)
 
@@ -723,36 +726,42 @@ class _Run:
         return self._scatter_grads(grads, q, k, v)
 
     def _scatter_grads(self, parts, q, k, v):
+        """(dq, dk, dv) summed by ``index_add_`` into fp32 buffers in the memory order of q,
+        k and v."""
         call = self.call
-        batch, heads, kv_heads, seq = (call.batch_size, call.num_heads, call.num_kv_heads,
-                                       call.seq_len_q)
-        acc = _accumulator(call.dtype)
-        grads = [torch.zeros(batch, h * seq, t.shape[-1], dtype=acc, device=call.device)
-                 for h, t in ((heads, q), (kv_heads, k), (kv_heads, v))]
-        for part, (dq, dk, dv) in zip(self.plan.parts, parts):
-            rows_q = part.rows("q", heads, 1, seq, 1)
-            rows_k = part.rows("k", kv_heads, self.group, seq, 1)
-            for buf, rows, d in ((grads[0], rows_q, dq), (grads[1], rows_k, dk),
-                                 (grads[2], rows_k, dv)):
-                buf.index_add_(1, rows, d.to(acc).reshape(batch, -1, d.shape[-1]))
-        return tuple(g.view(batch, h, seq, -1).to(t.dtype) for g, h, t in
-                     zip(grads, (heads, kv_heads, kv_heads), (q, k, v)))
+        batch, seq, acc = call.batch_size, call.seq_len_q, _accumulator(call.dtype)
+        grads = []
+        for i, t in enumerate((q, k, v)):
+            heads, dim = t.shape[1], t.shape[-1]
+            a, b = _order(t)
+            buf = torch.zeros(batch, heads * seq, dim, dtype=acc, device=call.device)
+            for part, d in zip(self.plan.parts, parts):
+                rows = part.rows("q" if i == 0 else "k", heads, self.group, a, b)
+                buf.index_add_(1, rows, d[i].to(acc).reshape(batch, -1, dim))
+            grad = (buf.view(batch, seq, heads, dim).transpose(1, 2) if a == 1
+                    else buf.view(batch, heads, seq, dim))
+            grads.append(grad.to(t.dtype))
+        return tuple(grads)
 
     def _fused_grads(self, parts, q, k, v):
+        """(dq, dk, dv) by one compiled gather-sum each, in the memory order of q, k and v."""
         call = self.call
-        batch, heads, kv_heads, seq = (call.batch_size, call.num_heads, call.num_kv_heads,
-                                       call.seq_len_q)
-        plan_parts = self.plan.parts
-        inv_q = [p.inverse("q", heads, seq, False) for p in plan_parts]
-        per_query = [p.heads is not None for p in plan_parts]
-        inv_k = [p.inverse("k", heads if pq else kv_heads, seq, False)
-                 for p, pq in zip(plan_parts, per_query)]
+        batch, heads, seq = call.batch_size, call.num_heads, call.seq_len_q
         summed = _compiled(_gather_sum, self.plan)
-        dq = summed([_folded(d[0], batch) for d in parts], inv_q, [False] * len(parts), 1,
-                    q.dtype)
-        dk = summed([_folded(d[1], batch) for d in parts], inv_k, per_query, self.group, k.dtype)
-        dv = summed([_folded(d[2], batch) for d in parts], inv_k, per_query, self.group, v.dtype)
-        return dq, dk, dv
+        grads = []
+        for i, t in enumerate((q, k, v)):
+            transposed = _order(t)[0] == 1
+            if i == 0:
+                per_query = [False] * len(parts)
+                invs = [p.inverse("q", heads, seq, transposed) for p in self.plan.parts]
+            else:
+                per_query = [p.heads is not None for p in self.plan.parts]
+                invs = [p.inverse("k", heads if pq else t.shape[1], seq, transposed)
+                        for p, pq in zip(self.plan.parts, per_query)]
+            grad = summed([_folded(d[i], batch) for d in parts], invs, per_query,
+                          1 if i == 0 else self.group, t.dtype, transposed)
+            grads.append(grad.transpose(1, 2) if transposed else grad)
+        return tuple(grads)
 
 
 class _DilatedFunction(torch.autograd.Function):

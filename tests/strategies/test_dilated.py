@@ -259,6 +259,7 @@ def test_bshd_memory_gives_the_same_values_and_gradients(batch, compile):
     assert out.is_contiguous()  # (B, S, H, D), as given
     torch.testing.assert_close(out.transpose(1, 2), ref, rtol=0, atol=1e-13)
     for a, b in zip(torch.autograd.grad(out, bshd, grad.transpose(1, 2)), ref_grads):
+        assert a.is_contiguous()  # the gradients too
         torch.testing.assert_close(a.transpose(1, 2), b, rtol=0, atol=1e-12)
 
 
