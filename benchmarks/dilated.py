@@ -1,8 +1,10 @@
 """Dilated attention (LongNet, issue 13) against dense attention, same process, same inputs.
 
-Run on a CUDA machine (one command; about 5 minutes on an H200):
+Run on a CUDA machine (one command, several minutes on an H200):
 
     python benchmarks/dilated.py --out benchmarks/results/dilated_h200.json
+
+(or in parts: ``--shapes flux_2048`` then ``--shapes wan_720p,wan_720p_grid --no-transformer``).
 
 For each shape (Flux 2048² (1, 24, 16896, 128) with segments (2048, 4096, 8192, 16896) and
 rates (1, 2, 4, 8), as in the issue; Wan 720p (1, 40, 75600, 128) with a ~20% pattern set along
@@ -15,7 +17,8 @@ dilated function computed in fp32 (correctness). Then one forward of a full-size
 transformer (random weights) at 2048², ``sdpa`` against ``dilated`` on its attention
 (``--no-transformer`` skips it).
 
-``--quick`` runs tiny shapes (CPU works: fp32, ``sdpa`` for dense, no compiled merge).
+``--quick`` runs tiny shapes and a tiny Flux transformer (CPU works: fp32, ``sdpa`` for dense,
+no compiled merge).
 """
 
 from __future__ import annotations
@@ -257,41 +260,58 @@ def _line(row, base) -> str:
             f"{row.get('rel_err_vs_fp32_dilated', math.nan):9.2e}")
 
 
-def flux_transformer(device, budget_s):
-    """One forward of a full-size Flux transformer (random weights, bf16) at 2048²: sdpa
-    against dilated on its joint attention (text first, 512 tokens; the issue's patterns on the
-    16384 image tokens), with the output's relative error against dense."""
+FLUX_CONFIGS = {
+    # FLUX.1-dev's transformer at 2048² (128 x 128 latent tokens, 512 text tokens)
+    "full": dict(config=dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                             attention_head_dim=128, num_attention_heads=24,
+                             joint_attention_dim=4096, pooled_projection_dim=768,
+                             guidance_embeds=True, axes_dims_rope=(16, 56, 56)),
+                 grid=(128, 128), text=512,
+                 patterns=dict(segment_lengths=(2048, 4096, 8192, 16384),
+                               dilation_rates=(1, 2, 4, 8))),
+    "tiny": dict(config=dict(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                             attention_head_dim=16, num_attention_heads=2,
+                             joint_attention_dim=32, pooled_projection_dim=16,
+                             guidance_embeds=True, axes_dims_rope=(4, 4, 8)),
+                 grid=(8, 8), text=7,
+                 patterns=dict(segment_lengths=(8, 16, 32, 64), dilation_rates=(1, 2, 4, 8))),
+}
+
+
+def flux_transformer(size, device, dtype, budget_s, inner):
+    """One forward of a Flux transformer (random weights) on its own attention: ``sdpa``
+    against ``dilated`` (joint attention, text first: the text stays dense, the patterns run on
+    the image tokens), with the output's relative error against dense and the report's notes."""
     from diffusers import FluxTransformer2DModel
+    spec = FLUX_CONFIGS[size]
     torch.manual_seed(0)
     with torch.device(device):
-        model = FluxTransformer2DModel(
-            patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
-            attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-            pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56))
-    model = model.to(torch.bfloat16).eval()
+        model = FluxTransformer2DModel(**spec["config"])
+    model = model.to(dtype).eval()
     gen = torch.Generator(device=device).manual_seed(0)
-    rows, cols = 128, 128
+    rows, cols = spec["grid"]
+    text, config = spec["text"], spec["config"]
     ids = torch.zeros(rows, cols, 3, device=device)
     ids[..., 1] = torch.arange(rows, device=device)[:, None]
     ids[..., 2] = torch.arange(cols, device=device)[None, :]
-    kw = dict(hidden_states=torch.randn(1, rows * cols, 64, device=device, dtype=torch.bfloat16,
-                                        generator=gen),
-              encoder_hidden_states=torch.randn(1, 512, 4096, device=device,
-                                                dtype=torch.bfloat16, generator=gen),
-              pooled_projections=torch.randn(1, 768, device=device, dtype=torch.bfloat16,
-                                             generator=gen),
-              timestep=torch.tensor([0.5], device=device, dtype=torch.bfloat16),
-              guidance=torch.tensor([3.5], device=device, dtype=torch.bfloat16),
-              img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(512, 3, device=device),
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=gen)
+    kw = dict(hidden_states=randn(1, rows * cols, config["in_channels"]),
+              encoder_hidden_states=randn(1, text, config["joint_attention_dim"]),
+              pooled_projections=randn(1, config["pooled_projection_dim"]),
+              timestep=torch.tensor([0.5], device=device, dtype=dtype),
+              guidance=torch.tensor([3.5], device=device, dtype=dtype),
+              img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text, 3, device=device),
               return_dict=False)
-    patterns = dict(segment_lengths=(2048, 4096, 8192, 16384), dilation_rates=(1, 2, 4, 8))
-    result = {"model": "FluxTransformer2DModel (FLUX.1-dev config, random weights)",
-              "tokens": "512 text + 16384 image", "patterns": patterns}
+    result = {"model": f"FluxTransformer2DModel ({size}, random weights)",
+              "tokens": f"{text} text + {rows * cols} image", "patterns": spec["patterns"],
+              "inner": inner}
     outputs = {}
     with torch.no_grad():
         for name, kw_patch in (("sdpa", dict(backend="sdpa")),
-                               ("dilated", dict(backend="dilated", inner="sdpa_cudnn",
-                                                **patterns))):
+                               ("dilated", dict(backend="dilated", inner=inner,
+                                                **spec["patterns"]))):
             try:
                 with attnpatch.patch(model, **kw_patch) as handle:
                     outputs[name] = model(**kw)[0]
@@ -299,7 +319,7 @@ def flux_transformer(device, budget_s):
                                                  warmup=2, min_reps=3)
                     result[f"{name}_notes"] = sorted({n for r in handle.report()
                                                       for n in r.notes})
-            except Exception as exc:
+            except Exception as exc:  # report it
                 result[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     if len(outputs) == 2:
         result["rel_err_vs_dense"] = rel(outputs["dilated"], outputs["sdpa"])
@@ -314,23 +334,35 @@ def main(argv=None) -> dict:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (CPU works)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--budget", type=float, default=None,
-                        help="seconds of timed runs per measurement (default 2, quick 0.2)")
+                        help="seconds of timed runs per measurement (default 1, quick 0.2)")
     parser.add_argument("--no-transformer", action="store_true",
                         help="skip the full-size Flux transformer forward")
+    parser.add_argument("--shapes", default=None,
+                        help="comma-separated subset of the shapes (default: all)")
     args = parser.parse_args(argv)
     quick = args.quick
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    budget = args.budget if args.budget is not None else (0.2 if quick else 2.0)
+    budget = args.budget if args.budget is not None else (0.2 if quick else 1.0)
     result = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
               "torch": torch.__version__, "dtype": str(dtype).removeprefix("torch."),
               "layout": "(B, S, H, D) memory, layout='bshd'", "rows": []}
     print(f"{'shape':14s} {'variant':44s} {'FLOPs':>6s} {'fwd ms':>9s} {'/dense':>7s} "
           f"{'fwd+bwd':>9s} {'/dense':>7s} {'err/dense':>9s} {'err/fp32':>9s}",
           file=sys.stderr)
-    for label, config in (QUICK if quick else FULL).items():
-        result["rows"] += bench_shape(label, config, args.device, dtype, budget, quick)
-    if not quick and not args.no_transformer and args.device == "cuda":
-        result["flux_transformer"] = flux_transformer(args.device, budget)
+    configs = QUICK if quick else FULL
+    chosen = args.shapes.split(",") if args.shapes else list(configs)
+    unknown = sorted(set(chosen) - set(configs))
+    if unknown:
+        parser.error(f"unknown shape(s) {unknown}; choose from {sorted(configs)}")
+    for label in chosen:
+        result["rows"] += bench_shape(label, configs[label], args.device, dtype, budget, quick)
+    if not args.no_transformer:
+        inner = "sdpa_cudnn" if args.device == "cuda" else "auto"
+        try:
+            result["flux_transformer"] = flux_transformer("tiny" if quick else "full",
+                                                          args.device, dtype, budget, inner)
+        except Exception as exc:  # report it
+            result["flux_transformer"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
     print("\ntargets (time / dense <= 1.5 x FLOPs fraction):")
     for row in result["rows"]:
         if "target_vs_dense" in row and "error" not in row:
@@ -340,7 +372,7 @@ def main(argv=None) -> dict:
                   f"{row.get('fwd_bwd_ms_vs_dense', math.nan):.3f} "
                   f"({'met' if row['fwd_bwd_target_met'] else 'missed'})")
     if "flux_transformer" in result:
-        print(f"  flux transformer 2048²: {json.dumps(result['flux_transformer'])}")
+        print(f"  flux transformer: {json.dumps(result['flux_transformer'])}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1))

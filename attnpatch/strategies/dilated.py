@@ -439,8 +439,8 @@ def _build_plan(call: AttentionCall, opts: DilatedOptions) -> _Plan:
     for i, (w, r) in enumerate(opts.patterns()):
         parts.extend(_pattern_parts(i, geo.dims, w, r, heads, geo.image_start, causal, device))
     fraction = sum(p.pairs(heads) for p in parts) / (heads * seq * seq)
-    where = (f"{seq} tokens" if opts.grid is None and not geo.text else
-             f"grid {geo.dims} ({opts.grid or 'as a sequence'})")
+    where = (f"grid {geo.dims} ({opts.grid})" if opts.grid is not None else
+             f"{geo.image} image tokens" if geo.text else f"{seq} tokens")
     text = f", text {geo.text_position} ({geo.text} tokens, dense)" if geo.text else ""
     pats = " ".join(f"(w={w}, r={r})" for w, r in zip(opts.segment_lengths,
                                                         opts.dilation_rates))

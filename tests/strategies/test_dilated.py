@@ -636,7 +636,11 @@ def test_benchmark_runs_quick_on_cpu(tmp_path):
     subprocess.run([sys.executable, str(root / "benchmarks" / "dilated.py"), "--quick",
                     "--device", "cpu", "--budget", "0.01", "--out", str(out)], check=True,
                    cwd=root, capture_output=True, timeout=600)
-    rows = json.loads(out.read_text())["rows"]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    flux = result["flux_transformer"]
+    assert flux["rel_err_vs_dense"] > 0 and flux["sdpa_ms"] > 0 and flux["dilated_ms"] > 0
+    assert any("text first (7 tokens" in n for n in flux["dilated_notes"]), flux
     assert {r["shape"] for r in rows} == {"flux_tiny", "wan_tiny", "wan_tiny_grid"}
     for row in rows:
         assert "error" not in row, row
