@@ -350,6 +350,26 @@ class _Part:
                 self._cache[key] = inv
         return inv
 
+    def row_map(self, side: str, heads: int, seq: int, transposed: bool,
+                strides: tuple) -> torch.Tensor:
+        """:meth:`inverse` in rows of a tensor of the sub-call's shape whose dims 0..2 have
+        ``strides`` (in rows; see :func:`_row_view`) instead of the logical order."""
+        inv = self.inverse(side, heads, seq, transposed)
+        pos = self.q_pos if side == "q" else self.k_pos
+        m, hx = (pos.shape[0], heads) if self.heads is None else (1, pos.shape[0])
+        count = pos.shape[1]
+        if strides == (hx * count, count, 1):
+            return inv
+        key = ("map", side, heads, seq, transposed, strides)
+        mapped = self._cache.get(key)
+        if mapped is None:
+            row = inv.clamp(min=0)
+            mapped = torch.where(inv >= 0, row // (hx * count) * strides[0]
+                                 + (row // count) % hx * strides[1] + row % count * strides[2],
+                                 -1)
+            self._cache[key] = mapped
+        return mapped
+
 
 class _Plan:
     """The parts of one dilated call (or ``dense``: cross-attention through the inner kernel)."""
@@ -565,54 +585,59 @@ def _safe_logsumexp(values: list) -> torch.Tensor:
     return torch.where(empty, torch.full_like(total, float("-inf")), torch.log(safe) + top)
 
 
-def _folded(t: torch.Tensor, batch: int) -> torch.Tensor:
-    """A part's sub-call tensor, (B·m, Hx, c, ...) or (B, m, c, ...) with per-problem heads, as
-    (B, m, Hx, c, ...) or (B, 1, m, c, ...): a view, the layout :func:`_read` indexes."""
-    return t.unflatten(0, (batch, -1))
+def _row_view(t: torch.Tensor, batch: int) -> tuple[torch.Tensor, tuple]:
+    """A part's sub-call tensor ``t`` (B', X, c, F) as rows (B, R, F) in its memory order (a
+    view when its storage is dense with the batch outermost, else a contiguous copy), and the
+    strides of its dims 0..2 in rows (for :meth:`_Part.row_map`)."""
+    feat = t.shape[-1]
+    dims = sorted((d for d in range(3) if t.shape[d] != 1), key=t.stride)
+    dense = feat == 1 or t.stride(-1) == 1
+    expected = feat
+    for d in dims:
+        dense = dense and t.stride(d) == expected
+        expected *= t.shape[d]
+    if not dense or (batch > 1 and dims and dims[-1] != 0):
+        t = t.contiguous()
+    rows = t.numel() // max(batch * feat, 1)
+    return (t.as_strided((batch, rows, feat), (rows * feat, feat, 1)),
+            tuple(t.stride(d) // feat if t.shape[d] != 1 else 0 for d in range(3)))
 
 
-def _read(t: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
-    """``t`` (B, m, Hx, c, ...) at the per-batch rows ``inv`` (X, Y) (flat over (m, Hx, c);
-    -1 reads row 0): (B, X, Y, ...)."""
-    heads, count = t.shape[2], t.shape[3]
-    row = inv.clamp(min=0)
-    return t[:, row // (heads * count), (row // count) % heads, row % count]
-
-
-def _gather_merge(outs: list, lses: list, invs: list, dtype: torch.dtype, detach: bool):
+def _gather_merge(outs: list, lses: list, out_maps: list, lse_maps: list, dtype: torch.dtype,
+                  detach: bool):
     """The merged (out, lse): every part's output read at the rows it keeps, weighted by
-    exp(lse_i - lse). ``outs[i]`` (B, m, Hx, c, Dv) and ``lses[i]`` (B, m, Hx, c) (see
-    :func:`_folded`), ``invs[i]`` (X, Y) long rows (-1: the part does not keep that
-    head/position). Returns out (B, X, Y, Dv) in ``dtype`` and lse (B, X, Y) in fp32 (fp64 for
-    fp64). One fused kernel under torch.compile (each output read once, the result written
-    once); differentiable (``detach``: the mixing weights carry no gradient)."""
+    exp(lse_i - lse). ``outs[i]`` (B, R_i, Dv) and ``lses[i]`` (B, R'_i) rows; ``out_maps[i]``
+    and ``lse_maps[i]`` (X, Y): the row holding (X, Y), -1 where part i does not keep it.
+    Returns out (B, X, Y, Dv) in ``dtype`` and lse (B, X, Y) in fp32 (fp64 for fp64). One
+    fused kernel under torch.compile (each part's output read once, the result written once);
+    differentiable (``detach``: the mixing weights carry no gradient)."""
     acc = _accumulator(dtype)
-    kept = [inv >= 0 for inv in invs]
-    at = [torch.where(k, _read(lse, inv).to(acc), float("-inf"))
-          for lse, inv, k in zip(lses, invs, kept)]
+    kept = [m >= 0 for m in lse_maps]
+    at = [torch.where(k, lse[:, m.clamp(min=0)].to(acc), float("-inf"))
+          for lse, m, k in zip(lses, lse_maps, kept)]
     lse = _safe_logsumexp(at)
     base = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
     out = None
-    for o, a, inv, k in zip(outs, at, invs, kept):
+    for o, a, m, k in zip(outs, at, out_maps, kept):
         weight = torch.exp(a - base)
         if detach:
             weight = weight.detach()
-        term = torch.where(k[..., None], weight[..., None] * _read(o, inv).to(acc), 0.0)
+        term = torch.where(k[..., None], weight[..., None] * o[:, m.clamp(min=0)].to(acc), 0.0)
         out = term if out is None else out + term
     return out.to(dtype), lse
 
 
-def _gather_sum(grads: list, invs: list, per_query_head: list, group: int, dtype,
+def _gather_sum(grads: list, maps: list, per_query_head: list, group: int, dtype,
                 transposed: bool):
-    """Σ_i ``grads[i]`` (B, m, Hx, c, D) read at ``invs[i]`` (X, Y) (-1: nothing):
-    (B, X, Y, D) in ``dtype``, summed in fp32. An inverse over query heads
-    (``per_query_head``) is summed over each group of ``group`` heads onto its kv head (the
-    heads are Y when ``transposed``, else X)."""
+    """Σ_i ``grads[i]`` (B, R_i, D) rows read at ``maps[i]`` (X, Y) (-1: nothing):
+    (B, X, Y, D) in ``dtype``, summed in fp32. A map over query heads (``per_query_head``) is
+    summed over each group of ``group`` heads onto its kv head (the heads are Y when
+    ``transposed``, else X)."""
     acc = _accumulator(dtype)
     axis = 2 if transposed else 1
     total = None
-    for g, inv, per_query in zip(grads, invs, per_query_head):
-        term = torch.where((inv >= 0)[..., None], _read(g, inv).to(acc), 0.0)
+    for g, m, per_query in zip(grads, maps, per_query_head):
+        term = torch.where((m >= 0)[..., None], g[:, m.clamp(min=0)].to(acc), 0.0)
         if per_query and group > 1:
             term = term.unflatten(axis, (-1, group)).sum(axis + 1)
         total = term if total is None else total + term
@@ -659,14 +684,12 @@ class _Run:
         """(out, lse, own): own = every part's (out, lse) when detach_weights needs them."""
         outs, lses = [], []
         self.backends = []
-        batch = q.shape[0]
         for part, sub in self.sub_calls(q, k, v, grad):
             (o, lse), backend = run_selected(self.opts.inner, sub, {})
             self.backends.append(backend)
             outs.append(o)
             lses.append(lse)
-        folded = [_folded(o, batch) for o in outs], [_folded(lse, batch) for lse in lses]
-        out, lse = (self._fused_merge if self.fused else self._scatter_merge)(*folded)
+        out, lse = (self._fused_merge if self.fused else self._scatter_merge)(outs, lses)
         own = [t for pair in zip(outs, lses) for t in pair] if (
             grad and self.opts.detach_weights) else []
         return out, lse, own
@@ -676,18 +699,17 @@ class _Run:
         batch, heads, seq, dv = call.batch_size, call.num_heads, call.seq_len_q, call.head_dim_v
         acc = _accumulator(call.dtype)
         a, b = _order(call.query)
-        bshd = a == 1
         merged = torch.zeros(batch, heads * seq, dv, dtype=acc, device=call.device)
         total = torch.full((batch, heads * seq), float("-inf"), dtype=acc, device=call.device)
         index = [part.rows("q", heads, 1, a, b) for part in self.plan.parts]
+        lses = [lse.reshape(batch, -1).to(acc) for lse in lses]
         for idx, lse in zip(index, lses):
-            total.index_copy_(1, idx, torch.logaddexp(total.index_select(1, idx),
-                                                      lse.reshape(batch, -1).to(acc)))
+            total.index_copy_(1, idx, torch.logaddexp(total.index_select(1, idx), lse))
         base = total.nan_to_num(neginf=0.0)
         for idx, o, lse in zip(index, outs, lses):
-            weight = torch.exp(lse.to(acc) - base.index_select(1, idx).view(lse.shape))
-            merged.index_add_(1, idx, (o.to(acc) * weight[..., None]).reshape(batch, -1, dv))
-        if bshd:
+            weight = torch.exp(lse - base.index_select(1, idx))
+            merged.index_add_(1, idx, o.reshape(batch, -1, dv).to(acc) * weight[..., None])
+        if a == 1:  # the query's (B, S, H) memory
             out = merged.view(batch, seq, heads, dv).transpose(1, 2)
             total = total.view(batch, seq, heads).transpose(1, 2)
         else:
@@ -696,9 +718,16 @@ class _Run:
 
     def _fused_merge(self, outs, lses):
         call = self.call
+        batch, heads, seq = call.batch_size, call.num_heads, call.seq_len_q
         bshd = _order(call.query)[0] == 1
-        invs = [p.inverse("q", call.num_heads, call.seq_len_q, bshd) for p in self.plan.parts]
-        out, lse = _compiled(_gather_merge, self.plan)(outs, lses, invs, call.dtype, False)
+        outs = [_row_view(o, batch) for o in outs]
+        lses = [_row_view(lse.unsqueeze(-1), batch) for lse in lses]
+        parts = self.plan.parts
+        out_maps = [p.row_map("q", heads, seq, bshd, st) for p, (_, st) in zip(parts, outs)]
+        lse_maps = [p.row_map("q", heads, seq, bshd, st) for p, (_, st) in zip(parts, lses)]
+        out, lse = _compiled(_gather_merge, self.plan)(
+            [o for o, _ in outs], [lse[..., 0] for lse, _ in lses], out_maps, lse_maps,
+            call.dtype, False)
         return (out.transpose(1, 2), lse.transpose(1, 2)) if bshd else (out, lse)
 
     def backward(self, q, k, v, out, lse, grad_out, own):
@@ -751,15 +780,13 @@ class _Run:
         grads = []
         for i, t in enumerate((q, k, v)):
             transposed = _order(t)[0] == 1
-            if i == 0:
-                per_query = [False] * len(parts)
-                invs = [p.inverse("q", heads, seq, transposed) for p in self.plan.parts]
-            else:
-                per_query = [p.heads is not None for p in self.plan.parts]
-                invs = [p.inverse("k", heads if pq else t.shape[1], seq, transposed)
-                        for p, pq in zip(self.plan.parts, per_query)]
-            grad = summed([_folded(d[i], batch) for d in parts], invs, per_query,
-                          1 if i == 0 else self.group, t.dtype, transposed)
+            rows = [_row_view(d[i], batch) for d in parts]
+            per_query = [i > 0 and p.heads is not None for p in self.plan.parts]
+            maps = [p.row_map("q" if i == 0 else "k", heads if i == 0 or pq else t.shape[1],
+                              seq, transposed, st)
+                    for p, pq, (_, st) in zip(self.plan.parts, per_query, rows)]
+            grad = summed([r for r, _ in rows], maps, per_query, 1 if i == 0 else self.group,
+                          t.dtype, transposed)
             grads.append(grad.transpose(1, 2) if transposed else grad)
         return tuple(grads)
 
@@ -901,7 +928,7 @@ def _traced(call: AttentionCall, plan: _Plan, opts: DilatedOptions):
         o, lse = attention(_take(q, rq, part, "q", group), _take(k, rk, part, "k", group),
                            _take(v, rv, part, "k", group), _part_mask(call, part), part.causal,
                            call.scale, 0.0, opts.inner, return_lse=True, softcap=call.softcap)
-        outs.append(_folded(o, batch))
-        lses.append(_folded(lse, batch))
+        outs.append(o.reshape(batch, -1, o.shape[-1]))
+        lses.append(lse.reshape(batch, -1))
         invs.append(part.inverse("q", heads, seq, False))
-    return _gather_merge(outs, lses, invs, call.dtype, opts.detach_weights)
+    return _gather_merge(outs, lses, invs, invs, call.dtype, opts.detach_weights)

@@ -263,6 +263,31 @@ def test_bshd_memory_gives_the_same_values_and_gradients(batch, compile):
         torch.testing.assert_close(a.transpose(1, 2), b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("layout", ["bhsd", "bshd"])
+def test_fused_and_scatter_merges_agree_on_strided_kernel_outputs(layout):
+    """CPU flash returns its lse (and gradients) in (B, S, H) memory: the fused merge reads
+    every part's rows in its own memory order, the scatter merge in the logical one."""
+    q, k, v, m = make_inputs(batch=2, heads=6, kv_heads=3, seq_q=50, head_dim=16,
+                             mask="key_padding", seed=25)
+    if layout == "bshd":
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    opts = dict(backend="dilated", segment_lengths=(7, 16, 50), dilation_rates=(1, 2, 4),
+                inner="sdpa_flash", layout=layout, attn_mask=m)
+    grad = torch.randn_like(q)
+    results = []
+    for compile in (False, True):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = attnpatch.attention(*leaves, compile=compile, **opts)
+        results.append((out, torch.autograd.grad(out, leaves, grad)))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+    for x, y in zip(gb, ga):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+    ref, _ = loop_reference(*(t.transpose(1, 2) if layout == "bshd" else t for t in (q, k, v)),
+                            (7, 16, 50), (1, 2, 4), attn_mask=m)
+    assert rel_error(b.transpose(1, 2) if layout == "bshd" else b, ref) < 1e-5
+
+
 # --- consequences ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("structure", ["plain", "float", "causal+bool", "gqa"])
