@@ -486,7 +486,10 @@ def candidate_reasons(backend: Backend, call: AttentionCall, option_names) -> li
         return reasons
     extra = sorted(set(option_names) - backend.options)
     if isinstance(option_names, Mapping) and not extra:  # the reasons may read the values
-        call.options = option_values(backend, option_names)
+        try:
+            call.options = option_values(backend, option_names)
+        except AttnPatchError:  # a bad value: selecting the backend names it
+            pass
     reasons = list(backend.not_supported_reasons(call))
     if extra:
         takes = sorted(backend.options) or "none"
