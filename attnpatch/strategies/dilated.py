@@ -289,12 +289,10 @@ class _Part:
     problem; ``keep``: None or a bool (cq, ck) mask every problem applies too.
     """
 
-    __slots__ = ("label", "q_pos", "k_pos", "heads", "q_view", "k_view", "causal", "keep",
-                 "_cache")
+    __slots__ = ("q_pos", "k_pos", "heads", "q_view", "k_view", "causal", "keep", "_cache")
 
-    def __init__(self, label, q_pos, k_pos, heads=None, q_view=None, k_view=None, causal=False,
+    def __init__(self, q_pos, k_pos, heads=None, q_view=None, k_view=None, causal=False,
                  keep=None):
-        self.label = label
         self.q_pos, self.k_pos, self.heads = q_pos, k_pos, heads
         self.q_view, self.k_view = q_view, k_view
         self.causal, self.keep = causal, keep
@@ -374,10 +372,10 @@ class _Part:
 class _Plan:
     """The parts of one dilated call (or ``dense``: cross-attention through the inner kernel)."""
 
-    __slots__ = ("dense", "parts", "fraction", "summary", "__weakref__")
+    __slots__ = ("dense", "parts", "summary", "__weakref__")
 
-    def __init__(self, dense: bool, parts: list, fraction: float, summary: str):
-        self.dense, self.parts, self.fraction, self.summary = dense, parts, fraction, summary
+    def __init__(self, dense: bool, parts: list, summary: str):
+        self.dense, self.parts, self.summary = dense, parts, summary
 
 
 def _axis_classes(length: int, w: int, r: int, o: int, device) -> list[tuple]:
@@ -398,9 +396,9 @@ def _axis_classes(length: int, w: int, r: int, o: int, device) -> list[tuple]:
     return classes
 
 
-def _pattern_parts(index: int, dims: tuple, w: tuple, r: tuple, heads: int, base: int,
-                   causal: bool, device) -> list[_Part]:
-    """The parts of pattern ``index``: (head offset, tile class) pairs grouped by kept count;
+def _pattern_parts(dims: tuple, w: tuple, r: tuple, heads: int, base: int, causal: bool,
+                   device) -> list[_Part]:
+    """The parts of one pattern: (head offset, tile class) pairs grouped by kept count;
     a loop over head offsets and the ≤ 2 classes per axis, never over segments."""
     strides = [math.prod(dims[a + 1:]) for a in range(len(dims))]
     period = math.prod(r)
@@ -416,7 +414,6 @@ def _pattern_parts(index: int, dims: tuple, w: tuple, r: tuple, heads: int, base
                                                 ).reshape(pos.shape[0] * term.shape[0], -1)
             start = combo[0][1] if len(dims) == 1 else None
             groups.setdefault(pos.shape[1], []).append((k, pos + base, start))
-    label = f"pattern {index}"
     parts = []
     for count in sorted(groups, reverse=True):
         items = groups[count]
@@ -424,19 +421,19 @@ def _pattern_parts(index: int, dims: tuple, w: tuple, r: tuple, heads: int, base
             pos = torch.cat([p for _, p, _ in items])
             view = (base + items[0][2], pos.shape[0], count) if len(items) == 1 and (
                 items[0][2] is not None) else None
-            parts.append(_Part(label, pos, pos, None, view, view, causal))
+            parts.append(_Part(pos, pos, None, view, view, causal))
         else:
             hs = [torch.arange(k, heads, period, device=device) for k, _, _ in items]
             head = torch.cat([h.repeat_interleave(p.shape[0]) for h, (_, p, _) in zip(hs, items)])
             pos = torch.cat([p.repeat(h.shape[0], 1) for h, (_, p, _) in zip(hs, items)])
-            parts.append(_Part(label, pos, pos, head, None, None, causal))
+            parts.append(_Part(pos, pos, head, None, None, causal))
     return parts
 
 
 def _build_plan(call: AttentionCall, opts: DilatedOptions) -> _Plan:
     heads, device = call.num_heads, call.device
     if _dense(call):
-        return _Plan(True, [], 1.0, f"cross-attention ({call.seq_len_q} queries, "
+        return _Plan(True, [], f"cross-attention ({call.seq_len_q} queries, "
                                     f"{call.seq_len_kv} keys): dense through inner "
                                     f"{opts.inner!r}")
     geo = _geometry(call, opts.grid)
@@ -450,14 +447,13 @@ def _build_plan(call: AttentionCall, opts: DilatedOptions) -> _Plan:
             keep = (torch.arange(seq, device=device)[None, :]
                     <= (n + torch.arange(t, device=device))[:, None])
             text_causal = False
-        parts.append(_Part("text queries", text_q, torch.arange(seq, device=device)[None], None,
+        parts.append(_Part(text_q, torch.arange(seq, device=device)[None], None,  # text rows
                            (geo.text_start, 1, t), (0, 1, seq), text_causal, keep))
         if not (causal and geo.text_position == "last"):  # (text after every image query)
-            parts.append(_Part("image queries, text keys",
-                               (geo.image_start + torch.arange(n, device=device))[None],
+            parts.append(_Part((geo.image_start + torch.arange(n, device=device))[None],
                                text_q, None, (geo.image_start, 1, n), (geo.text_start, 1, t)))
-    for i, (w, r) in enumerate(opts.patterns()):
-        parts.extend(_pattern_parts(i, geo.dims, w, r, heads, geo.image_start, causal, device))
+    for w, r in opts.patterns():
+        parts.extend(_pattern_parts(geo.dims, w, r, heads, geo.image_start, causal, device))
     fraction = sum(p.pairs(heads) for p in parts) / (heads * seq * seq)
     where = (f"grid {geo.dims} ({opts.grid})" if opts.grid is not None else
              f"{geo.image} image tokens" if geo.text else f"{seq} tokens")
@@ -465,7 +461,7 @@ def _build_plan(call: AttentionCall, opts: DilatedOptions) -> _Plan:
     pats = " ".join(f"(w={w}, r={r})" for w, r in zip(opts.segment_lengths,
                                                         opts.dilation_rates))
     summary = f"dilated {pats} over {where}{text}: {fraction:.1%} of dense FLOPs"
-    return _Plan(False, parts, fraction, summary)
+    return _Plan(False, parts, summary)
 
 
 _PLANS = BoundedCache(64)
@@ -494,13 +490,24 @@ def _order(x: torch.Tensor) -> tuple[int, int]:
 
 
 def _rows(x: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-    """``x`` (B, H, S, ...) as rows (B, H·S, ...) in its memory order (a view for bhsd or bshd
-    memory, else a copy), with its :func:`_order`."""
+    """``x`` (B, H, S, ...) as rows (B, R, ...) and (a, b) such that row h·a + p·b holds head
+    h, position p. In eager mode a strided view of ``x``'s own memory, whatever its strides
+    (q, k, v cut from a fused projection included); while torch.compile traces, the rows in
+    :func:`_order` (a view for bhsd or bshd memory, else a copy: autograd through it is
+    cheap)."""
     b, h, s = x.shape[:3]
+    feat = x.shape[3:]
+    if not torch.compiler.is_dynamo_compiling() and (not feat or x.stride(-1) == 1 or (
+            feat == (1,))):
+        sh, ss = (x.stride(1) if h > 1 else 0), (x.stride(2) if s > 1 else 0)
+        unit = math.gcd(sh, ss) or 1
+        a, step = sh // unit, ss // unit
+        count = (h - 1) * a + (s - 1) * step + 1
+        return x.as_strided((b, count, *feat), (x.stride(0), unit, *x.stride()[3:])), a, step
     a, step = _order(x)
     if a == 1:
-        return x.transpose(1, 2).reshape(b, s * h, *x.shape[3:]), a, step
-    return x.reshape(b, h * s, *x.shape[3:]), a, step
+        return x.transpose(1, 2).reshape(b, s * h, *feat), a, step
+    return x.reshape(b, h * s, *feat), a, step
 
 
 def _standard(t: torch.Tensor) -> bool:

@@ -263,6 +263,22 @@ def test_bshd_memory_gives_the_same_values_and_gradients(batch, compile):
         torch.testing.assert_close(a.transpose(1, 2), b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_inputs_cut_from_a_fused_projection(compile):
+    """q, k, v as strided views of one (B, S, 3, H, D) tensor: read in place, same values."""
+    qkv = torch.randn(2, 37, 3, 4, 8, dtype=torch.float64, requires_grad=True)
+    opts = dict(backend="dilated", segment_lengths=(5, 37), dilation_rates=(1, 3), inner="math",
+                compile=compile)
+    out = attnpatch.attention(*qkv.unbind(2), layout="bshd", **opts)
+    copies = [t.detach().contiguous().requires_grad_() for t in qkv.unbind(2)]
+    ref = attnpatch.attention(*copies, layout="bshd", **opts)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-13)
+    grad = torch.randn_like(out)
+    (got,) = torch.autograd.grad(out, qkv, grad)
+    want = torch.autograd.grad(ref, copies, grad)
+    torch.testing.assert_close(got, torch.stack(want, dim=2), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_fused_and_scatter_merges_agree_on_strided_kernel_outputs(layout):
     """CPU flash returns its lse (and gradients) in (B, S, H) memory: the fused merge reads
