@@ -6,6 +6,7 @@ The public surface is ``__all__``; everything else is private.
 from __future__ import annotations
 
 from . import backends as _backends  # noqa: F401  (registers the built-in backends)
+from . import strategies as _strategies  # noqa: F401  (registers the built-in strategies)
 from ._caches import clear_caches as _clear_caches  # noqa: F401  (attnpatch._clear_caches())
 from ._errors import AttnPatchError, BackendUnavailableError
 from ._info import BackendInfo, list_backends

@@ -31,7 +31,7 @@ class ModuleRecord(Site):
     __slots__ = ("name", "kind", "module_type", "processor", "default", "patch_default",
                  "routed", "note_text", "calls", "backend", "_backends", "fallbacks",
                  "last_selection", "_booked", "scale", "joint_text", "original", "installed",
-                 "model_hooks", "extra")
+                 "model_hooks", "extra", "notes")
 
     def __init__(self, name: str, kind: str, module: Any, processor: str):
         super().__init__(module)
@@ -55,6 +55,7 @@ class ModuleRecord(Site):
         self.installed: Any = None        # what we installed (to detect later replacement)
         self.model_hooks: Any = None      # the backend-hooks site of the model holding the module
         self.extra: dict = {}
+        self.notes: list[str] = []        # the backends' report notes (distinct, the last 8)
 
     @property
     def module(self) -> Any:
@@ -81,6 +82,8 @@ class ModuleRecord(Site):
         """The call just booked (``calls`` already counts it) ran through a new ``selection``."""
         self._switch(selection.backend.name, self.calls - 1)
         self.last_selection = selection
+        if selection.note is not None and selection.note not in self.notes:
+            self.notes = [*self.notes[-7:], selection.note]
         for name, reasons in selection.rejected.items():
             known = self.fallbacks.setdefault(name, [])
             known.extend(r for r in reasons if r not in known)
@@ -141,7 +144,7 @@ class ModuleRecord(Site):
                             fallbacks={k: list(v) for k, v in self.fallbacks.items()},
                             requested=self.requested(), backends=dict(self.backends),
                             routed=routed, kind=self.kind, module_type=self.module_type,
-                            processor=self.processor, note=note)
+                            processor=self.processor, note=note, notes=list(self.notes))
 
     def __repr__(self) -> str:
         return f"<ModuleRecord {self.name} {self.kind} routed={self.routed} calls={self.calls}>"
@@ -154,7 +157,9 @@ class ModuleReport:
     ``backend`` is the backend that ran the last call (None before the first call, and while
     compiled: calls inside a ``torch.compile`` graph are not counted), ``backends`` counts calls
     per backend, ``fallbacks`` maps every backend ``auto`` passed over to its reasons.
-    ``routed`` is False for a module attnpatch could not route; ``note`` says why.
+    ``routed`` is False for a module attnpatch could not route; ``note`` says why. ``notes``:
+    what the backends said about the calls they ran (e.g. a dilated pattern set and its
+    fraction of dense FLOPs, or that a cross-attention call ran dense).
     """
 
     name: str
@@ -168,6 +173,7 @@ class ModuleReport:
     module_type: str = ""
     processor: str = ""
     note: Optional[str] = None
+    notes: list[str] = field(default_factory=list)
 
 
 class PatchReport(list):
@@ -191,7 +197,7 @@ class PatchReport(list):
             fb = "; ".join(f"{n}: {', '.join(why)}" for n, why in r.fallbacks.items())
             if len(fb) > 100:
                 fb = fb[:97] + "..."
-            notes = r.note if r.note else fb or "-"
+            notes = r.note if r.note else "; ".join([*r.notes, *([fb] if fb else [])]) or "-"
             ran = r.backend or "-"
             if len(r.backends) > 1:
                 ran = ",".join(f"{n}x{c}" for n, c in r.backends.items())

@@ -115,7 +115,9 @@ class Backend:
 
     # --- per call -------------------------------------------------------------------------------
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
-        """Why this backend cannot run ``call``; an empty list means it can."""
+        """Why this backend cannot run ``call``; an empty list means it can. ``call.options``
+        holds the backend's validated options where their values are known (not while
+        torch.compile selects from metadata: ``forward`` checks what depends on them too)."""
         checks = (
             C.device_type(call, self.devices),
             C.dtype(call, self.dtypes),
@@ -228,6 +230,12 @@ class Backend:
         none. An exception raised here fails the request, with nothing changed, as an
         :class:`AttnPatchError` naming the backend. Default: no hooks."""
         return ()
+
+    def report_note(self, call: AttentionCall) -> Optional[str]:
+        """A line for ``handle.report()`` about what this backend does with calls like ``call``
+        (a strategy's pattern set and its cost), or None. Asked once per call signature, with
+        ``call.options`` and ``call.token_layout`` set."""
+        return None
 
     def specialize(self, call: AttentionCall) -> Optional[Callable]:
         """A kernel ``fn(query, key, value) -> out`` on (B, H, S, D) tensors that computes exactly
@@ -495,14 +503,21 @@ class Selection:
     backend: Backend
     requested: str
     rejected: dict[str, list[str]] = field(default_factory=dict)
+    #: the backend's :meth:`Backend.report_note` for this call signature (shown by reports)
+    note: Optional[str] = None
 
 
 def candidate_reasons(backend: Backend, call: AttentionCall, option_names) -> list[str]:
     reasons = backend.availability_reasons()
     if reasons:
         return reasons
-    reasons = list(backend.not_supported_reasons(call))
     extra = _not_taken(backend, option_names)
+    if isinstance(option_names, Mapping) and not extra:  # the reasons may read the values
+        try:
+            call.options = option_values(backend, option_names)
+        except AttnPatchError:  # a bad value: selecting the backend names it
+            pass
+    reasons = list(backend.not_supported_reasons(call))
     if extra:
         takes = sorted(backend.options) or "none"
         reasons.append(f"does not take option(s) {extra} (takes {takes})")
@@ -534,11 +549,12 @@ def select(requested: str, call: AttentionCall, option_names=(),
         backend = _BACKENDS[requested]
         if _not_taken(backend, option_names):  # option_values() says it, naming what it takes
             option_values(backend, dict.fromkeys(option_names))
-        reasons = candidate_reasons(backend, call, ())
+        reasons = candidate_reasons(backend, call, option_names)
         if reasons:
             raise BackendUnavailableError(f"backend {requested!r} cannot run {call}:",
                                           {requested: reasons})
-        return Selection(_delegate(backend, call, option_names), requested)
+        chosen = _delegate(backend, call, option_names)
+        return Selection(chosen, requested, note=chosen.report_note(call))
     rejected: dict[str, list[str]] = {}
     for backend in _PRIORITY:
         if backend.name in exclude:
@@ -546,6 +562,7 @@ def select(requested: str, call: AttentionCall, option_names=(),
             continue
         reasons = candidate_reasons(backend, call, option_names) or backend.auto_reasons(call)
         if not reasons:
-            return Selection(_delegate(backend, call, option_names), requested, rejected)
+            chosen = _delegate(backend, call, option_names)
+            return Selection(chosen, requested, rejected, chosen.report_note(call))
         rejected[backend.name] = reasons
     raise BackendUnavailableError(f"no backend can run {call}:", rejected)
