@@ -12,6 +12,7 @@ from ._info import BackendInfo, list_backends
 from .call import AttentionCall
 from .dispatch import Explanation, attention, attention_backend, explain, run_backend
 from .merge import Partial, merge_partials
+from . import strategies as _strategies  # noqa: F401,E402  (registers the built-in strategies)
 from .registry import Backend, Strategy, register_backend, unregister_backend
 from ._layout import TokenLayout, current_token_layout
 from ._record import ModuleReport, PatchReport

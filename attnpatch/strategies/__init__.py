@@ -1,0 +1,4 @@
+"""Built-in strategies: backends that run other backends on sub-calls. Importing this package
+registers them."""
+
+from . import context_parallel  # noqa: F401
