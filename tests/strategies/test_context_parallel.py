@@ -25,9 +25,10 @@ from attnpatch.strategies.context_parallel import (RingOptions, UlyssesOptions, 
                                                    resolve_group)
 
 from ..conftest import reference, rel_error
-from .conftest import run_ranks
+from .conftest import check_kernel_results, ring_of_one, run_ranks, simulated_ranks
 
 WORLD = 4  # the spawned run; cases use its default group or subgroups of its first ranks
+CPU_INNERS = ("math", "sdpa_flash", "auto")
 TIMEOUT = 2.0  # seconds, the fault cases' timeout
 
 
@@ -300,7 +301,7 @@ def _worker(rank: int, world: int) -> dict:
 
     register_backend(RefusesOnRank1)
     register_backend(RaisesOnRank1)
-    groups = {2: dist.new_group([0, 1]), 3: dist.new_group([0, 1, 2])}
+    groups = {n: dist.new_group(list(range(n))) for n in (1, 2, 3)}
     mesh = init_device_mesh("cpu", (world,))
     results = {"default-group": resolve_group(None) is dist.group.WORLD}
     t0 = time.monotonic()
@@ -315,6 +316,9 @@ def _worker(rank: int, world: int) -> dict:
         except Exception as err:  # the case fails, naming the error; the others still run
             results[case.name] = {"exception": f"{type(err).__name__}: {err}"}
     results["cases-seconds"] = time.monotonic() - t0
+    if rank == 0:  # the kernel path in half precision, on a ring of one rank
+        results["ring-of-one"] = ring_of_one(groups[1], "cpu", CPU_INNERS,
+                                             (torch.bfloat16, torch.float32))
     results["faults"] = _faults(rank, groups[2], groups[3])
     return results
 
@@ -342,6 +346,19 @@ def test_equals_dense_attention(ranks, case):
         assert set(errors) == ({"out", "dq", "dk", "dv"} if case.grad else {"out", "lse"})
         worst = {name: err for name, err in errors.items() if not err <= tol}
         assert not worst, f"rank {rank}: relative errors above {tol:g}: {worst}"
+
+
+@pytest.mark.distributed
+def test_ring_of_one_rank_within_twice_maths_error_in_bfloat16(ranks):
+    """On CPU, the GPU test's check of each inner kernel (tests/strategies/
+    test_context_parallel_gpu.py runs it over NCCL with the CUDA kernels)."""
+    check_kernel_results(ranks[0]["ring-of-one"])
+
+
+def test_simulated_ranks_within_twice_maths_error_in_bfloat16():
+    """The ring's arithmetic over uneven chunks (partials, merge, exact backward) with each
+    CPU inner kernel; the GPU test runs it with the CUDA kernels."""
+    check_kernel_results(simulated_ranks("cpu", CPU_INNERS[:2], (torch.bfloat16, torch.float32)))
 
 
 @pytest.mark.distributed
