@@ -65,8 +65,8 @@ import torch.distributed as dist
 from .._errors import AttnPatchError, BackendUnavailableError
 from ..call import AttentionCall
 from ..dispatch import run_backend, run_selected
-from ..registry import (Strategy, canonical_name, get_backend, register_backend,
-                        registry_version, running_strategies, select)
+from ..registry import (Strategy, all_backends, canonical_name, get_backend,
+                        register_backend, registry_version, running_strategies, select)
 
 __all__ = ["RingBackend", "UlyssesBackend", "USPBackend", "RingOptions", "UlyssesOptions",
            "USPOptions", "resolve_group"]
@@ -102,7 +102,6 @@ def _device_mesh_type():
 
 
 def _lse_inners() -> list[str]:
-    from ..registry import all_backends
     return [b.name for b in all_backends() if b.supports_lse and b.supports_backward_from_lse
             and b.name not in _NAMES]
 
@@ -381,9 +380,10 @@ def _even_split(n: int, parts: int) -> list[int]:
 
 
 def _head_split(heads: int, kv_heads: int, degree: int):
-    """(query heads, key/value heads) per Ulysses rank, as tuples of head indices. Whole key/value head groups
-    when there are at least ``degree`` of them; else the query heads split evenly, each rank
-    with the key/value heads its query heads read (a head shared by ranks is sent to each)."""
+    """(query heads, key/value heads) per Ulysses rank, as tuples of head indices: whole
+    key/value head groups when there are at least ``degree`` of them; else the query heads
+    split evenly, each rank with the key/value heads its query heads read (a head shared by
+    ranks is sent to each)."""
     group = heads // kv_heads
     if kv_heads >= degree:
         q_ranges, kv_lists, start = [], [], 0
@@ -771,33 +771,8 @@ def _local_heads(call: AttentionCall, plan: _Plan) -> tuple[int, int]:
 def _precheck(backend: _ContextParallel, call: AttentionCall, plan: _Plan, inner: str,
               grad: bool) -> str:
     """'' when ``inner`` takes every sub-call this rank will run, else why not."""
-    heads, kv_heads = _local_heads(call, plan)
-    if heads == 0:
-        return ""
-    b, d, dv = call.batch_size, call.head_dim, call.head_dim_v
-    sq = plan.chunk_q[plan.ring_index][1]
-
-    def empty(*shape, dtype=call.dtype):
-        return torch.empty(shape, dtype=dtype, device=call.device)
-
-    q = empty(b, heads, sq, d)
-    subs = []
-    if not backend.uses_ring:
-        sk = plan.chunk_kv[0][1]
-        mask = None if call.attn_mask is None else empty(b, 1, 1, sk, dtype=torch.bool)
-        sub = call.replace(query=q, key=empty(b, kv_heads, sk, d),
-                           value=empty(b, kv_heads, sk, dv), attn_mask=mask)
-        sub.requires_grad = grad
-        subs.append(sub)
-    else:
-        ring = _Ring(call, None, plan, inner, grad)
-        for c, parts in enumerate(plan.parts):
-            sk = plan.chunk_kv[c][1]
-            k, v = empty(b, kv_heads, sk, d), empty(b, kv_heads, sk, dv)
-            mask = None if call.attn_mask is None else empty(b, 1, sk, 1, dtype=torch.bool)
-            subs.extend(ring.sub_call(q, k, v, mask, part) for part in parts)
     seen = set()
-    for sub in subs:
+    for sub in _sub_calls(backend, call, plan, inner, grad):
         sig = sub.signature()
         if sig in seen:
             continue
@@ -807,6 +782,38 @@ def _precheck(backend: _ContextParallel, call: AttentionCall, plan: _Plan, inner
         except (AttnPatchError, BackendUnavailableError) as err:
             return f"inner {inner!r} cannot run {sub}: {err}"
     return ""
+
+
+def _sub_calls(backend: _ContextParallel, call: AttentionCall, plan: _Plan, inner: str,
+               grad: bool):
+    """The calls this rank's inner kernel will get, on empty tensors of their shapes; one
+    chunk's keys at a time (a generator), so checking them takes O(S/P) memory."""
+    heads, kv_heads = _local_heads(call, plan)
+    if heads == 0:
+        return
+    b, d, dv = call.batch_size, call.head_dim, call.head_dim_v
+
+    def empty(*shape, dtype=call.dtype):
+        return torch.empty(shape, dtype=dtype, device=call.device)
+
+    q = empty(b, heads, plan.chunk_q[plan.ring_index][1], d)
+    if not backend.uses_ring:
+        sk = plan.chunk_kv[0][1]
+        mask = None if call.attn_mask is None else empty(b, 1, 1, sk, dtype=torch.bool)
+        sub = call.replace(query=q, key=empty(b, kv_heads, sk, d),
+                           value=empty(b, kv_heads, sk, dv), attn_mask=mask)
+        sub.requires_grad = grad
+        yield sub
+        return
+    ring = _Ring(call, None, plan, inner, grad)
+    for c, parts in enumerate(plan.parts):
+        if not parts:
+            continue
+        sk = plan.chunk_kv[c][1]
+        k, v = empty(b, kv_heads, sk, d), empty(b, kv_heads, sk, dv)
+        mask = None if call.attn_mask is None else empty(b, 1, sk, 1, dtype=torch.bool)
+        for part in parts:
+            yield ring.sub_call(q, k, v, mask, part)
 
 
 def _run_plan(backend: _ContextParallel, call: AttentionCall, comm: _Comm, plan: _Plan,

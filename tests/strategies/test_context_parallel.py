@@ -39,8 +39,9 @@ class Case:
     same). ``text``: a joint text+image sequence, the text ``"first"`` or ``"last"`` in the
     global sequence, or ``"per_rank"``: each rank's shard is its part of the text followed by
     its part of the image (how diffusers' context-parallel plans shard Flux; the shard lengths
-    then follow from ``sum(lens)``), compared with attention over ``[text | image]``. ``group``: "sub" (a group of the first ranks), "default"
-    (None) or "mesh" (a 1-D DeviceMesh)."""
+    then follow from ``sum(lens)``), compared with attention over ``[text | image]``.
+    ``group``: "sub" (a group of the first ranks), "default" (None) or "mesh" (a 1-D
+    DeviceMesh)."""
 
     name: str
     backend: str
