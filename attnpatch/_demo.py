@@ -1,7 +1,7 @@
 """``attnpatch demo``: generate with every backend that runs here and compare them.
 
 With no ``--model`` it builds two small random-weight pipelines locally (a Flux-like and an
-SD-like one, :mod:`attnpatch.pipelines.tiny`; no download), so it works offline on a fresh
+SD-like one, :mod:`attnpatch.tiny_pipelines`; no download), so it works offline on a fresh
 machine. For each pipeline it generates once with diffusers' own attention (unpatched), then
 once per backend with ``attnpatch.patch(pipe, backend=...)``, the same prompt and seed, and
 prints: seconds per denoising step (median over steps), the largest and the relative deviation
@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Optional
 
 from . import scripting
+from .pipelines import denoiser_components
 from .scripting import ScriptError
 
 DEFAULT_PROMPT = "a red fox in the snow, watercolor"
@@ -135,24 +136,13 @@ def _pipelines(args, dtype, device) -> list[tuple[str, Any, dict, tuple]]:
         pipe = scripting.load_local_pipeline(args.model, "--model", dtype=dtype)
         label = pathlib.Path(args.model).resolve().name or "model"
         return [(label, pipe.to(device), {}, (None, None))]
-    from .pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
+    from .tiny_pipelines import build_tiny_pipeline, tiny_call_kwargs
 
     out = []
     for kind, label in (("flux", "tiny-flux"), ("sd", "tiny-sd")):
         pipe = build_tiny_pipeline(kind, size="demo", seed=args.seed, dtype=dtype).to(device)
         out.append((label, pipe, tiny_call_kwargs(kind), (256, 256)))
     return out
-
-
-def _denoisers(pipe) -> list:
-    import torch
-
-    found = []
-    for name in ("transformer", "transformer_2", "unet", "prior", "decoder"):
-        comp = getattr(pipe, name, None)
-        if isinstance(comp, torch.nn.Module):
-            found.append(comp)
-    return found
 
 
 class _StepTimer:
@@ -241,7 +231,7 @@ def _generate(pipe, label, backend, args, extra, size, device, stage, options):
     row = Row(label, backend)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     handle = None
-    timer = _StepTimer(_denoisers(pipe), sync)
+    timer = _StepTimer([m for _, m in denoiser_components(pipe)], sync)
     try:
         if backend != UNPATCHED:
             handle = scripting.patch_pipeline(pipe, backend, _options_for(backend, options),

@@ -149,7 +149,8 @@ _ID_GRIDS = BoundedCache(64)
 
 
 def _grid_from_ids(ids: torch.Tensor, image_tokens: Optional[int]):
-    """Flux-style position ids (S, 3) or (B, S, 3|4): [.., row, col] in the last two columns."""
+    """Position ids (S, C) or (B, S, C): Flux's columns are (0, row, col), Flux2's (t, row,
+    col, l); with C == 2, (row, col). One extent per column, read with a few device syncs."""
     try:
         # the same ids tensor comes back every denoising step: reuse its grid without the
         # device syncs below. Keyed on the tensor object itself (a weak reference), never on its
@@ -162,13 +163,12 @@ def _grid_from_ids(ids: torch.Tensor, image_tokens: Optional[int]):
         flat = ids.reshape(-1, ids.shape[-1])
         if image_tokens is not None and ids.dim() == 3:
             flat = ids[0]
-        rows = int(flat[:, -2].max().item() - flat[:, -2].min().item()) + 1
-        cols = int(flat[:, -1].max().item() - flat[:, -1].min().item()) + 1
-        frames = 1
-        if flat.shape[-1] >= 4:  # Flux2: (t, h, w, l) or similar: frames from the first axis
-            frames = int(flat[:, 0].max().item() - flat[:, 0].min().item()) + 1
-        grid = (frames, rows, cols)
-        if image_tokens is not None and frames * rows * cols != image_tokens:
+        extent = (flat.amax(dim=0) - flat.amin(dim=0) + 1).tolist()  # one sync
+        if len(extent) == 2:
+            grid = (1, int(extent[0]), int(extent[1]))
+        else:
+            grid = (int(extent[0]), int(extent[1]), int(extent[2]))
+        if image_tokens is not None and grid[0] * grid[1] * grid[2] != image_tokens:
             grid = None
     except Exception:  # ids in an unexpected format: leave the grid unknown
         return None

@@ -148,10 +148,6 @@ def check_backend(name: str, options: Optional[dict] = None, allow_none: bool = 
 
 # --- patching a pipeline --------------------------------------------------------------------------
 
-#: pipeline components that are denoisers (where the time goes, and what --backend is about)
-DENOISERS = ("transformer", "transformer_2", "unet", "prior", "decoder")
-
-
 def add_scope_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backend-scope", choices=("denoiser", "all"), default="denoiser",
                         help="denoiser (default): --backend runs the denoiser's attention and "
@@ -160,9 +156,10 @@ def add_scope_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def denoiser_names(pipe) -> list[str]:
-    import torch
+    """The pipeline's denoiser components (where the time goes, and what --backend is about)."""
+    from .pipelines import denoiser_components
 
-    return [n for n in DENOISERS if isinstance(getattr(pipe, n, None), torch.nn.Module)]
+    return [name for name, _ in denoiser_components(pipe)]
 
 
 def patch_pipeline(pipe, backend: str, options: dict, scope: str = "denoiser"):

@@ -6,7 +6,7 @@
 import torch
 
 import attnpatch
-from attnpatch.pipelines.tiny import build_tiny_pipeline
+from attnpatch.tiny_pipelines import build_tiny_pipeline
 
 # 1. One call: which backend would run, and every other backend's reasons.
 q = k = v = torch.randn(1, 4, 128, 64)

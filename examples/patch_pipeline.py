@@ -9,7 +9,7 @@ import argparse
 import torch
 
 import attnpatch
-from attnpatch.pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
+from attnpatch.tiny_pipelines import build_tiny_pipeline, tiny_call_kwargs
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--model", help="local diffusers model folder (default: tiny Flux-like)")

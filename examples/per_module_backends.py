@@ -6,7 +6,7 @@
 import torch
 
 import attnpatch
-from attnpatch.pipelines.tiny import build_tiny_pipeline
+from attnpatch.tiny_pipelines import build_tiny_pipeline
 
 pipe = build_tiny_pipeline("sd")
 handle = attnpatch.patch(pipe, backend={

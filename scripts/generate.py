@@ -28,6 +28,7 @@ import time
 
 from attnpatch import scripting
 from attnpatch.scripting import ScriptError
+from attnpatch.tiny_pipelines import KINDS, build_tiny_pipeline, tiny_call_kwargs
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -36,7 +37,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--model", metavar="PATH",
                      help="local diffusers model folder (with model_index.json)")
-    src.add_argument("--tiny", choices=("flux", "sd", "sdxl", "sd3", "wan"),
+    src.add_argument("--tiny", choices=tuple(KINDS),
                      help="a built-in tiny random-weight pipeline instead of --model (tests)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", metavar="FILE",
@@ -145,7 +146,7 @@ def check_inputs(args) -> tuple[list[str], str, dict, dict]:
     extra = scripting.parse_options(args.call_arg, flag="--call-arg")
     if not args.model and not args.tiny:
         raise ScriptError("no model given; pass --model PATH (a local diffusers model folder) "
-                          "or --tiny flux|sd|sdxl|sd3|wan")
+                          f"or --tiny {'|'.join(KINDS)}")
     if args.model:
         scripting.check_model_folder(args.model, "--model")
     out = pathlib.Path(args.out)
@@ -168,8 +169,6 @@ def check_inputs(args) -> tuple[list[str], str, dict, dict]:
 
 def load_pipeline(args, dtype, device):
     if args.tiny:
-        from attnpatch.pipelines.tiny import build_tiny_pipeline, tiny_call_kwargs
-
         return build_tiny_pipeline(args.tiny, size="test", seed=0, dtype=dtype).to(device), \
             tiny_call_kwargs(args.tiny)
     pipe = scripting.load_local_pipeline(args.model, "--model", dtype=dtype)

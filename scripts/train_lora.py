@@ -38,10 +38,12 @@ import sys
 import time
 
 from attnpatch import scripting
+from attnpatch.pipelines import FAMILIES, denoiser_components, family_of
 from attnpatch.scripting import ScriptError
 
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
-FAMILIES = ("sd", "sdxl", "flux", "sd3")
+#: the families this script trains (names of attnpatch.pipelines.FAMILIES; also --tiny kinds)
+TRAINED = ("sd", "sdxl", "flux", "sd3")
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what save_lora_weights writes
 CAPTIONS_HINT = 'a metadata.jsonl with one {"file_name": "0001.png", "text": "a caption"} per line'
 
@@ -51,7 +53,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pretrained_model_name_or_path", default=None,
                    help="local diffusers model folder (with model_index.json)")
-    p.add_argument("--tiny", nargs="?", const="sd", choices=FAMILIES, default=None,
+    p.add_argument("--tiny", nargs="?", const="sd", choices=TRAINED, default=None,
                    help="train a built-in tiny random-weight pipeline instead (CPU tests, demos)")
     p.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
     p.add_argument("--train_data_dir", "--instance_data_dir", dest="train_data_dir",
@@ -309,18 +311,19 @@ class EpochShuffle:
 # --- model families -------------------------------------------------------------------------------
 
 def detect_family(pipe) -> str:
-    denoiser = getattr(pipe, "unet", None)
-    if denoiser is not None:
-        return "sdxl" if getattr(pipe, "text_encoder_2", None) is not None else "sd"
-    transformer = getattr(pipe, "transformer", None)
-    name = type(transformer).__name__
-    if name == "FluxTransformer2DModel":
-        return "flux"
-    if name == "SD3Transformer2DModel":
-        return "sd3"
-    raise ScriptError(f"{type(pipe).__name__} (denoiser {name}) is not supported by "
-                      "train_lora.py; it trains SD 1.5/2.x and SDXL UNets, Flux and SD3; use one "
-                      "of those models")
+    """The pipeline's model family (one of :data:`TRAINED`), from attnpatch's family table."""
+    family = family_of(pipe)
+    if family is None or family.name not in TRAINED:
+        denoisers = ", ".join(type(m).__name__ for _, m in denoiser_components(pipe)) or "none"
+        raise ScriptError(f"{type(pipe).__name__} (denoiser {denoisers}) is not supported by "
+                          "train_lora.py; it trains SD 1.5/2.x and SDXL UNets, Flux and SD3; use "
+                          "one of those models")
+    return family.name
+
+
+def denoiser_attr(family: str) -> str:
+    """The pipeline attribute that holds the denoiser of ``family`` (``unet``, ``transformer``)."""
+    return FAMILIES[family].components[0]
 
 
 def encode_prompts(family: str, pipe, captions, device, args) -> dict:
@@ -489,7 +492,7 @@ def lora_state(family: str, model) -> dict:
 def save_lora(pipeline_cls, family: str, model, folder) -> None:
     import inspect
 
-    attr = "unet" if family in ("sd", "sdxl") else "transformer"
+    attr = denoiser_attr(family)
     kwargs = {f"{attr}_lora_layers": lora_state(family, model)}
     params = inspect.signature(pipeline_cls.save_lora_weights).parameters
     if f"{attr}_lora_adapter_metadata" in params:
@@ -501,7 +504,7 @@ def load_lora_into(pipeline_cls, family: str, model, folder) -> None:
     from diffusers.utils import convert_unet_state_dict_to_peft
     from peft import set_peft_model_state_dict
 
-    attr = "unet" if family in ("sd", "sdxl") else "transformer"
+    attr = denoiser_attr(family)
     # named: older diffusers (0.37 at least) won't guess the file name under HF_HUB_OFFLINE
     loaded = pipeline_cls.lora_state_dict(str(folder), weight_name=LORA_FILE)
     state = loaded[0] if isinstance(loaded, tuple) else loaded
@@ -519,7 +522,7 @@ def load_lora_into(pipeline_cls, family: str, model, folder) -> None:
 
 def load_pipeline(args, weight_dtype):
     if args.tiny:
-        from attnpatch.pipelines.tiny import build_tiny_pipeline
+        from attnpatch.tiny_pipelines import build_tiny_pipeline
 
         return build_tiny_pipeline(args.tiny, size="test", seed=0)
     kwargs = {"dtype": weight_dtype}
@@ -568,7 +571,7 @@ def run(args) -> int:
 
     pipe = load_pipeline(args, weight_dtype)
     family = detect_family(pipe)
-    attr = "unet" if family in ("sd", "sdxl") else "transformer"
+    attr = denoiser_attr(family)
     denoiser = getattr(pipe, attr)
     device = accelerator.device
     _move(pipe.vae, device, torch.float32)  # encode in fp32: fp16 VAEs overflow

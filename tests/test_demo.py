@@ -41,7 +41,7 @@ def test_demo_every_available_backend(tmp_path, capsys):
 
 
 def test_demo_local_model_folder_and_named_backends(tmp_path, capsys):
-    from attnpatch.pipelines.tiny import build_tiny_pipeline
+    from attnpatch.tiny_pipelines import build_tiny_pipeline
 
     model = tmp_path / "my-sd"
     build_tiny_pipeline("sd").save_pretrained(model)

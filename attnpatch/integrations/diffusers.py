@@ -17,6 +17,7 @@ import torch
 
 from .._layout import ForwardInfo, enter_forward, exit_forward
 from .._record import ModuleRecord
+from ..pipelines import forward_info, text_position
 from ..processors.rebind import NotRoutable, calls_attention, route_processor
 
 __all__ = ["is_attention_module", "is_pipeline", "is_model_mixin", "pipeline_components",
@@ -110,21 +111,6 @@ def _legacy_target(module, processor) -> tuple[Optional[type], Optional[str]]:
     return getattr(ap, target_name), None
 
 
-# Where joint attention puts the text tokens, per processor family (from the order of their
-# torch.cat([...]) of text and image q/k/v, diffusers 0.42; CogVideoX concatenates in its block).
-_TEXT_FIRST = ("Flux", "Qwen", "Bria", "Chroma", "AuraFlow", "FusedAuraFlow", "EasyAnimate",
-               "LongCatImage", "OvisImage", "CogVideoX", "FusedCogVideoX")
-_TEXT_LAST = ("HunyuanImage", "HunyuanVideo", "JoyImage", "MotifVideo")
-
-
-def _joint_text_position(cls_name: str) -> Optional[str]:
-    if cls_name.startswith(_TEXT_FIRST):
-        return "first"
-    if "JointAttnProcessor" in cls_name or cls_name.startswith(_TEXT_LAST):
-        return "last"
-    return None
-
-
 def patch_module(record: ModuleRecord) -> None:
     """Install a routed processor on ``record.module``; sets ``record.routed``/``note_text``."""
     module = record.module
@@ -155,7 +141,7 @@ def patch_module(record: ModuleRecord) -> None:
     except NotRoutable as err:
         record.note_text = str(err)
         return
-    record.joint_text = _joint_text_position(base.__name__)
+    record.joint_text = text_position(base.__name__)
     _install(module, new)
     record.installed = new
     record.routed = True
@@ -184,63 +170,6 @@ def restore_module(record: ModuleRecord) -> bool:
 
 
 # --- token layout -----------------------------------------------------------------------------
-
-def _patch_sizes(config) -> tuple[int, int, int]:
-    get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
-    p = get("patch_size", None) or 1
-    pt = get("patch_size_t", None) or 1
-    if isinstance(p, (tuple, list)):
-        if len(p) == 3:
-            return int(p[0] or 1), int(p[1] or 1), int(p[2] or 1)
-        if len(p) == 2:
-            return int(pt), int(p[0] or 1), int(p[1] or 1)
-        p = p[0]
-    return int(pt), int(p), int(p)
-
-
-def forward_info(model, args: tuple, kwargs: dict) -> Optional[ForwardInfo]:
-    """The latent grid (in tokens) and text length of one denoiser forward, from its inputs."""
-    hs = kwargs.get("hidden_states", kwargs.get("sample"))
-    if hs is None and args:
-        hs = args[0]
-    if not isinstance(hs, torch.Tensor):
-        return None
-    name = type(model).__name__
-    ehs = kwargs.get("encoder_hidden_states")
-    if ehs is None and len(args) > 2 and isinstance(args[2], torch.Tensor):
-        ehs = args[2]  # UNet2DConditionModel(sample, timestep, encoder_hidden_states)
-    text = ehs.shape[1] if isinstance(ehs, torch.Tensor) and ehs.dim() == 3 else 0
-    config = getattr(model, "config", {})
-    pt, ph, pw = _patch_sizes(config)
-    if hs.dim() == 5:  # (B, C, F, H, W), or (B, F, C, H, W) as in CogVideoX
-        channels = config.get("in_channels") if hasattr(config, "get") else None
-        frames = hs.shape[2]
-        if channels is not None and hs.shape[1] != channels:
-            if hs.shape[2] != channels:
-                return ForwardInfo(name, None, text)
-            frames = hs.shape[1]
-        grid = (frames // pt, hs.shape[3] // ph, hs.shape[4] // pw)
-        return ForwardInfo(name, grid[0] * grid[1] * grid[2], text, grid)
-    if hs.dim() == 4:  # (B, C, H, W)
-        grid = (1, hs.shape[2] // ph, hs.shape[3] // pw)
-        return ForwardInfo(name, grid[1] * grid[2], text, grid)
-    if hs.dim() == 3:  # packed tokens (B, S, C): Flux-style ids or QwenImage img_shapes
-        tokens = hs.shape[1]
-        shapes = kwargs.get("img_shapes")
-        if shapes:
-            try:
-                first = shapes[0][0] if isinstance(shapes[0], (list, tuple)) and isinstance(
-                    shapes[0][0], (list, tuple)) else shapes[0]
-                grid = tuple(int(x) for x in first)
-                if len(grid) == 3 and grid[0] * grid[1] * grid[2] == tokens:
-                    return ForwardInfo(name, tokens, text, grid)
-            except (TypeError, ValueError, IndexError):
-                pass
-        ids = kwargs.get("img_ids")
-        return ForwardInfo(name, tokens, text, None, ids if isinstance(ids, torch.Tensor)
-                           else None)
-    return None
-
 
 class LayoutHooks:
     """Forward pre/post hooks on one denoiser that publish its :class:`ForwardInfo`."""

@@ -53,7 +53,7 @@ def tiny_model(tmp_path_factory):
 
     def get(kind: str) -> pathlib.Path:
         if kind not in made:
-            from attnpatch.pipelines.tiny import build_tiny_pipeline
+            from attnpatch.tiny_pipelines import build_tiny_pipeline
 
             folder = tmp_path_factory.mktemp(f"tiny-{kind}")
             build_tiny_pipeline(kind, size="test", seed=0).save_pretrained(folder)

@@ -27,7 +27,7 @@ def lora_weights(folder):
 
 
 def generate(pipe, kind):
-    from attnpatch.pipelines.tiny import tiny_call_kwargs
+    from attnpatch.tiny_pipelines import tiny_call_kwargs
 
     pipe.set_progress_bar_config(disable=True)
     return pipe("a red square", num_inference_steps=2, height=64, width=64, output_type="np",

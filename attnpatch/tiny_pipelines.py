@@ -1,9 +1,11 @@
-"""Tiny random-weight diffusers pipelines, built locally without any download.
+"""Tiny random-weight diffusers pipelines, built locally without any download: for demos and
+tests, never for images.
 
-Used by ``attnpatch demo``, the scripts' tests and the examples. Every component is built from a
-config: the denoiser, the VAE, CLIP / T5 text encoders, and their tokenizers, which are built
-from a small character-level vocabulary written in code (transformers' ``CLIPTokenizer`` takes
-a BPE vocab dict, ``T5Tokenizer`` a Unigram vocab list), so nothing is read from the Hub.
+Used by ``attnpatch demo``, the scripts' ``--tiny`` flag, the examples and the tests. Every
+component is built from a config: the denoiser, the VAE, CLIP / T5 text encoders, and their
+tokenizers, which are built from a small character-level vocabulary written in code
+(transformers' ``CLIPTokenizer`` takes a BPE vocab dict, ``T5Tokenizer`` a Unigram vocab list),
+so nothing is read from the Hub.
 ``save_pretrained`` writes a normal diffusers folder (``model_index.json``, ``tokenizer.json``)
 that ``DiffusionPipeline.from_pretrained(folder)`` loads offline.
 
@@ -22,7 +24,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["KINDS", "build_tiny_pipeline", "clip_tokenizer", "t5_tokenizer"]
+__all__ = ["KINDS", "build_tiny_pipeline", "tiny_call_kwargs", "clip_tokenizer",
+           "t5_tokenizer"]
 
 _CHARS = string.ascii_lowercase + string.digits + string.punctuation
 
@@ -217,8 +220,8 @@ def build_tiny_pipeline(kind: str, size: str = "test", seed: int = 0,
     return pipe.to(dtype=dtype) if dtype != torch.float32 else pipe
 
 
-#: call arguments that keep the tiny pipelines fast (short T5 sequences)
 def tiny_call_kwargs(kind: str) -> dict:
+    """Call arguments that keep a tiny ``kind`` pipeline fast (short T5 sequences, few frames)."""
     if kind in ("flux", "sd3"):
         return {"max_sequence_length": 32}
     if kind == "wan":
