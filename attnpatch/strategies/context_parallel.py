@@ -566,6 +566,9 @@ class _Ring:
                      for t in blocks)
 
     def forward(self, q, k, v, mask):
+        # the kernels get tensors without autograd history, as _precheck checked them: the
+        # autograd Function around this computes the gradients
+        q, k, v = q.detach(), k.detach(), v.detach()
         plan, comm = self.plan, self.comm
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         b, h, sq, dv = q.shape[0], q.shape[1], q.shape[2], v.shape[-1]
@@ -599,6 +602,7 @@ class _Ring:
         return out.to(q.dtype), lse, tuple(ran)
 
     def backward(self, grad_out, q, k, v, mask, out, lse, ran):
+        q, k, v = q.detach(), k.detach(), v.detach()
         plan, comm = self.plan, self.comm
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         if q.shape[1] == 0:
@@ -793,17 +797,17 @@ def _sub_calls(backend: _ContextParallel, call: AttentionCall, plan: _Plan, inne
         return
     b, d, dv = call.batch_size, call.head_dim, call.head_dim_v
 
-    def empty(*shape, dtype=call.dtype):
-        return torch.empty(shape, dtype=dtype, device=call.device)
+    def empty(*shape, dtype=call.dtype, like=None):
+        # Ulysses' inner kernel gets tensors with the caller's autograd state; the ring's none
+        needs = not backend.uses_ring and like is not None and like.requires_grad
+        return torch.empty(shape, dtype=dtype, device=call.device, requires_grad=needs)
 
-    q = empty(b, heads, plan.chunk_q[plan.ring_index][1], d)
+    q = empty(b, heads, plan.chunk_q[plan.ring_index][1], d, like=call.query)
     if not backend.uses_ring:
         sk = plan.chunk_kv[0][1]
         mask = None if call.attn_mask is None else empty(b, 1, 1, sk, dtype=torch.bool)
-        sub = call.replace(query=q, key=empty(b, kv_heads, sk, d),
-                           value=empty(b, kv_heads, sk, dv), attn_mask=mask)
-        sub.requires_grad = grad
-        yield sub
+        yield call.replace(query=q, key=empty(b, kv_heads, sk, d, like=call.key),
+                           value=empty(b, kv_heads, sk, dv, like=call.value), attn_mask=mask)
         return
     ring = _Ring(call, None, plan, inner, grad)
     for c, parts in enumerate(plan.parts):

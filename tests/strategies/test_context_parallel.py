@@ -305,7 +305,6 @@ def _worker(rank: int, world: int) -> dict:
     groups = {n: dist.new_group(list(range(n))) for n in (1, 2, 3)}
     mesh = init_device_mesh("cpu", (world,))
     results = {"default-group": resolve_group(None) is dist.group.WORLD}
-    t0 = time.monotonic()
     for case in CASES:
         if rank >= case.world:
             continue
@@ -316,7 +315,6 @@ def _worker(rank: int, world: int) -> dict:
             results[case.name] = _run_case(case, rank, group)
         except Exception as err:  # the case fails, naming the error; the others still run
             results[case.name] = {"exception": f"{type(err).__name__}: {err}"}
-    results["cases-seconds"] = time.monotonic() - t0
     if rank == 0:  # the kernel path in half precision, on a ring of one rank
         results["ring-of-one"] = ring_of_one(groups[1], "cpu", CPU_INNERS,
                                              (torch.bfloat16, torch.float32))
@@ -327,11 +325,7 @@ def _worker(rank: int, world: int) -> dict:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     """The results of every case on each of the 4 spawned ranks."""
-    t0 = time.monotonic()
-    results = run_ranks(_worker, WORLD, tmp_path_factory.mktemp("cp"), timeout=240)
-    print(f"spawned run: {time.monotonic() - t0:.1f} s (cases "
-          f"{max(r['cases-seconds'] for r in results):.1f} s)")
-    return results
+    return run_ranks(_worker, WORLD, tmp_path_factory.mktemp("cp"), timeout=240)
 
 
 # --- the tests ---------------------------------------------------------------------------------
