@@ -68,7 +68,7 @@ class Case:
 
 CASES = [
     # 2 ranks
-    Case("ring-even", "ring", (4, 4)),
+    Case("ring-even-auto", "ring", (4, 4), inner="auto"),
     Case("ring-uneven-causal", "ring", (3, 7), causal=True),
     Case("ring-gqa-mask-causal-sdpa_flash", "ring", (5, 2), kv_heads=2, mask=True, causal=True,
          inner="sdpa_flash"),
@@ -81,7 +81,7 @@ CASES = [
     Case("ring-lse-no-grad", "ring", (3, 6), causal=True, mask=True, grad=False),
     Case("ring-float64-exact", "ring", (5, 3), kv_heads=2, causal=True, mask=True,
          dtype=torch.float64),
-    Case("ulysses-even", "ulysses", (4, 4)),
+    Case("ulysses-even-value-head-dim", "ulysses", (4, 4), head_dim_v=12),
     Case("ulysses-uneven-3-heads-causal-mask", "ulysses", (3, 6), heads=3, causal=True,
          mask=True),
     Case("ulysses-mqa-auto", "ulysses", (5, 4), kv_heads=1, inner="auto"),
@@ -90,7 +90,8 @@ CASES = [
     Case("ulysses-text-per-rank", "ulysses", (5, 5), mask=True, text="per_rank",
          inner="sdpa"),
     Case("usp-1x2", "usp", (3, 5), heads=3, causal=True, options=dict(ring_degree=1)),
-    Case("usp-2x1", "usp", (3, 5), mask=True, options=dict(ulysses_degree=1)),
+    Case("usp-2x1-value-head-dim", "usp", (3, 5), mask=True, head_dim_v=4,
+         options=dict(ulysses_degree=1)),
     # 3 ranks
     Case("ring-3-gqa-mask-causal-sdpa_flash", "ring", (2, 5, 4), kv_heads=2, mask=True,
          causal=True, inner="sdpa_flash"),
