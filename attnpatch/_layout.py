@@ -151,8 +151,10 @@ def _grid_from_ids(ids: torch.Tensor, image_tokens: Optional[int]):
         # the same ids tensor comes back every denoising step: reuse its grid without the
         # device syncs below. Keyed on the tensor object itself (a weak reference), never on its
         # address, which the CUDA caching allocator hands to the next tensor once it is freed.
-        key = id(ids)
-        cached = _ID_GRIDS.get(key)
+        # Inference-mode tensors track no version, so an in-place edit could not be seen:
+        # those are read every time.
+        key = None if ids.is_inference() else id(ids)
+        cached = None if key is None else _ID_GRIDS.get(key)
         if (cached is not None and cached[0]() is ids and cached[1] == ids._version
                 and cached[2] == image_tokens):
             return cached[3]
@@ -168,7 +170,8 @@ def _grid_from_ids(ids: torch.Tensor, image_tokens: Optional[int]):
             grid = None
     except Exception:  # ids in an unexpected format: leave the grid unknown
         return None
-    _ID_GRIDS.put(key, (weakref.ref(ids), ids._version, image_tokens, grid))
+    if key is not None:
+        _ID_GRIDS.put(key, (weakref.ref(ids), ids._version, image_tokens, grid))
     return grid
 
 

@@ -97,6 +97,30 @@ def reference(q, k, v, attn_mask=None, is_causal=False, scale=None, softcap=None
     return torch.softmax(scores, dim=-1).masked_fill(empty, 0.0) @ v, lse
 
 
+def is_dense(backend: str) -> bool:
+    """True for a backend defined as dense attention (its ``reference`` is the registry's
+    dense one); False for a pattern strategy such as ``dilated``, whose result differs from
+    dense attention by definition (tests that compare with an unpatched model skip those)."""
+    return type(registry.get_backend(backend)).reference is registry.Backend.reference
+
+
+def expected(backend: str, q, k, v, attn_mask=None, is_causal=False):
+    """What ``backend`` is defined to compute, ``(out, lse)`` in float64: :func:`reference`
+    (written independently of attnpatch) for a backend whose definition is dense attention,
+    else the backend's own ``reference`` (a strategy that attends under a pattern, such as
+    ``dilated``: dense attention under its stated mask) with its default options.
+    Differentiable with respect to the given tensors."""
+    b = registry.get_backend(backend)
+    if is_dense(backend):
+        return reference(q, k, v, attn_mask, is_causal)
+    ex = attnpatch.explain(q.double(), k.double(), v.double(), attn_mask=attn_mask,
+                           is_causal=is_causal, backend=backend)
+    call = ex.call.replace(query=q.double(), key=k.double(), value=v.double(),
+                           attn_mask=attn_mask if attn_mask is None or attn_mask.dtype == torch.bool
+                           else attn_mask.double())
+    return b.reference(call, ex.call.options)
+
+
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()

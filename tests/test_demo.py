@@ -11,6 +11,8 @@ import pytest
 from attnpatch import cli
 from attnpatch.scripting import available_backends
 
+from .conftest import is_dense
+
 SMALL = ["--steps", "1", "--height", "32", "--width", "32"]
 
 
@@ -30,7 +32,10 @@ def test_demo_every_available_backend(tmp_path, capsys):
             assert r["error"] is None, r
             assert r["seconds_per_step"] > 0
             assert (out / r["image"]).is_file()
-            assert r["rel_dev"] < 1e-3, r          # every backend computes the same image
+            if name == "unpatched" or is_dense(name):
+                assert r["rel_dev"] < 1e-3, r      # every dense backend computes the same image
+            else:  # a pattern strategy (dilated) differs by definition: the demo says how much
+                assert 0 <= r["rel_dev"] < 1, r
             if name != "unpatched":
                 assert r["modules_patched"] > 0 and r["ran"] == name
         assert mine["sdpa"]["max_abs_dev"] == 0.0

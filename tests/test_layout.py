@@ -35,3 +35,12 @@ def test_grid_is_recomputed_after_in_place_change():
     assert _grid_from_ids(ids, 32) == (1, 4, 8)
     ids.copy_(flux_ids(8, 4))
     assert _grid_from_ids(ids, 32) == (1, 8, 4)
+
+
+def test_grid_of_inference_mode_ids_is_read_each_time():
+    # inference tensors track no version: an in-place change must still be seen
+    with torch.inference_mode():
+        ids = flux_ids(4, 8)
+        assert _grid_from_ids(ids, 32) == (1, 4, 8)
+        ids.copy_(flux_ids(8, 4))
+        assert _grid_from_ids(ids, 32) == (1, 8, 4)

@@ -65,8 +65,8 @@ import torch.distributed as dist
 from .._errors import AttnPatchError, BackendUnavailableError
 from ..call import AttentionCall
 from ..dispatch import run_backend, run_selected
-from ..registry import (Strategy, all_backends, canonical_name, get_backend,
-                        register_backend, registry_version, running_strategies, select)
+from ..registry import (VERSION, Strategy, all_backends, canonical_name, get_backend,
+                        register_backend, running_strategies, select)
 
 __all__ = ["RingBackend", "UlyssesBackend", "USPBackend", "RingOptions", "UlyssesOptions",
            "USPOptions", "resolve_group"]
@@ -747,7 +747,7 @@ def _attention(backend: _ContextParallel, call: AttentionCall, opts):
     _check_rows(comm, rows, opts, call.device)
     grad = any(rows[0][_FIELDS.index(f"grad {t}")] for t in ("query", "key", "value"))
     key = (id(comm.pg), ring_degree, ulysses_degree, tuple(map(tuple, rows)), grad,
-           registry_version())
+           VERSION[0])
     plan = backend._plans.get(key)
     if plan is None:  # first call of this configuration (on every rank alike)
         plan = _plan(rows, comm.rank, ring_degree, ulysses_degree, call.is_causal)

@@ -1,6 +1,7 @@
 """Property tests: every backend that runs on this machine's CPU (from the registry), on random
-small calls, either matches an independent float64 reference or refuses the call with the
-reasons ``explain`` gives. Never a wrong answer.
+small calls, either matches a float64 reference of its definition (the independent dense one;
+a pattern strategy's own dense-under-its-mask reference) or refuses the call with the reasons
+``explain`` gives. Never a wrong answer.
 
 A call draws: odd sizes with Sq != Sk, grouped-query heads, memory layouts (transposed,
 head-dim slices, permuted, stride-0 batch/head dims, ``layout="bshd"``), masks (none, bool,
@@ -26,7 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import attnpatch
 from attnpatch import registry
 
-from ..conftest import cpu_backends, out_lse_loss, reference, rel_error, run_or_refuse
+from ..conftest import cpu_backends, expected, out_lse_loss, rel_error, run_or_refuse
 
 BACKENDS = cpu_backends()
 EXAMPLES = settings(max_examples=25, deadline=None)
@@ -234,7 +235,7 @@ def test_forward_matches_reference_or_refuses(backend, case):
     attnpatch.dispatch._CACHE.clear()  # each example starts cold: reproducible
     ops = operands(case)
     q, k, v, mask = ops.views(ops.leaves)
-    ref_out, ref_lse = reference(q, k, v, mask, case.is_causal)
+    ref_out, ref_lse = expected(backend, q, k, v, mask, case.is_causal)
     for _ in ("cold", "warm"):
         result = _attend(backend, case, q, k, v, mask)
         if result is None:
@@ -264,7 +265,7 @@ def _check_loss_gradients(backend, case, needs) -> None:
     attnpatch.dispatch._CACHE.clear()
     ops = operands(case)
     ref_leaves = ops.detached(torch.float64, needs)
-    ref_out, ref_lse = reference(*ops.views(ref_leaves), case.is_causal)
+    ref_out, ref_lse = expected(backend, *ops.views(ref_leaves), case.is_causal)
     out_lse_loss(ref_out, ref_lse if case.return_lse else None).backward()
     leaves = ops.detached(requires_grad=needs)
     result = _attend(backend, case, *ops.views(leaves))
@@ -316,7 +317,7 @@ def test_fp32_mask_keeps_its_precision_with_low_precision_queries(backend, dtype
     gen = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 9, 16, generator=gen).to(dtype) for _ in range(3))
     bias = _precise_bias(kind, 9, 9)
-    ref_out, ref_lse = reference(q, k, v, bias)
+    ref_out, ref_lse = expected(backend, q, k, v, bias)
     assert torch.isfinite(ref_lse).all()
     with sdpa_kernel(SDPBackend.MATH):
         torch_err = rel_error(F.scaled_dot_product_attention(q, k, v, attn_mask=bias), ref_out)
