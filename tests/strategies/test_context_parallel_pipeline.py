@@ -1,0 +1,219 @@
+"""Context parallelism at the pipeline level: ``patch(model, backend="ring"|"ulysses"|"usp")``
+splits a tiny denoiser's inputs as its family's plan says and gathers its output; on 2 and 4
+gloo ranks the output equals the single-process forward (fp32, 1e-5), a LoRA training step
+gives the single-process gradients (mean over the ranks, as DDP computes), and unpatch leaves
+no hook behind. Each spawned run covers several models: spawning costs seconds per process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnpatch
+from attnpatch import AttnPatchError
+
+from ..tiny_models import flux, no_attnpatch_state, output_of, rel_error, run, sd3, sd15, sdxl, \
+    seeded, wan
+from .conftest import run_ranks
+
+pytest.importorskip("diffusers")
+pytestmark = pytest.mark.distributed
+
+TOL = 1e-5
+MODELS = dict(flux=flux, sd3=sd3, wan=wan, sd15=sd15, sdxl=sdxl)
+
+
+def _hook_count(model: torch.nn.Module) -> int:
+    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
+
+
+def _forward_case(name: str, backend: str, options: dict) -> dict:
+    """On this rank: the patched forward's error against the unpatched one, and what unpatch
+    leaves behind."""
+    model, kw = MODELS[name]()
+    seeded(model)
+    hooks_before = _hook_count(model)
+    first = next(m for m in model.modules() if hasattr(m, "processor"))
+    lengths = []
+    seen = first.register_forward_pre_hook(
+        lambda m, args, kw_: lengths.append((args[0] if args else kw_["hidden_states"]).shape[1]),
+        with_kwargs=True)
+    ref = run(model, kw)
+    handle = attnpatch.patch(model, backend=backend, inner="math", **options)
+    hooked = _hook_count(model) - hooks_before - 1
+    out = run(model, kw)
+    seen.remove()
+    ran = sorted({b for r in handle.report() for b in r.backends})
+    handle.unpatch()
+    after = run(model, kw)
+    return dict(error=rel_error(out, ref), shape_ok=out.shape == ref.shape, hooked=hooked,
+                lengths=lengths,
+                ran=ran, left=no_attnpatch_state(model),
+                hooks_left=_hook_count(model) - hooks_before, restored=torch.equal(after, ref))
+
+
+FORWARD_2 = [("flux", "ring", {}), ("sd3", "ring", {}), ("wan", "ring", {}),
+             ("sd15", "ring", {}), ("sdxl", "ring", {}), ("flux", "ulysses", {}),
+             ("sd3", "ulysses", {})]
+FORWARD_4 = [("wan", "usp", {"ring_degree": 2, "ulysses_degree": 2}), ("flux", "ring", {}),
+             ("sd3", "usp", {"ulysses_degree": 2})]
+
+
+def _lora_grads(name: str, checkpointing: bool) -> dict[str, torch.Tensor]:
+    """One LoRA training step's gradients on a seeded tiny model, on this process (patched
+    or not, whatever the caller set up)."""
+    from peft import LoraConfig
+
+    model, kw = MODELS[name]()
+    seeded(model)
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                 target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():  # nonzero B matrices: every LoRA weight gets a gradient
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(n)))
+    model.train()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    return model, kw
+
+
+def _step(model, kw) -> dict[str, torch.Tensor]:
+    out = output_of(model(**kw))
+    target = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+    loss = ((out.float() - target) ** 2).mean()
+    loss.backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+LORA = [("flux", "ring", False), ("flux", "ring", True), ("sd15", "ring", True),
+        ("sd3", "ulysses", False)]
+
+
+def _lora_case(name: str, backend: str, checkpointing: bool) -> dict:
+    """Single-process LoRA gradients vs this rank's under ``backend``, averaged over the ranks
+    (what DDP's all-reduce does); with DDP itself too for the first case."""
+    import torch.distributed as dist
+
+    model, kw = _lora_grads(name, checkpointing)
+    ref = _step(model, kw)
+    model, kw = _lora_grads(name, checkpointing)
+    with attnpatch.patch(model, backend=backend, inner="math"):
+        grads = _step(model, kw)
+    errors = []
+    for n, g in grads.items():
+        dist.all_reduce(g)
+        g /= dist.get_world_size()
+        errors.append(rel_error(g, ref[n]))
+    return dict(count=len(grads), same_names=sorted(grads) == sorted(ref), error=max(errors))
+
+
+def _ddp_case() -> dict:
+    """The tiny Flux under ``ring`` wrapped in torch's DDP (as ``accelerator.prepare`` does):
+    its averaged gradients are the single-process ones."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model, kw = _lora_grads("flux", False)
+    ref = _step(model, kw)
+    model, kw = _lora_grads("flux", False)
+    with attnpatch.patch(model, backend="ring", inner="math"):
+        ddp = DistributedDataParallel(model)
+        out = output_of(ddp(**kw))
+        target = torch.randn(out.shape, generator=torch.Generator().manual_seed(5))
+        ((out.float() - target) ** 2).mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    return dict(error=max(rel_error(g, ref[n]) for n, g in grads.items()))
+
+
+def _refusals() -> dict:
+    """A denoiser without a plan and a bad usp degree are refused at patch time, nothing
+    changed; a VAE gets no hooks."""
+    from diffusers import UNet2DModel
+
+    from ..tiny_models import vae
+
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                       block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                       up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=4)
+    messages = {}
+    for key, (model, backend, options) in {
+            "unet2d": (unet, "ring", {}),
+            "usp": (flux()[0], "usp", {"ring_degree": 3})}.items():
+        try:
+            attnpatch.patch(model, backend=backend, **options)
+            messages[key] = None
+        except AttnPatchError as err:
+            messages[key] = str(err)
+        messages[key + "_left"] = no_attnpatch_state(model)
+    autoencoder, _ = vae()
+    with attnpatch.patch(autoencoder, backend="sdpa"):
+        layout_only = _hook_count(autoencoder)
+    with attnpatch.patch(autoencoder, backend="ring"):
+        messages["vae_hooks"] = _hook_count(autoencoder) - layout_only
+    return messages
+
+
+def _worker_2(rank: int, world: int) -> dict:
+    torch.manual_seed(0)
+    return dict(forward={f"{n}-{b}": _forward_case(n, b, o) for n, b, o in FORWARD_2},
+                lora={f"{n}-{b}-{'ckpt' if c else 'plain'}": _lora_case(n, b, c)
+                      for n, b, c in LORA},
+                ddp=_ddp_case(), refusals=_refusals())
+
+
+def _worker_4(rank: int, world: int) -> dict:
+    return {f"{n}-{b}": _forward_case(n, b, o) for n, b, o in FORWARD_4}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return run_ranks(_worker_2, 2, tmp_path_factory.mktemp("cp2"), timeout=240)
+
+
+@pytest.mark.parametrize("case", [f"{n}-{b}" for n, b, _ in FORWARD_2])
+def test_forward_on_2_ranks_equals_one_process_and_unpatch_removes_everything(two_ranks, case):
+    for rank, result in enumerate(two_ranks):
+        r = result["forward"][case]
+        assert r["shape_ok"] and r["error"] <= TOL, (rank, r)
+        assert r["hooked"] > 2, (rank, r)  # the layout hooks and the plan's
+        whole, shard = r["lengths"]  # the first attention's tokens: this rank's share
+        assert shard == len(torch.arange(whole).tensor_split(2)[rank]), (rank, r)
+        assert r["ran"] == [case.split("-")[1]], (rank, r)
+        assert r["left"] == [] and r["hooks_left"] == 0 and r["restored"], (rank, r)
+
+
+@pytest.mark.parametrize("case", [f"{n}-{b}-{'ckpt' if c else 'plain'}" for n, b, c in LORA])
+def test_lora_step_on_2_ranks_gives_the_single_process_gradients(two_ranks, case):
+    for rank, result in enumerate(two_ranks):
+        r = result["lora"][case]
+        assert r["same_names"] and r["count"] > 0 and r["error"] <= TOL, (rank, r)
+
+
+def test_ddp_over_a_ring_patched_model_gives_the_single_process_gradients(two_ranks):
+    for rank, result in enumerate(two_ranks):
+        assert result["ddp"]["error"] <= TOL, (rank, result["ddp"])
+
+
+def test_refusals_name_the_model_and_leave_nothing(two_ranks):
+    r = two_ranks[0]["refusals"]
+    assert "UNet2DModel has no context-parallel plan" in r["unet2d"], r
+    assert "ring_degree=3" in r["usp"] and "2 ranks" in r["usp"], r
+    assert r["unet2d_left"] == [] and r["usp_left"] == [], r
+    assert r["vae_hooks"] == 0, r
+
+
+def test_forward_on_4_ranks_usp_and_ring(tmp_path_factory):
+    results = run_ranks(_worker_4, 4, tmp_path_factory.mktemp("cp4"), timeout=240)
+    for rank, result in enumerate(results):
+        for case, r in result.items():
+            assert r["shape_ok"] and r["error"] <= TOL, (rank, case, r)
+            assert r["left"] == [] and r["hooks_left"] == 0 and r["restored"], (rank, case, r)
+
+
+def test_patch_without_a_process_group_is_refused_with_nothing_changed():
+    model, _ = flux()
+    with pytest.raises(AttnPatchError, match="torch.distributed is not initialized"):
+        attnpatch.patch(model, backend="ring")
+    assert no_attnpatch_state(model) == []
