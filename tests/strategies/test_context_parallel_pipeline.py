@@ -217,3 +217,32 @@ def test_patch_without_a_process_group_is_refused_with_nothing_changed():
     with pytest.raises(AttnPatchError, match="torch.distributed is not initialized"):
         attnpatch.patch(model, backend="ring")
     assert no_attnpatch_state(model) == []
+
+
+def test_accelerate_launch_runs_the_tiny_flux_under_ring(tmp_path):
+    """``accelerate launch --multi_gpu --num_processes 2`` works on a CPU machine: the script's
+    ``PartialState(cpu=True)`` sets up gloo, which the ring uses as its default group."""
+    import json
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    accelerate = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    root = Path(__file__).resolve().parents[2]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "result.json"
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+         str(root / "tests" / "strategies" / "accelerate_ring_flux.py"), str(out)],
+        cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world"] == 2 and result["backend"] == "gloo", result
+    assert max(result["errors"]) <= TOL, result
