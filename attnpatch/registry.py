@@ -85,6 +85,9 @@ class Backend:
     #: components only, and ``auto`` to the rest (text encoders, VAE): context parallelism,
     #: whose shards only the denoiser's hooks make
     denoiser_only: ClassVar[bool] = False
+    #: one attention call spans the processes of a group (context parallelism): every process
+    #: runs the same inputs, so the scripts don't split data across processes for it
+    spans_processes: ClassVar[bool] = False
     requires_package: ClassVar[Optional[str]] = None
     requires_pip_name: ClassVar[Optional[str]] = None
     #: the options the backend takes: a frozen dataclass whose ``__post_init__`` validates the

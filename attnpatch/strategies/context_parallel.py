@@ -691,6 +691,7 @@ class _ContextParallel(Strategy):
 
     priority = None
     denoiser_only = True  # the shards exist only inside the denoiser's hooks
+    spans_processes = True
     mask_kinds = frozenset({"none", "key_padding"})
     supports_dropout = False
     supports_lse = True  # the merged lse, without a gradient
