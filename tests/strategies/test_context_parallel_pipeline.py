@@ -246,3 +246,36 @@ def test_accelerate_launch_runs_the_tiny_flux_under_ring(tmp_path):
     result = json.loads(out.read_text())
     assert result["world"] == 2 and result["backend"] == "gloo", result
     assert max(result["errors"]) <= TOL, result
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_benchmark_quick_runs_every_variant(tmp_path, processes):
+    """``benchmarks/context_parallel.py --quick``: one process (its own group of one) and two
+    under ``accelerate launch``; every attnpatch variant equals the single-process forward,
+    diffusers' rows say why they can't run on CPU."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = tmp_path / "cp.json"
+    script = [str(root / "benchmarks" / "context_parallel.py"), "--quick", "--configs",
+              "flux_tiny", "--repeats", "2", "--warmup", "1", "--out", str(out)]
+    if processes == 1:
+        cmd = [sys.executable, *script]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
+               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+               "--dynamo_backend", "no", *script]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert result["processes"] == processes and list(rows) == [
+        "single", "ring", "ulysses", "usp", "diffusers_ring", "diffusers_ulysses"]
+    for name in ("ring", "ulysses", "usp"):
+        assert rows[name]["rel_error_vs_single"] <= TOL and rows[name]["ms"] > 0, rows[name]
+    assert all("error" in rows[d] for d in ("diffusers_ring", "diffusers_ulysses"))
