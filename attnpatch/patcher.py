@@ -237,25 +237,31 @@ def _spec(value: Any, options: dict) -> Optional[tuple[str, dict]]:
     return (name, opts)
 
 
-def _denoiser_scope(target, backend: BackendSpec, options: dict) -> BackendSpec:
-    """``backend`` for a pipeline whose named backend is ``denoiser_only``: a dict giving it to
-    the denoiser components (the rest get ``auto``); otherwise ``backend`` unchanged."""
+def _denoiser_scope(target, backend: BackendSpec, options: dict) -> tuple[BackendSpec, dict]:
+    """``(backend, options)`` for a pipeline whose one named backend is ``denoiser_only``: a
+    dict giving it, with the options, to the denoiser components (the rest get ``auto``, no
+    options); otherwise both unchanged."""
     if not dif.is_pipeline(target) or (isinstance(backend, dict) and "backend" not in backend):
-        return backend
-    name = backend[0] if isinstance(backend, tuple) else (
-        backend.get("backend") if isinstance(backend, dict) else backend)
+        return backend, options
+    name, opts = backend, dict(options)
+    if isinstance(backend, tuple) and len(backend) == 2 and isinstance(backend[1], dict):
+        name, opts = backend[0], {**options, **backend[1]}
+    elif isinstance(backend, dict):
+        rest = dict(backend)
+        name = rest.pop("backend")
+        opts = {**options, **rest}
     if not isinstance(name, str) or name.lower() == "auto":
-        return backend
+        return backend, options
     if not registry.get_backend(_canonical(name)).denoiser_only:
-        return backend
+        return backend, options
     from .pipelines import denoiser_components
 
     names = [n for n, _ in denoiser_components(target)]
     if not names:
-        return backend
+        return backend, options
     logger.info("attnpatch: %s runs on the denoiser (%s); text encoders and VAE stay on auto",
                 name, ", ".join(names))
-    return {n: backend for n in names}
+    return {n: (name, opts) for n in names}, {}
 
 
 def _backend_plan(backend: BackendSpec, options: dict, names: list[str]
@@ -582,7 +588,7 @@ class PatchHandle:
         a backend that refuses them fails the switch, with nothing changed."""
         self._check_active()
         _set_defaults([(r.name, r) for r in self._records],
-                      _denoiser_scope(self.target, backend, options), options)
+                      *_denoiser_scope(self.target, backend, options))
         return self
 
     set_attention_backend = set_backend
@@ -779,7 +785,7 @@ def _patch(target, backend, include, exclude, options, implicit: bool) -> PatchH
         why = tf.unsupported_reason(module, name) if kind == "transformers" else None
         if why is not None:
             raise AttnPatchError(why)
-    plan = _backend_plan(_denoiser_scope(target, backend, options), options,
+    plan = _backend_plan(*_denoiser_scope(target, backend, options),
                          [n for n, _, _ in selected])
     handle = _handle_of(target) or PatchHandle(target, implicit)
     handle._apply(target, found, selected, plan)
@@ -839,7 +845,7 @@ def _obj_set_backend(obj, backend: BackendSpec, **options: Any) -> None:
     if not named:
         raise AttnPatchError(f"no attnpatch-patched attention module left in "
                              f"{type(obj).__name__}")
-    _set_defaults(named, _denoiser_scope(obj, backend, options), options)
+    _set_defaults(named, *_denoiser_scope(obj, backend, options))
 
 
 def _obj_reset_backend(obj) -> None:

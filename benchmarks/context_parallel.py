@@ -220,13 +220,13 @@ def start_group(quick: bool) -> None:
     from accelerate import PartialState
 
     state = PartialState(cpu=quick)
-    if not dist.is_initialized():  # one process, not launched by accelerate/torchrun
-        store = tempfile.mktemp(prefix="attnpatch-cp-store-")
-        backend = "gloo" if quick or not torch.cuda.is_available() else "nccl"
-        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1,
-                                timeout=datetime.timedelta(seconds=600))
     if state.device.type == "cuda":
         torch.cuda.set_device(state.device)
+    if not dist.is_initialized():  # one process, not launched by accelerate/torchrun
+        store = tempfile.mktemp(prefix="attnpatch-cp-store-")
+        backend = "nccl" if state.device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1,
+                                timeout=datetime.timedelta(seconds=600))
 
 
 def main(argv=None) -> int:

@@ -380,10 +380,10 @@ def test_a_hook_with_a_path_hooks_that_submodule_and_goes_with_the_model(shifted
 
 def test_a_denoiser_only_backend_patches_the_denoiser_of_a_pipeline(shifted):
     """``patch(pipe, backend=...)`` with a ``denoiser_only`` backend: the transformer gets it,
-    the VAE ``auto`` (not asked for hooks); so do ``set_backend`` and ``set_attention_backend``
-    on the pipeline."""
+    the VAE ``auto`` (not asked for hooks, and not given the backend's options); so do
+    ``set_backend`` and ``set_attention_backend`` on the pipeline."""
     pipe, _ = flux_pipeline()
-    with attnpatch.patch(pipe, backend="test_at_proj_out") as handle:
+    with attnpatch.patch(pipe, backend="test_at_proj_out", shift=1.0) as handle:
         requested = {r.name.split(".")[0]: r.requested for r in handle.report()}
         assert requested == {"transformer": "test_at_proj_out", "vae": "auto"}
         assert shifted.asked == [("FluxTransformer2DModel", 1.0)]

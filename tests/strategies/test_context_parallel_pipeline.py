@@ -155,9 +155,26 @@ def _refusals() -> dict:
     return messages
 
 
+def _pipeline_case(name: str) -> dict:
+    """``patch(pipe, backend="ring")`` on a whole tiny pipeline: the denoiser runs ring, the
+    text encoder (causal CLIP) and the VAE stay on auto; the images equal one process's."""
+    from ..tiny_models import flux_pipeline, run_pipe, sd_pipeline
+
+    pipe, kw = {"flux": flux_pipeline, "sd": sd_pipeline}[name]()
+    for component in pipe.components.values():
+        if isinstance(component, torch.nn.Module):
+            seeded(component, 3)
+    ref = run_pipe(pipe, kw)
+    with attnpatch.patch(pipe, backend="ring", inner="math") as handle:
+        out = run_pipe(pipe, kw)
+        ran = {r.name.split(".")[0]: sorted(r.backends) for r in handle.report()}
+    return dict(error=rel_error(out, ref), ran=ran, left=no_attnpatch_state(pipe))
+
+
 def _worker_2(rank: int, world: int) -> dict:
     torch.manual_seed(0)
     return dict(forward={f"{n}-{b}": _forward_case(n, b, o) for n, b, o in FORWARD_2},
+                pipelines={n: _pipeline_case(n) for n in ("flux", "sd")},
                 lora={f"{n}-{b}-{'ckpt' if c else 'plain'}": _lora_case(n, b, c)
                       for n, b, c in LORA},
                 ddp=_ddp_case(), refusals=_refusals())
@@ -182,6 +199,16 @@ def test_forward_on_2_ranks_equals_one_process_and_unpatch_removes_everything(tw
         assert shard == len(torch.arange(whole).tensor_split(2)[rank]), (rank, r)
         assert r["ran"] == [case.split("-")[1]], (rank, r)
         assert r["left"] == [] and r["hooks_left"] == 0 and r["restored"], (rank, r)
+
+
+@pytest.mark.parametrize("name", ["flux", "sd"])
+def test_patching_a_pipeline_shards_only_its_denoiser(two_ranks, name):
+    for rank, result in enumerate(two_ranks):
+        r = result["pipelines"][name]
+        assert r["error"] <= TOL and r["left"] == [], (rank, r)
+        denoiser = "transformer" if name == "flux" else "unet"
+        assert r["ran"].pop(denoiser) == ["ring"], (rank, r)
+        assert r["ran"] and "ring" not in {b for v in r["ran"].values() for b in v}, (rank, r)
 
 
 @pytest.mark.parametrize("case", [f"{n}-{b}-{'ckpt' if c else 'plain'}" for n, b, c in LORA])
