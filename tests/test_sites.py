@@ -385,7 +385,7 @@ def test_a_denoiser_only_backend_patches_the_denoiser_of_a_pipeline(shifted):
     pipe, _ = flux_pipeline()
     with attnpatch.patch(pipe, backend="test_at_proj_out", shift=1.0) as handle:
         requested = {r.name.split(".")[0]: r.requested for r in handle.report()}
-        assert requested == {"transformer": "test_at_proj_out", "vae": "auto"}
+        assert requested == {"transformer": "test_at_proj_out(shift=1.0)", "vae": "auto"}
         assert shifted.asked == [("FluxTransformer2DModel", 1.0)]
         assert pipe.vae.decoder.mid_block.attentions[0]._forward_hooks == {}
         handle.set_backend("sdpa")
