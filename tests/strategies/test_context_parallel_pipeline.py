@@ -20,7 +20,21 @@ pytest.importorskip("diffusers")
 pytestmark = pytest.mark.distributed
 
 TOL = 1e-5
-MODELS = dict(flux=flux, sd3=sd3, wan=wan, sd15=sd15, sdxl=sdxl)
+
+
+def _zoo(name: str):
+    """A model of the zoo (small config, its forward kwargs) that brings diffusers' plan."""
+    def build():
+        from ..zoo_models import build as zoo_build
+
+        case = zoo_build(name)
+        return case.model, case.kwargs
+    return build
+
+
+MODELS = dict(flux=flux, sd3=sd3, wan=wan, sd15=sd15, sdxl=sdxl,
+              qwenimage=_zoo("QwenImageTransformer2DModel"),
+              flux2=_zoo("Flux2Transformer2DModel"))
 
 
 def _hook_count(model: torch.nn.Module) -> int:
@@ -54,7 +68,7 @@ def _forward_case(name: str, backend: str, options: dict) -> dict:
 
 FORWARD_2 = [("flux", "ring", {}), ("sd3", "ring", {}), ("wan", "ring", {}),
              ("sd15", "ring", {}), ("sdxl", "ring", {}), ("flux", "ulysses", {}),
-             ("sd3", "ulysses", {})]
+             ("sd3", "ulysses", {}), ("qwenimage", "ring", {}), ("flux2", "ulysses", {})]
 FORWARD_4 = [("wan", "usp", {"ring_degree": 2, "ulysses_degree": 2}), ("flux", "ring", {}),
              ("sd3", "usp", {"ulysses_degree": 2})]
 
