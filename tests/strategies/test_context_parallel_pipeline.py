@@ -185,10 +185,45 @@ def _pipeline_case(name: str) -> dict:
     return dict(error=rel_error(out, ref), ran=ran, left=no_attnpatch_state(pipe))
 
 
+def _lora_into_parallel_pipeline() -> dict:
+    """``pipe.load_lora_weights`` into a pipeline already patched with ``ring``: the images
+    equal the unpatched pipeline's with the same LoRA (the hooks touch no weight)."""
+    import tempfile
+
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from ..tiny_models import flux_pipeline, run_pipe
+
+    donor, _ = flux_pipeline()
+    donor.transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian",
+                                             target_modules=["to_q", "to_k", "to_v"]))
+    with torch.no_grad():
+        for n, p in donor.transformer.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(len(n)))
+    images = []
+    with tempfile.TemporaryDirectory() as path:
+        FluxPipeline.save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(
+            donor.transformer), safe_serialization=True)
+        for parallel in (False, True):
+            pipe, kw = flux_pipeline()
+            handle = attnpatch.patch(pipe, backend="ring", inner="math") if parallel else None
+            pipe.load_lora_weights(path, weight_name="pytorch_lora_weights.safetensors")
+            images.append(run_pipe(pipe, kw))
+            if handle is not None:
+                handle.unpatch()
+    plain, _ = flux_pipeline()
+    return dict(error=rel_error(images[1], images[0]),
+                changed=rel_error(run_pipe(plain, kw), images[0]))
+
+
 def _worker_2(rank: int, world: int) -> dict:
     torch.manual_seed(0)
     return dict(forward={f"{n}-{b}": _forward_case(n, b, o) for n, b, o in FORWARD_2},
                 pipelines={n: _pipeline_case(n) for n in ("flux", "sd")},
+                lora_loaded=_lora_into_parallel_pipeline(),
                 lora={f"{n}-{b}-{'ckpt' if c else 'plain'}": _lora_case(n, b, c)
                       for n, b, c in LORA},
                 ddp=_ddp_case(), refusals=_refusals())
@@ -223,6 +258,12 @@ def test_patching_a_pipeline_shards_only_its_denoiser(two_ranks, name):
         denoiser = "transformer" if name == "flux" else "unet"
         assert r["ran"].pop(denoiser) == ["ring"], (rank, r)
         assert r["ran"] and "ring" not in {b for v in r["ran"].values() for b in v}, (rank, r)
+
+
+def test_lora_loads_into_a_ring_patched_pipeline(two_ranks):
+    for rank, result in enumerate(two_ranks):
+        r = result["lora_loaded"]
+        assert r["error"] <= TOL and r["changed"] > 1e-3, (rank, r)
 
 
 @pytest.mark.parametrize("case", [f"{n}-{b}-{'ckpt' if c else 'plain'}" for n, b, c in LORA])
