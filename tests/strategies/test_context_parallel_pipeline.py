@@ -69,8 +69,8 @@ def _forward_case(name: str, backend: str, options: dict) -> dict:
 FORWARD_2 = [("flux", "ring", {}), ("sd3", "ring", {}), ("wan", "ring", {}),
              ("sd15", "ring", {}), ("sdxl", "ring", {}), ("flux", "ulysses", {}),
              ("sd3", "ulysses", {}), ("qwenimage", "ring", {}), ("flux2", "ulysses", {})]
-FORWARD_4 = [("wan", "usp", {"ring_degree": 2, "ulysses_degree": 2}), ("flux", "ring", {}),
-             ("sd3", "usp", {"ulysses_degree": 2})]
+FORWARD_4 = [("wan", "usp", {"ring_degree": 2, "ulysses_degree": 2}),
+             ("flux", "ring", {})]
 
 
 def _lora_grads(name: str, checkpointing: bool) -> dict[str, torch.Tensor]:
