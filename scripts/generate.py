@@ -215,56 +215,60 @@ def run(args) -> int:
     handle = None
     if backend != "none":
         handle = scripting.patch_pipeline(pipe, backend, options, args.backend_scope)
-    pipe.set_progress_bar_config(disable=not main_proc, leave=False)
+    try:
+        pipe.set_progress_bar_config(disable=not main_proc, leave=False)
 
-    items, error = [], None
-    jobs = list(enumerate(prompts))
-    # context parallelism: every process runs every prompt (same seed), the main one keeps it
-    together = scripting.spans_processes(backend)
-    share = contextlib.nullcontext(jobs) if together else accelerator.split_between_processes(jobs)
-    with share as mine:
-        try:
-            for index, prompt in tqdm(mine, desc=f"prompts (process {accelerator.process_index})",
-                                      disable=not main_proc):
-                seed = args.seed + index
-                start = time.perf_counter()
-                with torch.inference_mode():
-                    output = pipe(**call_kwargs(pipe, args, extra, prompt, seed, defaults))
-                if together and not main_proc:
-                    continue
-                kind, arr = to_uint8(output)
-                items.append({"index": index, "prompt": prompt, "seed": seed, "kind": kind,
-                              "array": arr, "seconds": round(time.perf_counter() - start, 3),
-                              "process": accelerator.process_index})
-        except attnpatch.AttnPatchError as err:
-            error = (f"backend {backend!r} failed: {scripting.one_line(err)}; pick another "
-                     "--backend (`attnpatch backends`) or change its --backend-option")
-        except (TypeError, ValueError) as err:
-            if not options:
-                raise
-            error = (f"backend {backend!r} failed with options {options}: "
-                     f"{scripting.one_line(err)[:300]}; check the --backend-option values")
-    gathered = gather_object([{"error": error, "items": items}])
-    errors = [g["error"] for g in gathered if g["error"]]
-    if errors:
-        raise ScriptError(errors[0])
+        items, error = [], None
+        jobs = list(enumerate(prompts))
+        # context parallelism: every process runs every prompt (same seed), the main one keeps it
+        together = scripting.spans_processes(backend)
+        share = contextlib.nullcontext(jobs) if together else accelerator.split_between_processes(jobs)
+        with share as mine:
+            try:
+                for index, prompt in tqdm(mine, desc=f"prompts (process {accelerator.process_index})",
+                                          disable=not main_proc):
+                    seed = args.seed + index
+                    start = time.perf_counter()
+                    with torch.inference_mode():
+                        output = pipe(**call_kwargs(pipe, args, extra, prompt, seed, defaults))
+                    if together and not main_proc:
+                        continue
+                    kind, arr = to_uint8(output)
+                    items.append({"index": index, "prompt": prompt, "seed": seed, "kind": kind,
+                                  "array": arr, "seconds": round(time.perf_counter() - start, 3),
+                                  "process": accelerator.process_index})
+            except attnpatch.AttnPatchError as err:
+                error = (f"backend {backend!r} failed: {scripting.one_line(err)}; pick another "
+                         "--backend (`attnpatch backends`) or change its --backend-option")
+            except (TypeError, ValueError) as err:
+                if not options:
+                    raise
+                error = (f"backend {backend!r} failed with options {options}: "
+                         f"{scripting.one_line(err)[:300]}; check the --backend-option values")
+        gathered = gather_object([{"error": error, "items": items}])
+        errors = [g["error"] for g in gathered if g["error"]]
+        if errors:
+            raise ScriptError(errors[0])
 
-    if main_proc:
-        everything = sorted((it for g in gathered for it in g["items"]), key=lambda it: it["index"])
-        with scripting.staged_output(args.out) as stage:
-            records = []
-            for it in everything:
-                name = write_item(it, stage, args)
-                records.append({"file": name, "prompt": it["prompt"], "seed": it["seed"],
-                                "backend": backend, "seconds": it["seconds"],
-                                "process": it["process"]})
-            with open(stage / "generations.jsonl", "w") as f:
-                for r in records:
-                    f.write(json.dumps(r) + "\n")
-        print(f"wrote {len(records)} file(s) to {args.out}/ with backend {backend} "
-              f"({accelerator.num_processes} process(es))")
-        if handle is not None and args.report:
-            print(handle.report())
+        if main_proc:
+            everything = sorted((it for g in gathered for it in g["items"]), key=lambda it: it["index"])
+            with scripting.staged_output(args.out) as stage:
+                records = []
+                for it in everything:
+                    name = write_item(it, stage, args)
+                    records.append({"file": name, "prompt": it["prompt"], "seed": it["seed"],
+                                    "backend": backend, "seconds": it["seconds"],
+                                    "process": it["process"]})
+                with open(stage / "generations.jsonl", "w") as f:
+                    for r in records:
+                        f.write(json.dumps(r) + "\n")
+            print(f"wrote {len(records)} file(s) to {args.out}/ with backend {backend} "
+                  f"({accelerator.num_processes} process(es))")
+            if handle is not None and args.report:
+                print(handle.report())
+    finally:  # the pipeline is the caller's again (main() may run in-process: tests, notebooks)
+        if handle is not None:
+            handle.unpatch()
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
