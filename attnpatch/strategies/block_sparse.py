@@ -623,14 +623,15 @@ def _run_flex(call: AttentionCall, plan: _Plan, allow: Optional[torch.Tensor]):
         if call.is_causal:  # every kept block may be cut by the causal pattern: partial
             partial, full = partial | full, torch.zeros_like(full)
         gq, gk = groups.group_ids("q", False), groups.group_ids("k", False)
-        pos = torch.arange(gq.numel(), device=gq.device) if perm is None else perm
+        pos_q = torch.arange(gq.numel(), device=gq.device) if perm is None else perm
+        pos_k = torch.arange(gk.numel(), device=gk.device) if perm is None else perm
         per_batch, per_head = allow_t.shape[0] > 1, allow_t.shape[1] > 1
         causal = call.is_causal
 
         def mask_mod(b, h, q, k):
             ok = allow_t[b if per_batch else 0, h if per_head else 0, gq[q], gk[k]]
             if causal:
-                ok = ok & (pos[q] >= pos[k])
+                ok = ok & (pos_q[q] >= pos_k[k])
             return ok
         p_cnt, p_idx = _index_lists(partial)
         f_cnt, f_idx = _index_lists(full)
@@ -785,9 +786,12 @@ class BlockSparseAttention(Strategy):
 
     def reference(self, call: AttentionCall, options: Any = None):
         """Dense float64 attention under the layout's element mask (expanded from the layout's
-        blocks or groups, in the call's token order), the call's mask and causal pattern."""
+        blocks or groups, in the call's token order), the call's mask and causal pattern.
+        Without a layout or pattern (which the backend refuses): a full layout, dense."""
         opts = options if isinstance(options, BlockSparseOptions) else option_values(
             self, dict(options or {}))
+        if opts.block_layout is None and opts.pattern is None:
+            return super().reference(call, opts)
         call.options = opts
         reasons = _layout_reasons(call, opts)
         if reasons:

@@ -1,0 +1,497 @@
+"""Block-sparse attention (issue 19) against float64 dense attention under element masks built
+here from each definition (per token, not from the strategy's block lists): random layouts,
+every pattern, ragged blocks and tiles, GQA, masks and causal on top, joint text from tiny
+Flux / SD3 / Wan models, gradients, the Flex path, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import attnpatch
+from attnpatch import TokenLayout, registry
+from attnpatch.call import AttentionCall
+from attnpatch.registry import Backend, register_backend, unregister_backend
+from attnpatch.strategies import _block_patterns as P
+
+from ..conftest import make_inputs, reference, rel_error
+from ..tiny_models import flux, run, sd3, wan
+
+BS = "block_sparse"
+F64 = dict(dtype=torch.float64)
+
+
+def bs(q, k, v, **kw):
+    return attnpatch.attention(q, k, v, backend=BS, **kw)
+
+
+def expand(layout: torch.Tensor, bq: int, bk: int, sq: int, sk: int) -> torch.Tensor:
+    """(H, Sq, Sk): the element mask of a block layout."""
+    return layout.repeat_interleave(bq, 1)[:, :sq].repeat_interleave(bk, 2)[:, :, :sk]
+
+
+def masked_reference(q, k, v, element, attn_mask=None, is_causal=False):
+    """Float64 dense attention under ``element`` (broadcast to (B, H, Sq, Sk)) and the call's
+    mask."""
+    mask = element
+    if attn_mask is not None:
+        mask = (attn_mask & element if attn_mask.dtype == torch.bool
+                else attn_mask.double().masked_fill(~element, float("-inf")))
+    return reference(q, k, v, mask, is_causal)
+
+
+# --- element masks written from the definitions ------------------------------------------------
+
+def _geometry(layout: TokenLayout, seq: int):
+    text = layout.text_tokens if layout.text_position in ("first", "last") else 0
+    n = seq - text
+    image0 = text if layout.text_position == "first" else 0
+    text0 = n if layout.text_position == "last" else 0
+    return text, n, image0, text0
+
+
+def with_text(image_mask: torch.Tensor, layout: TokenLayout, seq: int,
+              text_global: bool = True) -> torch.Tensor:
+    """(..., S, S) from an image-token mask (..., N, N): text rows and columns all True
+    (``text_global``), else text attends only text."""
+    text, n, image0, text0 = _geometry(layout, seq)
+    out = torch.zeros(*image_mask.shape[:-2], seq, seq, dtype=torch.bool)
+    out[..., image0:image0 + n, image0:image0 + n] = image_mask
+    t = slice(text0, text0 + text)
+    out[..., t, t] = True
+    if text_global:
+        out[..., t, :] = True
+        out[..., :, t] = True
+    return out
+
+
+def tile_mask(grid, tile, window) -> torch.Tensor:
+    """(N, N): each token's tile, per axis the window of tiles start..start+w-1 with start =
+    clamp(c - (w-1)//2, 0, n - w), w clamped to n; key token allowed iff its tile is inside on
+    every axis. Computed per token."""
+    f, h, w = grid
+    idx = torch.arange(f * h * w)
+    coords = torch.stack([idx // (h * w), (idx // w) % h, idx % w], -1)
+    ok = torch.ones(f * h * w, f * h * w, dtype=torch.bool)
+    for axis in range(3):
+        n = -(-grid[axis] // tile[axis])
+        win = min(window[axis], n)
+        t = coords[:, axis] // tile[axis]
+        start = [min(max(c - (win - 1) // 2, 0), n - win) for c in t.tolist()]
+        start = torch.tensor(start)
+        ok &= (t[None, :] >= start[:, None]) & (t[None, :] < start[:, None] + win)
+    return ok
+
+
+def band_mask(n, bq, bk, window, stride=None, glob=(0, 0)) -> torch.Tensor:
+    """(N, N) of local1d / strided / global tokens, per token."""
+    i = torch.arange(n)
+    c = (i // bq * bq) // bk
+    kb = i // bk
+    diff = c[:, None] - kb[None, :]
+    ok = diff.abs() <= window
+    if stride is not None:
+        ok |= diff % stride == 0
+    first, last = glob
+    g = (i < first) | (i >= n - last)
+    return ok | g[:, None] | g[None, :]
+
+
+def radial_element_mask(frames: int, per_frame: int, block: int, sink: bool = True):
+    """(N, N): Radial Attention's token-level rule (arXiv:2506.19852, reference code
+    ``get_window_width`` / ``get_diagonal_split_mask``), per token pair."""
+    n = frames * per_frame
+    i = torch.arange(n)
+    frame, x = i // per_frame, i % per_frame
+    ok = torch.zeros(n, n, dtype=torch.bool)
+    for fi in range(frames):
+        for fj in range(frames):
+            d = abs(fi - fj)
+            if d == 0:
+                width, kept = per_frame, True
+            else:
+                decay = 2 ** per_frame.bit_length() / 2 ** d.bit_length()
+                width = decay if decay >= block else block
+                kept = decay >= block or d % int(block / decay) == 0
+            qs, ks = frame == fi, frame == fj
+            pair = ((x[:, None] - x[None, :]).abs() <= width) & kept
+            if sink and fj == 0:
+                pair = torch.ones_like(pair)
+            ok |= pair & qs[:, None] & ks[None, :]
+    return ok
+
+
+def block_any(mask: torch.Tensor, bq: int, bk: int) -> torch.Tensor:
+    """(nq, nk): blocks holding at least one True."""
+    n, m = mask.shape
+    pad = torch.zeros(-(-n // bq) * bq, -(-m // bk) * bk, dtype=torch.bool)
+    pad[:n, :m] = mask
+    return pad.reshape(pad.shape[0] // bq, bq, pad.shape[1] // bk, bk).any(3).any(1)
+
+
+# --- the layout contract -----------------------------------------------------------------------
+
+@st.composite
+def layout_cases(draw):
+    kv = draw(st.integers(1, 2))
+    return dict(batch=draw(st.integers(1, 2)), kv=kv, heads=kv * draw(st.integers(1, 2)),
+                sq=draw(st.integers(1, 40)), sk=draw(st.integers(1, 40)),
+                bq=draw(st.integers(1, 16)), bk=draw(st.integers(1, 16)),
+                per_head=draw(st.booleans()), density=draw(st.sampled_from([0.2, 0.5, 0.9])),
+                mask=draw(st.sampled_from([None, "bool", "float"])),
+                causal=draw(st.booleans()), lse=draw(st.booleans()),
+                seed=draw(st.integers(0, 2 ** 16)))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(layout_cases())
+def test_random_layouts_equal_dense_attention_under_the_expanded_mask(c):
+    q, k, v, m = make_inputs(batch=c["batch"], heads=c["heads"], kv_heads=c["kv"],
+                             seq_q=c["sq"], seq_k=c["sk"], head_dim=8, mask=c["mask"],
+                             seed=c["seed"])
+    if m is not None and m.dim() == 2:
+        m = m[None, None]
+    gen = torch.Generator().manual_seed(c["seed"])
+    nq, nk = -(-c["sq"] // c["bq"]), -(-c["sk"] // c["bk"])
+    layout = torch.rand(c["heads"] if c["per_head"] else 1, nq, nk, generator=gen) < c["density"]
+    out = bs(q, k, v, attn_mask=m, is_causal=c["causal"], block_layout=layout,
+             block_size=(c["bq"], c["bk"]), empty_rows="zeros", return_lse=c["lse"])
+    element = expand(layout, c["bq"], c["bk"], c["sq"], c["sk"])[None]
+    ref_out, ref_lse = masked_reference(q, k, v, element, m, c["causal"])
+    got = out[0] if c["lse"] else out
+    assert rel_error(got, ref_out) <= 1e-5
+    if c["lse"]:
+        torch.testing.assert_close(out[1].double(), ref_lse, rtol=1e-5, atol=1e-5)
+    flex = bs(q, k, v, attn_mask=m, is_causal=c["causal"], block_layout=layout,
+              block_size=(c["bq"], c["bk"]), empty_rows="zeros", kernel="flex",
+              return_lse=c["lse"])
+    assert rel_error(flex[0] if c["lse"] else flex, ref_out) <= 1e-5
+
+
+def test_full_layout_equals_dense_attention():
+    q, k, v, _ = make_inputs(batch=2, heads=4, kv_heads=2, seq_q=45, seq_k=37, **F64)
+    full = torch.ones(1, 3, 3, dtype=torch.bool)
+    out = bs(q, k, v, block_layout=full, block_size=(16, 13))
+    torch.testing.assert_close(out, reference(q, k, v)[0], rtol=0, atol=1e-12)
+    dense = attnpatch.attention(q.float(), k.float(), v.float(), backend="math")
+    ours = bs(q.float(), k.float(), v.float(), block_layout=full, block_size=(16, 13))
+    assert rel_error(ours, dense) <= 1e-6
+
+
+def test_gradients_are_exact():
+    q, k, v, m = make_inputs(batch=2, heads=4, kv_heads=2, seq_q=30, seq_k=30, head_dim=8,
+                             mask="bool", requires_grad=True, **F64)
+    layout = torch.rand(4, 4, 4, generator=torch.Generator().manual_seed(3)) < 0.5
+    layout[:, torch.arange(4), torch.arange(4)] = True
+    out = bs(q, k, v, attn_mask=m, is_causal=True, block_layout=layout, block_size=8)
+    ref = masked_reference(q, k, v, expand(layout, 8, 8, 30, 30)[None], m, True)[0]
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad),
+                    torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+def test_reference_is_dense_under_the_expanded_mask():
+    q, k, v, _ = make_inputs(batch=1, heads=2, seq_q=20, seq_k=20, head_dim=8, **F64)
+    layout = torch.eye(3, dtype=torch.bool)[None]
+    ex = attnpatch.explain(q, k, v, backend=BS, block_layout=layout, block_size=7)
+    out, lse = registry.get_backend(BS).reference(ex.call, ex.call.options)
+    ref_out, ref_lse = masked_reference(q, k, v, expand(layout, 7, 7, 20, 20)[None])
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=0, atol=1e-12)
+
+
+# --- patterns ----------------------------------------------------------------------------------
+
+LAYOUTS = {
+    "image": TokenLayout(0, "none", 2, 6, 10),
+    "text_first": TokenLayout(9, "first", 1, 7, 11),
+    "text_last": TokenLayout(5, "last", 3, 5, 6),
+}
+
+
+def _qkv(layout: TokenLayout, heads=4, kv=2, seed=0, grad=False, dtype=torch.float64):
+    seq = math.prod(layout.grid) + (layout.text_tokens if layout.text_position != "none" else 0)
+    return make_inputs(batch=2, heads=heads, kv_heads=kv, seq_q=seq, head_dim=8, seed=seed,
+                       dtype=dtype, requires_grad=grad)[:3]
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("tile, window", [((2, 3, 4), (1, 3, 1)), ((1, 4, 4), (2, 1, 2)),
+                                          ((2, 2, 5), (3, 3, 3))])
+def test_tile3d_ragged_tiles_equal_the_per_token_definition(name, tile, window):
+    layout = LAYOUTS[name]
+    q, k, v = _qkv(layout)
+    seq = q.shape[2]
+    out = bs(q, k, v, pattern="tile3d", tile=tile, window=window, token_layout=layout,
+             block_size=16)
+    element = with_text(tile_mask(layout.grid, tile, window), layout, seq)
+    torch.testing.assert_close(out, masked_reference(q, k, v, element)[0], rtol=0, atol=1e-12)
+    flex = bs(q.float(), k.float(), v.float(), pattern="tile3d", tile=tile, window=window,
+              token_layout=layout, kernel="flex")
+    assert rel_error(flex, out) <= 1e-5
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_tile2d_is_per_frame_and_text_local_keeps_modalities_apart(name):
+    layout = LAYOUTS[name]
+    q, k, v = _qkv(layout, seed=1)
+    seq = q.shape[2]
+    for text in ("global", "local"):
+        out = bs(q, k, v, pattern="tile2d", tile=(3, 4), window=(1, 2), text=text,
+                 token_layout=layout)
+        element = with_text(tile_mask(layout.grid, (1, 3, 4), (1, 1, 2)), layout, seq,
+                            text == "global")
+        torch.testing.assert_close(out, masked_reference(q, k, v, element)[0], rtol=0,
+                                   atol=1e-12)
+
+
+def test_text_rows_equal_dense_attention():
+    layout = LAYOUTS["text_first"]
+    q, k, v = _qkv(layout, seed=2)
+    out = bs(q, k, v, pattern="tile2d", tile=(2, 2), window=(1, 1), token_layout=layout)
+    dense = reference(q, k, v)[0]
+    t = layout.text_tokens
+    torch.testing.assert_close(out[:, :, :t], dense[:, :, :t], rtol=0, atol=1e-13)
+    assert (out[:, :, t:] - dense[:, :, t:]).abs().max() > 1e-3  # the image rows are sparse
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("pattern, kw", [
+    ("local1d", dict(window=1)), ("local1d", dict(window=0, block_size=(8, 5))),
+    ("strided", dict(stride=3)), ("strided", dict(stride=2, window=1)),
+    ("global_tokens", dict(global_tokens=(3, 2))), ("local1d", dict(global_tokens=4))])
+def test_sequence_patterns_equal_the_per_token_definition(name, pattern, kw):
+    layout = LAYOUTS[name]
+    q, k, v = _qkv(layout, seed=3)
+    seq = q.shape[2]
+    kw = {"block_size": 7, **kw}
+    bq, bk = kw["block_size"] if isinstance(kw["block_size"], tuple) else (kw["block_size"],) * 2
+    out = bs(q, k, v, pattern=pattern, token_layout=layout, **kw)
+    window = kw.get("window", {"strided": 0}.get(pattern, 1))
+    glob = kw.get("global_tokens", 0)
+    glob = (glob, 0) if isinstance(glob, int) else glob
+    n = math.prod(layout.grid)
+    element = with_text(band_mask(n, bq, bk, window, kw.get("stride", 4 if pattern == "strided"
+                                                             else None), glob), layout, seq)
+    torch.testing.assert_close(out, masked_reference(q, k, v, element)[0], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("frames, height, width, block", [(12, 4, 8, 16), (9, 3, 5, 8),
+                                                          (6, 8, 8, 32)])
+def test_radial_blocks_equal_the_element_rule_shrunk_to_blocks(frames, height, width, block):
+    per_frame = height * width
+    got = P.radial_blocks(frames, per_frame, block, block, True, "cpu")
+    want = block_any(radial_element_mask(frames, per_frame, block), block, block)
+    assert torch.equal(got, want)
+    assert not got.all()  # the rule is sparse at these sizes
+
+
+def test_radial_attention_equals_its_block_layout():
+    layout = TokenLayout(6, "last", 9, 3, 5)
+    q, k, v = _qkv(layout, seed=4)
+    out = bs(q, k, v, pattern="radial", block_size=8, token_layout=layout)
+    blocks = block_any(radial_element_mask(9, 15, 8), 8, 8)
+    element = with_text(expand(blocks[None], 8, 8, 135, 135)[0], layout, q.shape[2])
+    torch.testing.assert_close(out, masked_reference(q, k, v, element)[0], rtol=0, atol=1e-12)
+
+
+def topk_element(q, k, layout: TokenLayout, block: int, keep: float, window: int):
+    """(B, H, S, S): the top-k layout, written with loops over blocks."""
+    seq = q.shape[2]
+    text, n, image0, _ = _geometry(layout, seq)
+    nb = -(-n // block)
+    group = q.shape[1] // k.shape[1]
+    out = torch.zeros(q.shape[0], q.shape[1], n, n, dtype=torch.bool)
+    count = math.ceil(keep * nb)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            qi = q[b, h, image0:image0 + n].float()
+            ki = k[b, h // group, image0:image0 + n].float()
+            qm = torch.stack([qi[i * block:(i + 1) * block].mean(0) for i in range(nb)])
+            km = torch.stack([ki[i * block:(i + 1) * block].mean(0) for i in range(nb)])
+            scores = qm @ km.T
+            for i in range(nb):
+                keep_j = set(scores[i].topk(count).indices.tolist())
+                keep_j |= {j for j in range(nb) if abs(i - j) <= window}
+                for j in keep_j:
+                    out[b, h, i * block:(i + 1) * block, j * block:(j + 1) * block] = True
+    return with_text(out, layout, seq)
+
+
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_topk_equals_the_layout_it_chose(name):
+    layout = LAYOUTS[name]
+    q, k, v = _qkv(layout, seed=5, dtype=torch.float32)
+    out = bs(q, k, v, pattern="topk", keep=0.3, window=0, block_size=8, token_layout=layout)
+    element = topk_element(q, k, layout, 8, 0.3, 0)
+    assert rel_error(out, masked_reference(q, k, v, element)[0]) <= 1e-5
+    ex = attnpatch.explain(q, k, v, backend=BS, pattern="topk", keep=0.3, window=0,
+                           block_size=8, token_layout=layout)
+    note = registry.get_backend(BS).report_note(ex.call)
+    assert "topk keep 0.3" in note and "chosen density" in note
+
+
+def test_mask_mod_is_exact_to_its_element_mask():
+    q, k, v, _ = make_inputs(batch=1, heads=2, seq_q=33, head_dim=8, **F64)
+
+    def window(b, h, q_idx, kv_idx):
+        return (q_idx - kv_idx).abs() <= 4 + h
+
+    out = bs(q, k, v, mask_mod=window)
+    i = torch.arange(33)
+    element = torch.stack([(i[:, None] - i[None, :]).abs() <= 4 + h for h in range(2)])[None]
+    torch.testing.assert_close(out, masked_reference(q, k, v, element)[0], rtol=0, atol=1e-12)
+    flex = bs(q.float(), k.float(), v.float(), mask_mod=window, kernel="flex")
+    assert rel_error(flex, out) <= 1e-5
+
+
+def test_kernel_blocks_classify_full_and_partial_from_groups():
+    layout = TokenLayout(9, "first", 2, 6, 10)
+    geo = P.Geometry(129, 9, "first", (2, 6, 10))
+    groups = P.tile_layout(geo, (1, 3, 4), (1, 2, 2), True, "cpu")
+    element = groups.allow[0, 0][groups.group_ids("q", False)[:, None],
+                                 groups.group_ids("k", False)[None, :]]
+    for bq, bk in [(16, 16), (8, 32), (128, 128)]:
+        full, partial = groups.kernel_blocks(bq, bk)
+        nq, nk = -(-129 // bq), -(-129 // bk)
+        pad = torch.ones(nq * bq, nk * bk, dtype=torch.bool)  # out of range counts as allowed
+        pad[:129, :129] = element
+        blocks = pad.reshape(nq, bq, nk, bk)
+        any_ = torch.zeros(nq * bq, nk * bk, dtype=torch.bool)
+        any_[:129, :129] = element
+        assert torch.equal(full[0, 0], blocks.all(3).all(1))
+        assert torch.equal(partial[0, 0], any_.reshape(nq, bq, nk, bk).any(3).any(1)
+                           & ~blocks.all(3).all(1))
+    assert layout.grid == geo.grid
+
+
+def test_window_larger_than_the_grid_is_clamped_and_reported():
+    layout = TokenLayout(0, "none", 1, 4, 6)
+    q, k, v = _qkv(layout, seed=6)
+    out = bs(q, k, v, pattern="tile2d", tile=(2, 2), window=(5, 9), token_layout=layout)
+    torch.testing.assert_close(out, reference(q, k, v)[0], rtol=0, atol=1e-12)
+    ex = attnpatch.explain(q, k, v, backend=BS, pattern="tile2d", tile=(2, 2), window=(5, 9),
+                           token_layout=layout)
+    note = registry.get_backend(BS).report_note(ex.call)
+    assert "clamped to 2" in note and "clamped to 3" in note and "density 1.000" in note
+
+
+def test_cross_attention_under_a_pattern_runs_dense():
+    q, k, v, _ = make_inputs(batch=1, heads=2, seq_q=12, seq_k=7, head_dim=8, **F64)
+    out = bs(q, k, v, pattern="local1d")
+    torch.testing.assert_close(out, reference(q, k, v)[0], rtol=0, atol=1e-12)
+
+
+def test_gradients_through_a_permuted_tile_pattern():
+    layout = LAYOUTS["text_last"]
+    q, k, v = _qkv(layout, seed=7, grad=True)
+    out = bs(q, k, v, pattern="tile3d", tile=(2, 2, 4), window=(1, 2, 1), token_layout=layout)
+    element = with_text(tile_mask(layout.grid, (2, 2, 4), (1, 2, 1)), layout, q.shape[2])
+    ref = masked_reference(q, k, v, element)[0]
+    grad = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), grad),
+                    torch.autograd.grad(ref, (q, k, v), grad)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11)
+
+
+# --- bad input ---------------------------------------------------------------------------------
+
+def _reasons(q, k, v, **kw):
+    return attnpatch.explain(q, k, v, backend=BS, **kw).reasons[BS]
+
+
+def test_bad_input_is_refused_with_the_fix():
+    q, k, v, _ = make_inputs(batch=1, heads=2, seq_q=20, head_dim=8)
+    with pytest.raises(attnpatch.AttnPatchError, match="bool tensor"):
+        bs(q, k, v, block_layout=torch.ones(1, 3, 3))
+    with pytest.raises(attnpatch.AttnPatchError, match="bool tensor"):
+        bs(q, k, v, block_layout=torch.ones(3, 3, dtype=torch.bool))
+    wrong = torch.ones(1, 2, 3, dtype=torch.bool)
+    assert any("needs (2 or 1, 3, 3)" in r for r in _reasons(q, k, v, block_layout=wrong,
+                                                              block_size=7))
+    with pytest.raises(attnpatch.BackendUnavailableError, match="needs"):
+        bs(q, k, v, block_layout=wrong, block_size=7)
+    empty = torch.eye(3, dtype=torch.bool)[None].clone()
+    empty[0, 1, 1] = False
+    assert any("empty_rows='zeros'" in r for r in _reasons(q, k, v, block_layout=empty,
+                                                            block_size=7))
+    out = bs(q, k, v, block_layout=empty, block_size=7, empty_rows="zeros")
+    assert (out[:, :, 7:14] == 0).all()
+    # is_causal on top can empty rows too: key block 1 only for query block 0
+    late = torch.zeros(1, 3, 3, dtype=torch.bool)
+    late[0, :, 1] = True
+    assert any("with is_causal" in r for r in _reasons(q, k, v, block_layout=late, block_size=7,
+                                                       is_causal=True))
+    assert any("needs the image grid" in r for r in _reasons(q, k, v, pattern="tile2d"))
+    assert any("needs block_layout" in r for r in _reasons(q, k, v))
+    for keep in (0, 1.5, -0.1):
+        with pytest.raises(attnpatch.AttnPatchError, match=r"keep must be in \(0, 1\]"):
+            bs(q, k, v, pattern="topk", keep=keep)
+    with pytest.raises(attnpatch.AttnPatchError, match="unknown pattern"):
+        bs(q, k, v, pattern="tiles")
+    with pytest.raises(attnpatch.AttnPatchError, match="not both"):
+        bs(q, k, v, pattern="local1d", block_layout=empty)
+    with pytest.raises(attnpatch.AttnPatchError, match="tile is an option"):
+        bs(q, k, v, pattern="local1d", tile=(2, 2))
+    with pytest.raises(attnpatch.AttnPatchError, match="tuple of 3"):
+        bs(q, k, v, pattern="tile3d", tile=(2, 2))
+    assert any("no backward on CPU" in r for r in _reasons(
+        q.requires_grad_(), k, v, pattern="local1d", kernel="flex"))
+
+
+# --- patched models ----------------------------------------------------------------------------
+
+@register_backend
+class _Expected(Backend):
+    """Dense attention under the tile pattern's mask built per token by this test file from
+    the call's TokenLayout (what block_sparse must compute inside a patched model)."""
+
+    name = "bs_expected_test"
+    priority = None
+    reads_token_layout = True
+    options = frozenset({"tile", "window"})
+
+    def forward(self, call: AttentionCall, tile=None, window=None, **_):
+        layout = call.token_layout
+        if call.seq_len_q != call.seq_len_kv or layout.text_position == "key":
+            return reference(call.query, call.key, call.value)[0].to(call.dtype)
+        seq = call.seq_len_q
+        element = with_text(tile_mask(layout.grid, tile, window), layout, seq)
+        return masked_reference(call.query, call.key, call.value, element)[0].to(call.dtype)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _expected_backend():
+    yield
+    unregister_backend(_Expected.name)
+
+
+@pytest.mark.parametrize("factory, tile, window", [
+    (flux, (1, 2, 2), (1, 1, 1)),   # text first, 4x4 grid
+    (sd3, (1, 3, 3), (1, 2, 1)),    # text last, 8x8 grid, ragged tiles
+    (wan, (1, 2, 2), (2, 1, 1)),    # video grid (2, 4, 4), cross-attention dense
+], ids=["flux", "sd3", "wan"])
+def test_patched_models_equal_dense_attention_under_the_tile_mask(factory, tile, window):
+    model, kw = factory()
+    dense = run(model, kw)
+    with attnpatch.patch(model, backend=BS, pattern="tile3d", tile=tile, window=window) as h:
+        out = run(model, kw)
+        notes = [n for r in h.report() for n in r.notes]
+    with attnpatch.patch(model, backend=_Expected.name, tile=tile, window=window):
+        want = run(model, kw)
+    assert rel_error(out, want) <= 1e-5
+    assert rel_error(out, dense) > 1e-4  # sparse: not the dense model
+    assert any("tile3d" in n and "density" in n for n in notes), notes
+
+
+def test_patched_model_with_a_window_covering_the_grid_equals_dense():
+    model, kw = flux()
+    dense = run(model, kw)
+    with attnpatch.patch(model, backend=BS, pattern="tile2d", tile=(2, 2), window=(2, 2)):
+        out = run(model, kw)
+    assert rel_error(out, dense) <= 1e-5
