@@ -255,10 +255,14 @@ class _Plan:
     block lists, built on first use."""
 
     groups: Optional[P.GroupLayout]
-    mode: str             # "dense", "groups", "topk" or "mask_mod"
+    mode: str             # "dense", "groups", "topk", "mask_mod" or "refused"
     summary: str
     refusal: Optional[str] = None
     lists: dict = field(default_factory=dict)
+    #: why the call can't run (layout, kernel, empty rows); [] if it can
+    reasons: list = field(default_factory=list)
+    #: (kernel, why): the kernel that runs the call
+    kernel: tuple = ("mask", "")
 
 
 _PLANS = BoundedCache(64)
@@ -425,11 +429,26 @@ def _band(nqb: int, nkb: int, bq: int, bk: int, window: int, device) -> torch.Te
 
 
 def _plan(call: AttentionCall, opts: BlockSparseOptions) -> _Plan:
-    key = (opts, call.seq_len_q, call.seq_len_kv, call.num_heads, call.token_layout,
-           call.is_causal, call.device)
+    """The plan of this call signature, options and token layout (built once, cached): its
+    reasons to refuse, or its groups, summary and kernel."""
+    key = (opts, call.signature(), call.token_layout)
     plan = _PLANS.get(key)
     if plan is None:
-        plan = _PLANS.put(key, _build(call, opts))
+        reasons = _layout_reasons(call, opts)
+        if reasons:
+            plan = _Plan(None, "refused", "", reasons=reasons)
+        else:
+            plan = _build(call, opts)
+            if opts.kernel != "auto":
+                plan.reasons += _kernel_reasons(opts.kernel, call)
+                if opts.kernel == "flash4" and plan.mode in ("dense", "mask_mod"):
+                    plan.reasons.append(f"kernel='flash4' runs block layouts; this call is "
+                                        f"{plan.summary}")
+            if plan.refusal:
+                plan.reasons.append(plan.refusal)
+            if not plan.reasons:
+                plan.kernel = _choose_kernel(call, opts, plan)
+        plan = _PLANS.put(key, plan)
     return plan
 
 
@@ -554,9 +573,13 @@ def _permute(x: torch.Tensor, perm: Optional[torch.Tensor], dim: int) -> torch.T
     return x if perm is None else x.index_select(dim, perm)
 
 
-def _inverse(perm: torch.Tensor) -> torch.Tensor:
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+def _inverse(plan: _Plan) -> torch.Tensor:
+    """The inverse of the plan's token permutation (cached on the plan)."""
+    inv = plan.lists.get("inverse")
+    if inv is None:
+        perm = plan.groups.perm
+        inv = plan.lists["inverse"] = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel(), device=perm.device)
     return inv
 
 
@@ -582,11 +605,12 @@ def _run_flash4(call: AttentionCall, plan: _Plan, full: torch.Tensor):
             plan.lists["fa4"] = tensors
     perm = plan.groups.perm
     q, k, v = (_permute(t.transpose(1, 2), perm, 1) for t in (call.query, call.key, call.value))
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     kw = {} if call.default_scale else {"softmax_scale": call.scale}
     out, lse = flash_attn_func(q, k, v, block_sparse_tensors=tensors[0],
                                block_sparse_tensors_bwd=tensors[1],
                                return_lse=call.return_lse, **kw)
-    inv = None if perm is None else plan.lists.setdefault("inverse", _inverse(perm))
+    inv = None if perm is None else _inverse(plan)
     out = _permute(out, inv, 1).transpose(1, 2)
     if call.return_lse:
         return out, _permute(lse, inv, 2).float()
@@ -619,20 +643,15 @@ def _run_flex(call: AttentionCall, plan: _Plan, allow: Optional[torch.Tensor]):
     perm = groups.perm
     if block_mask is None:
         full, partial = _lists(plan, "partial", allow)
-        allow_t = groups.allow if static else allow
         if call.is_causal:  # every kept block may be cut by the causal pattern: partial
             partial, full = partial | full, torch.zeros_like(full)
-        gq, gk = groups.group_ids("q", False), groups.group_ids("k", False)
-        pos_q = torch.arange(gq.numel(), device=gq.device) if perm is None else perm
-        pos_k = torch.arange(gk.numel(), device=gk.device) if perm is None else perm
-        per_batch, per_head = allow_t.shape[0] > 1, allow_t.shape[1] > 1
-        causal = call.is_causal
-
-        def mask_mod(b, h, q, k):
-            ok = allow_t[b if per_batch else 0, h if per_head else 0, gq[q], gk[k]]
-            if causal:
-                ok = ok & (pos_q[q] >= pos_k[k])
-            return ok
+        # one mask_mod per plan, reading the layout from a box: a top-k layout changes per call
+        # without giving torch.compile a new function to trace
+        box = plan.lists.setdefault("allow", [None])
+        box[0] = groups.allow if static else allow
+        mask_mod = plan.lists.get("mask_mod")
+        if mask_mod is None:
+            mask_mod = plan.lists["mask_mod"] = _group_mask_mod(groups, box, call.is_causal)
         p_cnt, p_idx = _index_lists(partial)
         f_cnt, f_idx = _index_lists(full)
         block_mask = BlockMask.from_kv_blocks(
@@ -649,11 +668,28 @@ def _run_flex(call: AttentionCall, plan: _Plan, allow: Optional[torch.Tensor]):
     result = run_backend("flex", sub, block_mask=block_mask)
     if perm is None:
         return result
-    inv = plan.lists.setdefault("inverse", _inverse(perm))
+    inv = _inverse(plan)
     if call.return_lse:
         out, lse = result
         return _permute(out, inv, 2), _permute(lse, inv, 2)
     return _permute(result, inv, 2)
+
+
+def _group_mask_mod(groups: P.GroupLayout, box: list, causal: bool) -> Callable:
+    """A Flex ``mask_mod`` on kernel-order indices: the groups' ``allow`` (``box[0]``, (Bl, Hl,
+    Gq, Gk)) and, with ``causal``, the call-order positions."""
+    gq, gk = groups.group_ids("q", False), groups.group_ids("k", False)
+    perm = groups.perm
+    pos_q = torch.arange(gq.numel(), device=gq.device) if perm is None else perm
+    pos_k = torch.arange(gk.numel(), device=gk.device) if perm is None else perm
+
+    def mask_mod(b, h, q, k):
+        allow = box[0]
+        ok = allow[b if allow.shape[0] > 1 else 0, h if allow.shape[1] > 1 else 0, gq[q], gk[k]]
+        if causal:
+            ok = ok & (pos_q[q] >= pos_k[k])
+        return ok
+    return mask_mod
 
 
 def _combined_mask(call: AttentionCall, element: torch.Tensor) -> torch.Tensor:
@@ -727,17 +763,9 @@ class BlockSparseAttention(Strategy):
         return reasons
 
     def _option_reasons(self, call: AttentionCall, opts: BlockSparseOptions) -> list[str]:
-        reasons = _layout_reasons(call, opts)
-        if reasons or _meta(call):
-            return reasons
-        if opts.kernel != "auto":
-            reasons += _kernel_reasons(opts.kernel, call)
-        plan = _plan(call, opts)
-        if plan.refusal:
-            reasons.append(plan.refusal)
-        if opts.kernel == "flash4" and plan.mode in ("dense", "mask_mod"):
-            reasons.append(f"kernel='flash4' runs block layouts; this call is {plan.summary}")
-        return reasons
+        if _meta(call):  # torch.compile selecting from metadata: checked on the real call
+            return []
+        return _plan(call, opts).reasons
 
     def report_note(self, call: AttentionCall) -> Optional[str]:
         opts = call.options
@@ -745,9 +773,9 @@ class BlockSparseAttention(Strategy):
                 call, opts):
             return None
         plan = _plan(call, opts)
-        kernel, why = _choose_kernel(call, opts, plan)
+        kernel, why = plan.kernel
         note = f"{plan.summary}; kernel {kernel} ({why})"
-        if plan.mode == "topk" and call.query.device.type != "meta":
+        if plan.mode == "topk":
             allow = topk_allow(call.query, call.key, plan.groups, _geometry(call), opts,
                                call.scale)
             note += f"; chosen density {plan.groups.density(allow):.3f} on the first call"
@@ -757,29 +785,25 @@ class BlockSparseAttention(Strategy):
         opts = call.options if isinstance(call.options, BlockSparseOptions) else option_values(
             self, options)
         call.options = opts
-        reasons = self._option_reasons(call, opts)
-        if reasons:
-            raise BackendUnavailableError(f"backend {NAME!r} cannot run {call}:", {NAME: reasons})
         plan = _plan(call, opts)
+        if plan.reasons:
+            raise BackendUnavailableError(f"backend {NAME!r} cannot run {call}:",
+                                          {NAME: plan.reasons})
         if plan.mode == "dense":
             return run_backend("auto", call.replace())
-        kernel, _ = _choose_kernel(call, opts, plan)
+        kernel = plan.kernel[0]
+        allow = None
+        if plan.mode == "topk" and kernel != "mask":
+            allow = topk_allow(call.query, call.key, plan.groups, _geometry(call), opts,
+                               call.scale)
         if kernel == "flash4":
-            allow = None
-            if plan.mode == "topk":
-                allow = topk_allow(call.query, call.key, plan.groups, _geometry(call), opts,
-                                   call.scale)
-                full, partial = _lists(plan, "partial", allow)
-                if bool(partial.any()):
-                    return _run_flex(call, plan, allow)
-            else:
-                full, _ = _lists(plan, "partial")
-            return _run_flash4(call, plan, full)
+            if allow is None:
+                return _run_flash4(call, plan, _lists(plan, "partial")[0])
+            full, partial = _lists(plan, "partial", allow)
+            if not bool(partial.any()):
+                return _run_flash4(call, plan, full)
+            kernel = "flex"
         if kernel == "flex":
-            allow = None
-            if plan.mode == "topk":
-                allow = topk_allow(call.query, call.key, plan.groups, _geometry(call), opts,
-                                   call.scale)
             return _run_flex(call, plan, allow)
         element = _element_mask(call, opts, plan)
         return run_backend("auto", call.replace(attn_mask=_combined_mask(call, element)))
