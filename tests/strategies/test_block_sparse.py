@@ -446,7 +446,6 @@ def test_bad_input_is_refused_with_the_fix():
 
 # --- patched models ----------------------------------------------------------------------------
 
-@register_backend
 class _Expected(Backend):
     """Dense attention under the tile pattern's mask built per token by this test file from
     the call's TokenLayout (what block_sparse must compute inside a patched model)."""
@@ -465,9 +464,10 @@ class _Expected(Backend):
         return masked_reference(call.query, call.key, call.value, element)[0].to(call.dtype)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _expected_backend():
-    yield
+@pytest.fixture
+def expected_backend():
+    register_backend(_Expected)
+    yield _Expected.name
     unregister_backend(_Expected.name)
 
 
@@ -476,13 +476,14 @@ def _expected_backend():
     (sd3, (1, 3, 3), (1, 2, 1)),    # text last, 8x8 grid, ragged tiles
     (wan, (1, 2, 2), (2, 1, 1)),    # video grid (2, 4, 4), cross-attention dense
 ], ids=["flux", "sd3", "wan"])
-def test_patched_models_equal_dense_attention_under_the_tile_mask(factory, tile, window):
+def test_patched_models_equal_dense_attention_under_the_tile_mask(factory, tile, window,
+                                                                  expected_backend):
     model, kw = factory()
     dense = run(model, kw)
     with attnpatch.patch(model, backend=BS, pattern="tile3d", tile=tile, window=window) as h:
         out = run(model, kw)
         notes = [n for r in h.report() for n in r.notes]
-    with attnpatch.patch(model, backend=_Expected.name, tile=tile, window=window):
+    with attnpatch.patch(model, backend=expected_backend, tile=tile, window=window):
         want = run(model, kw)
     assert rel_error(out, want) <= 1e-5
     assert rel_error(out, dense) > 1e-4  # sparse: not the dense model
