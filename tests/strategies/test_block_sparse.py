@@ -147,7 +147,7 @@ def layout_cases(draw):
                 seed=draw(st.integers(0, 2 ** 16)))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(layout_cases())
 def test_random_layouts_equal_dense_attention_under_the_expanded_mask(c):
     q, k, v, m = make_inputs(batch=c["batch"], heads=c["heads"], kv_heads=c["kv"],
@@ -166,6 +166,8 @@ def test_random_layouts_equal_dense_attention_under_the_expanded_mask(c):
     assert rel_error(got, ref_out) <= 1e-5
     if c["lse"]:
         torch.testing.assert_close(out[1].double(), ref_lse, rtol=1e-5, atol=1e-5)
+    if c["seed"] % 3:  # the eager Flex path (slow on CPU) on a third of the examples
+        return
     flex = bs(q, k, v, attn_mask=m, is_causal=c["causal"], block_layout=layout,
               block_size=(c["bq"], c["bk"]), empty_rows="zeros", kernel="flex",
               return_lse=c["lse"])
