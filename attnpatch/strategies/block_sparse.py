@@ -55,14 +55,21 @@ nor ``is_causal`` (``auto`` then takes Flex, and the report says why). ``"flex"`
 FlexAttention (compiled on CUDA) with a ``BlockMask`` built from the block lists
 (``BlockMask.from_kv_blocks``: full blocks skip the mask, partial blocks run a ``mask_mod`` that
 looks the groups up). ``auto``: flash4 on CUDA where it can, else flex; the mask path on CPU.
+
+**Schedules.** ``dense_steps=N``: in a patched pipeline the first N denoising steps of every
+pipeline call run dense (a forward hook on the denoiser counts steps by its timestep changing;
+a rising timestep starts a new call). Per-module control is ``patch(..., backend={glob:
+...})``.
 """
 
 from __future__ import annotations
 
+import contextvars
+import inspect
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
@@ -148,6 +155,7 @@ class BlockSparseOptions:
     mask_mod: Optional[Callable] = None
     empty_rows: str = "error"
     kernel: str = "auto"
+    dense_steps: int = 0
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -244,6 +252,11 @@ class BlockSparseOptions:
         if self.kernel not in KERNELS:
             raise AttnPatchError(f"block_sparse: kernel must be one of {KERNELS}, got "
                                  f"{self.kernel!r}")
+        steps = self.dense_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise AttnPatchError(f"block_sparse: dense_steps must be an int >= 0 (the first "
+                                 f"denoising steps of each pipeline call that run dense), got "
+                                 f"{steps!r}")
 
 
 # --- the plan -----------------------------------------------------------------------------------
@@ -735,6 +748,48 @@ def _element_mask(call: AttentionCall, opts: BlockSparseOptions, plan: _Plan
     return plan.groups.element_mask(allow)
 
 
+# --- dense_steps --------------------------------------------------------------------------------
+
+#: True while a patched denoiser runs one of its first ``dense_steps`` denoising steps
+_DENSE_NOW: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "attnpatch_block_sparse_dense_step", default=False)
+
+
+class _DenseSteps:
+    """Forward hooks on a denoiser that count denoising steps by its ``timestep``: the step
+    advances when the timestep changes (CFG passes of one step share it), and a timestep that
+    rises (or the first forward) starts a new pipeline call at step 0. While a forward of one of
+    the first ``steps`` steps runs, block_sparse attends densely. Reading the timestep syncs
+    once per forward."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.last: Optional[float] = None
+        self.step = 0
+        self.tokens: list = []
+
+    def pre(self, module, args, kwargs):
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if torch.is_tensor(t):
+            t = t.flatten()[0].item() if t.numel() else None
+        value = None if t is None else float(t)
+        if value is None:  # no timestep: not a denoising step
+            self.tokens.append(_DENSE_NOW.set(False))
+            return None
+        if self.last is None or value > self.last:
+            self.step = 0
+        elif value != self.last:
+            self.step += 1
+        self.last = value
+        self.tokens.append(_DENSE_NOW.set(self.step < self.steps))
+        return None
+
+    def post(self, module, args, kwargs, output):
+        if self.tokens:
+            _DENSE_NOW.reset(self.tokens.pop())
+        return None
+
+
 # --- the backend --------------------------------------------------------------------------------
 
 @register_backend
@@ -744,7 +799,8 @@ class BlockSparseAttention(Strategy):
     Options (:class:`BlockSparseOptions`): ``block_layout``, ``block_size``, ``pattern`` and
     its ``tile``/``window``/``stride``/``global_tokens``/``keep``/``sink``/``mask_mod``;
     ``text`` ("global"/"local"), ``empty_rows`` ("error"/"zeros"), ``kernel``
-    ("auto"/"mask"/"flex"/"flash4").
+    ("auto"/"mask"/"flex"/"flash4"), ``dense_steps`` (the first N denoising steps of each
+    pipeline call run dense, counted by the patched denoiser's timestep).
     """
 
     name = NAME
@@ -767,6 +823,15 @@ class BlockSparseAttention(Strategy):
             return []
         return _plan(call, opts).reasons
 
+    def denoiser_hooks(self, model: torch.nn.Module, options: Any) -> Sequence[Any]:
+        """With ``dense_steps``: a step counter on each model whose forward takes a
+        ``timestep`` (the denoisers)."""
+        if not isinstance(options, BlockSparseOptions) or not options.dense_steps:
+            return ()
+        if "timestep" not in inspect.signature(model.forward).parameters:
+            return ()
+        return [_DenseSteps(options.dense_steps)]
+
     def report_note(self, call: AttentionCall) -> Optional[str]:
         opts = call.options
         if not isinstance(opts, BlockSparseOptions) or _meta(call) or self._option_reasons(
@@ -775,6 +840,8 @@ class BlockSparseAttention(Strategy):
         plan = _plan(call, opts)
         kernel, why = plan.kernel
         note = f"{plan.summary}; kernel {kernel} ({why})"
+        if opts.dense_steps:
+            note += f"; the first {opts.dense_steps} denoising steps dense"
         if plan.mode == "topk":
             allow = topk_allow(call.query, call.key, plan.groups, _geometry(call), opts,
                                call.scale)
@@ -789,7 +856,7 @@ class BlockSparseAttention(Strategy):
         if plan.reasons:
             raise BackendUnavailableError(f"backend {NAME!r} cannot run {call}:",
                                           {NAME: plan.reasons})
-        if plan.mode == "dense":
+        if plan.mode == "dense" or (opts.dense_steps and _DENSE_NOW.get()):
             return run_backend("auto", call.replace())
         kernel = plan.kernel[0]
         allow = None

@@ -531,3 +531,25 @@ def test_benchmark_runs_quick_on_cpu(tmp_path):
         model = result[key]
         assert model["speedup"] > 0 and model["rel_err_vs_dense"] > 0, model
         assert any("density" in n for n in model["block_sparse_notes"]), model
+
+
+def test_dense_steps_run_the_first_steps_of_each_pipeline_call_dense():
+    """Steps are counted by the denoiser's timestep changing (two CFG forwards of one step
+    share it); a rising timestep starts a new call."""
+    model, kw = flux()
+    opts = dict(pattern="tile2d", tile=(2, 2), window=(1, 1), dense_steps=2)
+    schedule = [0.9, 0.9, 0.7, 0.5, 0.5, 0.9, 0.7, 0.3]
+    dense_at = [True, True, True, False, False, True, True, False]
+
+    def at(t):
+        return {**kw, "timestep": torch.tensor([t] * kw["timestep"].shape[0])}
+    dense = {t: run(model, at(t)) for t in set(schedule)}
+    with attnpatch.patch(model, backend=BS, **opts) as handle:
+        outs = [run(model, at(t)) for t in schedule]
+        notes = [n for r in handle.report() for n in r.notes]
+    for t, out, want_dense in zip(schedule, outs, dense_at):
+        err = rel_error(out, dense[t])
+        assert (err <= 1e-6) if want_dense else (err > 1e-4), (t, err)
+    assert any("the first 2 denoising steps dense" in n for n in notes), notes
+    with pytest.raises(attnpatch.AttnPatchError, match="dense_steps must be an int"):
+        attnpatch.attention(*make_inputs()[:3], backend=BS, pattern="local1d", dense_steps=-1)
