@@ -10,7 +10,7 @@ size; a kernel block that straddles groups is a partial block.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -56,16 +56,22 @@ class GroupLayout:
     k_bounds: torch.Tensor
     allow: torch.Tensor
     notes: tuple = ()
+    _ids: dict = field(default_factory=dict, repr=False)
 
     def group_ids(self, side: str, original: bool) -> torch.Tensor:
-        """(S,) long: the group of each token, in kernel order or (``original``) call order."""
+        """(S,) long: the group of each token, in kernel order or (``original``) call order
+        (computed once)."""
+        ids = self._ids.get((side, original))
+        if ids is not None:
+            return ids
         bounds = self.q_bounds if side == "q" else self.k_bounds
         seq = int(bounds[-1])
         ids = torch.bucketize(torch.arange(seq, device=bounds.device), bounds[1:], right=True)
         if original and self.perm is not None:
             out = torch.empty_like(ids)
             out[self.perm] = ids
-            return out
+            ids = out
+        self._ids[(side, original)] = ids
         return ids
 
     def element_mask(self, allow: Optional[torch.Tensor] = None) -> torch.Tensor:

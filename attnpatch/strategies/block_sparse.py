@@ -77,7 +77,7 @@ from .._caches import BoundedCache
 from .._errors import AttnPatchError, BackendUnavailableError
 from ..backends.math import reference_attention
 from ..call import AttentionCall
-from ..dispatch import run_backend
+from ..dispatch import attention, run_backend
 from ..registry import Strategy, get_backend, option_values, register_backend
 from . import _block_patterns as P
 
@@ -649,7 +649,7 @@ def _run_flex(call: AttentionCall, plan: _Plan, allow: Optional[torch.Tensor]):
                 mask_mod, None, None, call.seq_len_q, call.seq_len_kv, device=call.device,
                 _compile=call.device.type == "cuda")
         sub = call.replace(is_causal=False)
-        return run_backend("flex", sub, block_mask=block_mask)
+        return _run_inner("flex", sub, block_mask=block_mask)
     groups = plan.groups
     static = allow is None
     block_mask = plan.lists.get("flex") if static else None
@@ -678,7 +678,7 @@ def _run_flex(call: AttentionCall, plan: _Plan, allow: Optional[torch.Tensor]):
         for dim in (2, 3):  # a broadcast (size-1) dim stays
             mask = _permute(mask, perm, dim) if mask.shape[dim] > 1 else mask
     sub = call.replace(query=q, key=k, value=v, attn_mask=mask, is_causal=False)
-    result = run_backend("flex", sub, block_mask=block_mask)
+    result = _run_inner("flex", sub, block_mask=block_mask)
     if perm is None:
         return result
     inv = _inverse(plan)
@@ -703,6 +703,16 @@ def _group_mask_mod(groups: P.GroupLayout, box: list, causal: bool) -> Callable:
             ok = ok & (pos_q[q] >= pos_k[k])
         return ok
     return mask_mod
+
+
+def _run_inner(backend: str, sub: AttentionCall, **options):
+    """``run_backend(backend, sub)``; while torch.compile traces (no ContextVar there) the same
+    call through :func:`attnpatch.attention`."""
+    if torch.compiler.is_dynamo_compiling():
+        return attention(sub.query, sub.key, sub.value, sub.attn_mask, sub.is_causal, sub.scale,
+                         0.0, backend, return_lse=sub.return_lse, softcap=sub.softcap,
+                         **options)
+    return run_backend(backend, sub, **options)
 
 
 def _combined_mask(call: AttentionCall, element: torch.Tensor) -> torch.Tensor:
@@ -848,6 +858,11 @@ class BlockSparseAttention(Strategy):
             note += f"; chosen density {plan.groups.density(allow):.3f} on the first call"
         return note
 
+    def forward(self, call: AttentionCall, **options):
+        if torch.compiler.is_dynamo_compiling():  # no ContextVar in a trace: run() directly
+            return self.run(call, **options)
+        return super().forward(call, **options)
+
     def run(self, call: AttentionCall, **options):
         opts = call.options if isinstance(call.options, BlockSparseOptions) else option_values(
             self, options)
@@ -856,8 +871,9 @@ class BlockSparseAttention(Strategy):
         if plan.reasons:
             raise BackendUnavailableError(f"backend {NAME!r} cannot run {call}:",
                                           {NAME: plan.reasons})
-        if plan.mode == "dense" or (opts.dense_steps and _DENSE_NOW.get()):
-            return run_backend("auto", call.replace())
+        if plan.mode == "dense" or (opts.dense_steps and not torch.compiler.is_dynamo_compiling()
+                                    and _DENSE_NOW.get()):
+            return _run_inner("auto", call.replace())
         kernel = plan.kernel[0]
         allow = None
         if plan.mode == "topk" and kernel != "mask":
@@ -873,7 +889,7 @@ class BlockSparseAttention(Strategy):
         if kernel == "flex":
             return _run_flex(call, plan, allow)
         element = _element_mask(call, opts, plan)
-        return run_backend("auto", call.replace(attn_mask=_combined_mask(call, element)))
+        return _run_inner("auto", call.replace(attn_mask=_combined_mask(call, element)))
 
     def reference(self, call: AttentionCall, options: Any = None):
         """Dense float64 attention under the layout's element mask (expanded from the layout's

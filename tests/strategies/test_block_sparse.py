@@ -553,3 +553,17 @@ def test_dense_steps_run_the_first_steps_of_each_pipeline_call_dense():
     assert any("the first 2 denoising steps dense" in n for n in notes), notes
     with pytest.raises(attnpatch.AttnPatchError, match="dense_steps must be an int"):
         attnpatch.attention(*make_inputs()[:3], backend=BS, pattern="local1d", dense_steps=-1)
+
+
+@pytest.mark.parametrize("fullgraph", [False, True])
+def test_torch_compile_of_a_patched_model_matches_eager(fullgraph):
+    import torch._dynamo
+    torch._dynamo.reset()
+    model, kw = flux()
+    with attnpatch.patch(model, backend=BS, pattern="tile2d", tile=(2, 2), window=(1, 1)):
+        eager = run(model, kw)
+        compiled = torch.compile(model, backend="eager", fullgraph=fullgraph)
+        with torch.no_grad():
+            out = compiled(**kw)[0]
+    torch._dynamo.reset()
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
