@@ -177,6 +177,7 @@ def bench_shape(label, config, device, dtype, budget_s, quick):
     note = attnpatch.registry.get_backend("block_sparse").report_note(
         attnpatch.explain(q, k, v, layout="bshd", **sparse).call)
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    reps = (1, 2) if quick else (3, 5)  # (warm-up, least timed runs)
     results = []
     for name, kw in variants:
         row = {"shape": label, "B,H,S,D": [b, h, s, d], "grid": layout.grid,
@@ -214,13 +215,13 @@ def bench_shape(label, config, device, dtype, budget_s, quick):
                 row["rel_err_vs_dense"] = rel(out, dense)
                 row["rel_err_vs_fp32_masked"] = rel(out[:, rows], exact)
                 del out
-                row["fwd_ms"] = timer(lambda: call(*inputs), device, budget_s)
+                row["fwd_ms"] = timer(lambda: call(*inputs), device, budget_s, *reps)
             if device == "cuda" or "flex" not in name:  # Flex has no CPU backward
 
                 def step():
                     out = call(*tiled_leaves)
                     torch.autograd.grad(out, tiled_leaves, tiled_grad)
-                row["fwd_bwd_ms"] = timer(step, device, budget_s)
+                row["fwd_bwd_ms"] = timer(step, device, budget_s, *reps)
         except Exception as exc:  # report it, keep measuring the others
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         results.append(row)
@@ -299,7 +300,7 @@ def _model_rows(model, kw, sparse_backend, device, budget_s) -> dict:
                 with attnpatch.patch(model, backend=backend) as handle:
                     outputs[name] = model(**kw)[0]
                     result[f"{name}_ms"] = timer(lambda: model(**kw), device, budget_s,
-                                                 warmup=2, min_reps=3)
+                                                 *((1, 1) if device != "cuda" else (2, 3)))
                     result[f"{name}_notes"] = sorted({n for r in handle.report()
                                                       for n in r.notes})
             except Exception as exc:  # report it

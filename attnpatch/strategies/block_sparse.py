@@ -457,6 +457,12 @@ def _plan(call: AttentionCall, opts: BlockSparseOptions) -> _Plan:
                 if opts.kernel == "flash4" and plan.mode in ("dense", "mask_mod"):
                     plan.reasons.append(f"kernel='flash4' runs block layouts; this call is "
                                         f"{plan.summary}")
+                elif (opts.kernel == "flash4" and plan.mode == "groups" and not plan.reasons
+                      and bool(_lists(plan, "partial")[1].any())):
+                    plan.reasons.append(
+                        "kernel='flash4' takes full 128x128 blocks only and this layout has "
+                        "partial ones (ragged tiles, text not block-aligned, or blocks finer "
+                        "than 128): use kernel='auto' (Flex for such calls) or 'flex'")
             if plan.refusal:
                 plan.reasons.append(plan.refusal)
             if not plan.reasons:
