@@ -234,6 +234,17 @@ def bench_shape(label, config, device, dtype, budget_s, quick):
             if key in row and key in base:
                 row[f"{key.removesuffix('_ms')}_speedup_vs_dense"] = base[key] / row[key]
         row["ideal_speedup"] = 1 / row["density"]
+    if plan.groups.perm is not None:  # what the per-call token reordering costs alone
+        perm = plan.groups.perm
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel(), device=perm.device)
+
+        def reorder():
+            for t in (q, k, v):
+                t.index_select(1, perm)
+            q.index_select(1, inv)
+        results.append({"shape": label, "variant": "token permute (q, k, v) + inverse (out)",
+                        "density": density, "fwd_ms": timer(reorder, device, budget_s, *reps)})
     by_name = {r["variant"]: r for r in results}
     direct = by_name.get("flash4 direct, tokens in tile order")
     ours = by_name.get("block_sparse kernel=auto") or by_name.get("block_sparse kernel=flash4")
@@ -241,6 +252,10 @@ def bench_shape(label, config, device, dtype, budget_s, quick):
         for key in ("fwd_ms", "fwd_bwd_ms"):
             if key in direct and key in ours:
                 ours[f"{key.removesuffix('_ms')}_vs_direct_flash4"] = ours[key] / direct[key]
+    reorder = by_name.get("token permute (q, k, v) + inverse (out)")
+    kernel = direct or ours
+    if reorder and kernel and "fwd_ms" in kernel:
+        reorder["fraction_of_sparse_kernel_fwd"] = reorder["fwd_ms"] / kernel["fwd_ms"]
     results[-1]["plan_note"] = note
     return results
 
@@ -249,6 +264,8 @@ def _line(row, base) -> str:
     if "error" in row:
         return f"{row['shape']:14s} {row['variant']:40s} ERROR {row['error']}"
     fwd, both = row.get("fwd_ms", math.nan), row.get("fwd_bwd_ms", math.nan)
+    if "rel_err_vs_dense" not in row:  # the reordering alone: no output, no speedup
+        return f"{row['shape']:14s} {row['variant']:40s} {'':6s} {fwd:9.3f}"
     return (f"{row['shape']:14s} {row['variant']:40s} {row['density']:6.3f} "
             f"{fwd:9.3f} {base.get('fwd_ms', math.nan) / fwd:6.2f}x {both:9.3f} "
             f"{base.get('fwd_bwd_ms', math.nan) / both:6.2f}x "
@@ -381,6 +398,8 @@ def main(argv=None) -> dict:
                         help="seconds of timed runs per measurement (default 1, quick 0.05)")
     parser.add_argument("--no-transformer", action="store_true",
                         help="skip the Flux and Wan transformer forwards")
+    parser.add_argument("--no-kernels", action="store_true",
+                        help="skip the kernel rows (only the transformers)")
     parser.add_argument("--shapes", default=None,
                         help="comma-separated subset of the kernel shapes (default: all)")
     args = parser.parse_args(argv)
@@ -395,7 +414,7 @@ def main(argv=None) -> dict:
     unknown = sorted(set(chosen) - set(configs))
     if unknown:
         parser.error(f"unknown shape(s) {unknown}; choose from {sorted(configs)}")
-    for label in chosen:
+    for label in [] if args.no_kernels else chosen:
         result["rows"] += bench_shape(label, configs[label], args.device, dtype, budget, quick)
     if not args.no_transformer:
         size = "tiny" if quick else "full"
@@ -418,6 +437,10 @@ def main(argv=None) -> dict:
             print(f"  {row['shape']}: {row['variant']} / direct flash4 = "
                   f"{row['fwd_vs_direct_flash4']:.3f} fwd, "
                   f"{row.get('fwd_bwd_vs_direct_flash4', math.nan):.3f} fwd+bwd")
+        if "fraction_of_sparse_kernel_fwd" in row:
+            print(f"  {row['shape']}: token reordering = "
+                  f"{row['fraction_of_sparse_kernel_fwd']:.1%} of the sparse kernel's forward "
+                  "(the issue: reorder per denoiser forward instead if over 5%)")
         if "plan_note" in row:
             print(f"  {row['shape']}: {row['plan_note']}")
     for key in ("flux_transformer", "wan_transformer"):
