@@ -519,8 +519,6 @@ def _kernel_reasons(kernel: str, call: AttentionCall) -> list[str]:
         if call.device.type == "cpu" and call.requires_grad:
             reasons.append("kernel='flex' has no backward on CPU (FlexAttention): use "
                            "kernel='mask' or 'auto'")
-        if call.softcap is not None:
-            reasons.append("kernel='flex' here does not apply softcap")
         return reasons
     if kernel == "flash4":
         fa4 = get_backend("flash4")

@@ -566,3 +566,14 @@ def test_torch_compile_of_a_patched_model_matches_eager(fullgraph):
             out = compiled(**kw)[0]
     torch._dynamo.reset()
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel", ["mask", "flex"])
+def test_softcap_applies_under_the_layout(kernel):
+    layout = LAYOUTS["text_first"]
+    q, k, v = _qkv(layout, seed=8, dtype=torch.float32)
+    out = bs(q, k, v, pattern="tile2d", tile=(3, 4), window=(1, 2), token_layout=layout,
+             softcap=2.0, kernel=kernel)
+    element = with_text(tile_mask(layout.grid, (1, 3, 4), (1, 1, 2)), layout, q.shape[2])
+    want = reference(q, k, v, element, softcap=2.0)[0]
+    assert rel_error(out, want) <= 1e-5
