@@ -783,6 +783,8 @@ class _DenseSteps:
         self.tokens: list = []
 
     def pre(self, module, args, kwargs):
+        if torch.compiler.is_dynamo_compiling():  # compiled: no step count, every step sparse
+            return None
         t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
         if torch.is_tensor(t):
             t = t.flatten()[0].item() if t.numel() else None
@@ -799,7 +801,7 @@ class _DenseSteps:
         return None
 
     def post(self, module, args, kwargs, output):
-        if self.tokens:
+        if not torch.compiler.is_dynamo_compiling() and self.tokens:
             _DENSE_NOW.reset(self.tokens.pop())
         return None
 
