@@ -5,7 +5,8 @@
 ``block_layout[h, i // bq, j // bk]`` (the last blocks may be ragged). The result equals dense
 attention under that expanded element mask, to fp rounding; a user ``attn_mask`` and
 ``is_causal`` apply on top. A query row the layout (with ``is_causal``) leaves without a key is
-an error, unless ``empty_rows="zeros"`` (then its output is 0 and its lse -inf).
+an error, unless ``empty_rows="zeros"`` (then its output is 0 and its lse -inf). Without a
+layout or pattern every block is kept: dense attention (the report says so).
 
 **Patterns** (``pattern=``), each an element mask built from block or tile indices (never a
 Q×K matrix); with joint text+image attention (the call's ``TokenLayout`` puts text first or
@@ -140,7 +141,8 @@ def _ints(option: str, value, axes: int, allow_zero: bool = False) -> tuple:
 class BlockSparseOptions:
     """The options of :class:`BlockSparseAttention` (see the module docstring), validated when
     given. Give ``block_layout`` or ``pattern`` (``mask_mod`` alone means
-    ``pattern="mask_mod"``)."""
+    ``pattern="mask_mod"``); with neither, every block is kept (dense attention, and the
+    report says so)."""
 
     block_layout: Any = None
     block_size: Any = 128
@@ -314,10 +316,7 @@ def _layout_reasons(call: AttentionCall, opts: BlockSparseOptions) -> list[str]:
                     f"{call.seq_len_q} queries, {call.seq_len_kv} keys, block_size {(bq, bk)}) "
                     f"needs ({call.num_heads} or 1, {want[0]}, {want[1]})"]
         return []
-    if opts.pattern is None:
-        return ["block_sparse needs block_layout=(bool tensor) or pattern=(one of "
-                f"{', '.join(PATTERNS)})"]
-    if opts.pattern == "mask_mod" or _is_cross(call):
+    if opts.pattern is None or opts.pattern == "mask_mod" or _is_cross(call):
         return []
     layout = call.token_layout
     if layout is not None and layout.text_position == "unknown":
@@ -384,6 +383,8 @@ def _build(call: AttentionCall, opts: BlockSparseOptions) -> _Plan:
                                opts.block_layout.tensor, device)
         plan = _Plan(groups, "groups", f"block_layout {tuple(opts.block_layout.tensor.shape)} "
                      f"of {bq}x{bk} blocks")
+    elif opts.pattern is None:
+        return _Plan(None, "dense", "no block_layout or pattern: the full layout (dense)")
     elif opts.pattern == "mask_mod":
         return _Plan(None, "mask_mod", f"mask_mod {getattr(opts.mask_mod, '__name__', '')}")
     elif _is_cross(call):
@@ -900,11 +901,9 @@ class BlockSparseAttention(Strategy):
     def reference(self, call: AttentionCall, options: Any = None):
         """Dense float64 attention under the layout's element mask (expanded from the layout's
         blocks or groups, in the call's token order), the call's mask and causal pattern.
-        Without a layout or pattern (which the backend refuses): a full layout, dense."""
+        Without a layout or pattern: the full layout, dense attention."""
         opts = options if isinstance(options, BlockSparseOptions) else option_values(
             self, dict(options or {}))
-        if opts.block_layout is None and opts.pattern is None:
-            return super().reference(call, opts)
         call.options = opts
         reasons = _layout_reasons(call, opts)
         if reasons:

@@ -427,7 +427,9 @@ def test_bad_input_is_refused_with_the_fix():
     assert any("with is_causal" in r for r in _reasons(q, k, v, block_layout=late, block_size=7,
                                                        is_causal=True))
     assert any("needs the image grid" in r for r in _reasons(q, k, v, pattern="tile2d"))
-    assert any("needs block_layout" in r for r in _reasons(q, k, v))
+    ex = attnpatch.explain(q, k, v, backend=BS)  # no layout, no pattern: every block, dense
+    assert "full layout (dense)" in registry.get_backend(BS).report_note(ex.call)
+    torch.testing.assert_close(bs(q, k, v), reference(q, k, v)[0].float(), rtol=0, atol=1e-5)
     for keep in (0, 1.5, -0.1):
         with pytest.raises(attnpatch.AttnPatchError, match=r"keep must be in \(0, 1\]"):
             bs(q, k, v, pattern="topk", keep=keep)
