@@ -579,3 +579,25 @@ def test_softcap_applies_under_the_layout(kernel):
     element = with_text(tile_mask(layout.grid, (1, 3, 4), (1, 1, 2)), layout, q.shape[2])
     want = reference(q, k, v, element, softcap=2.0)[0]
     assert rel_error(out, want) <= 1e-5
+
+
+@st.composite
+def tile_cases(draw):
+    grid = tuple(draw(st.integers(1, 6)) for _ in range(3))
+    return dict(grid=grid, tile=tuple(draw(st.integers(1, 4)) for _ in range(3)),
+                window=tuple(draw(st.integers(1, 4)) for _ in range(3)),
+                text=draw(st.integers(0, 5)), position=draw(st.sampled_from(["first", "last"])),
+                text_mode=draw(st.sampled_from(["global", "local"])),
+                seed=draw(st.integers(0, 2 ** 16)))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tile_cases())
+def test_random_tile_layouts_equal_the_per_token_definition(c):
+    layout = TokenLayout(c["text"], c["position"] if c["text"] else "none", *c["grid"])
+    q, k, v = _qkv(layout, heads=2, kv=1, seed=c["seed"])
+    out = bs(q, k, v, pattern="tile3d", tile=c["tile"], window=c["window"], text=c["text_mode"],
+             token_layout=layout, block_size=4)
+    element = with_text(tile_mask(c["grid"], c["tile"], c["window"]), layout, q.shape[2],
+                        c["text_mode"] == "global")
+    torch.testing.assert_close(out, masked_reference(q, k, v, element)[0], rtol=0, atol=1e-12)
