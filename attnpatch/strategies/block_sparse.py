@@ -57,6 +57,12 @@ FlexAttention (compiled on CUDA) with a ``BlockMask`` built from the block lists
 (``BlockMask.from_kv_blocks``: full blocks skip the mask, partial blocks run a ``mask_mod`` that
 looks the groups up). ``auto``: flash4 on CUDA where it can, else flex; the mask path on CPU.
 
+**Token order.** A tile pattern permutes the tokens into tile order before the kernel and
+back after, per call; on a denoiser whose forward takes ``img_ids`` (Flux) ``reorder="auto"``
+(default) does it once per forward instead (image tokens, ids and ControlNet residuals at the
+entry, the output at the exit; the calls then permute nothing). Other grid-aware strategies in
+that model would see the tile order: give them ``reorder="call"`` models.
+
 **Schedules.** ``dense_steps=N``: in a patched pipeline the first N denoising steps of every
 pipeline call run dense (a forward hook on the denoiser counts steps by its timestep changing;
 a rising timestep starts a new call). Per-module control is ``patch(..., backend={glob:
@@ -158,6 +164,7 @@ class BlockSparseOptions:
     empty_rows: str = "error"
     kernel: str = "auto"
     dense_steps: int = 0
+    reorder: str = "auto"
 
     def __post_init__(self):
         set_ = object.__setattr__
@@ -254,6 +261,10 @@ class BlockSparseOptions:
         if self.kernel not in KERNELS:
             raise AttnPatchError(f"block_sparse: kernel must be one of {KERNELS}, got "
                                  f"{self.kernel!r}")
+        if self.reorder not in ("auto", "call"):
+            raise AttnPatchError(f"block_sparse: reorder must be 'auto' (tile order once per "
+                                 f"denoiser forward where the model allows it, else per call) "
+                                 f"or 'call', got {self.reorder!r}")
         steps = self.dense_steps
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
             raise AttnPatchError(f"block_sparse: dense_steps must be an int >= 0 (the first "
@@ -278,6 +289,8 @@ class _Plan:
     reasons: list = field(default_factory=list)
     #: (kernel, why): the kernel that runs the call
     kernel: tuple = ("mask", "")
+    #: (grid, tile) of a tile pattern's token order (a denoiser hook may apply it per forward)
+    order: Optional[tuple] = None
 
 
 _PLANS = BoundedCache(64)
@@ -393,13 +406,14 @@ def _build(call: AttentionCall, opts: BlockSparseOptions) -> _Plan:
     else:
         geo = _geometry(call)
         text_global = opts.text == "global"
-        what = opts.pattern
+        what, order = opts.pattern, None
         if opts.pattern in ("tile2d", "tile3d"):
             tile, window = opts.tile, opts.window
             if opts.pattern == "tile2d":
                 tile, window = (1, *tile), (1, *window)
             groups = P.tile_layout(geo, tile, window, text_global, device)
             what = f"{opts.pattern} tiles {opts.tile} window {opts.window}"
+            order = (tuple(geo.grid), tile)
         elif opts.pattern == "radial":
             frames, height, width = geo.grid
             blocks = P.radial_blocks(frames, height * width, bq, bk, opts.sink, device)
@@ -423,7 +437,7 @@ def _build(call: AttentionCall, opts: BlockSparseOptions) -> _Plan:
             if opts.pattern == "topk":
                 return _Plan(groups, "topk", f"topk keep {opts.keep} local window "
                              f"{opts.window}{_text_note(geo, opts)}")
-        plan = _Plan(groups, "groups", what + _text_note(geo, opts))
+        plan = _Plan(groups, "groups", what + _text_note(geo, opts), order=order)
     plan.summary += f": density {plan.groups.density():.3f}"
     if plan.groups.notes:
         plan.summary += " (" + "; ".join(plan.groups.notes) + ")"
@@ -470,6 +484,20 @@ def _plan(call: AttentionCall, opts: BlockSparseOptions) -> _Plan:
                 plan.kernel = _choose_kernel(call, opts, plan)
         plan = _PLANS.put(key, plan)
     return plan
+
+
+def _preordered(plan: _Plan, order: tuple) -> _Plan:
+    """The plan for calls whose tokens a denoiser hook already put in tile order (``order``:
+    (grid, tile)): the same groups with no permutation, when the plan's order is that one."""
+    if plan.order != order:
+        return plan
+    same = plan.lists.get("preordered")
+    if same is None:
+        g = plan.groups
+        same = plan.lists["preordered"] = _Plan(
+            P.GroupLayout(None, g.q_bounds, g.k_bounds, g.allow, g.notes), plan.mode,
+            plan.summary, kernel=plan.kernel)
+    return same
 
 
 def topk_allow(query: torch.Tensor, key: torch.Tensor, groups: P.GroupLayout,
@@ -807,6 +835,74 @@ class _DenseSteps:
         return None
 
 
+#: (grid, tile) while a patched denoiser runs with its image tokens already in that tile order
+_PREORDERED: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar(
+    "attnpatch_block_sparse_preordered", default=None)
+
+
+class _TileOrder:
+    """Forward hooks on a denoiser that takes ``hidden_states`` (B, N, C) with ``img_ids``
+    (Flux): at its entry the image tokens, their ids (so the rotary tables follow) and any
+    ControlNet residuals go to tile order; at its exit the output comes back. Every op between
+    attentions is per token, so the result is the same as reordering in each attention call,
+    which then finds its tokens in kernel order and permutes nothing."""
+
+    def __init__(self, tile: tuple):
+        self.tile = tile
+        self.orders: dict = {}
+        self.entries: list = []
+
+    def _order(self, grid: tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (grid, device)
+        order = self.orders.get(key)
+        if order is None:
+            geo = P.Geometry(math.prod(grid), 0, "none", grid)
+            perm = P.tile_layout(geo, self.tile, (1, 1, 1), True, device).perm
+            inv = torch.empty_like(perm)
+            inv[perm] = torch.arange(perm.numel(), device=device)
+            order = self.orders[key] = (perm, inv)
+        return order
+
+    def pre(self, module, args, kwargs):
+        from .._layout import _grid_from_ids
+
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        ids = kwargs.get("img_ids")
+        grid = None
+        if (not torch.compiler.is_dynamo_compiling() and torch.is_tensor(hidden)
+                and hidden.dim() == 3 and torch.is_tensor(ids)):
+            grid = _grid_from_ids(ids, hidden.shape[1])
+        if grid is None:
+            self.entries.append(None)
+            return None
+        perm, inv = self._order(grid, hidden.device)
+        kwargs = dict(kwargs)
+        hidden = hidden.index_select(1, perm)
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        kwargs["img_ids"] = ids.index_select(-2, perm)
+        for name in ("controlnet_block_samples", "controlnet_single_block_samples"):
+            samples = kwargs.get(name)
+            if samples is not None:
+                kwargs[name] = [s.index_select(1, perm) for s in samples]
+        self.entries.append((_PREORDERED.set((grid, self.tile)), inv))
+        return args, kwargs
+
+    def post(self, module, args, kwargs, output):
+        entry = self.entries.pop() if self.entries else None
+        if entry is None:
+            return None
+        token, inv = entry
+        _PREORDERED.reset(token)
+        if output is None:
+            return None
+        if isinstance(output, tuple):
+            return (output[0].index_select(1, inv), *output[1:])
+        return type(output)(sample=output.sample.index_select(1, inv))
+
+
 # --- the backend --------------------------------------------------------------------------------
 
 @register_backend
@@ -841,13 +937,21 @@ class BlockSparseAttention(Strategy):
         return _plan(call, opts).reasons
 
     def denoiser_hooks(self, model: torch.nn.Module, options: Any) -> Sequence[Any]:
-        """With ``dense_steps``: a step counter on each model whose forward takes a
+        """A tile pattern with ``reorder="auto"`` on a model whose forward takes
+        ``hidden_states`` and ``img_ids`` (Flux): its image tokens in tile order for the whole
+        forward. ``dense_steps``: a step counter on each model whose forward takes a
         ``timestep`` (the denoisers)."""
-        if not isinstance(options, BlockSparseOptions) or not options.dense_steps:
+        if not isinstance(options, BlockSparseOptions):
             return ()
-        if "timestep" not in inspect.signature(model.forward).parameters:
-            return ()
-        return [_DenseSteps(options.dense_steps)]
+        params = inspect.signature(model.forward).parameters
+        hooks = []
+        if (options.reorder == "auto" and options.pattern in ("tile2d", "tile3d")
+                and {"hidden_states", "img_ids"} <= set(params)):
+            tile = options.tile if len(options.tile) == 3 else (1, *options.tile)
+            hooks.append(_TileOrder(tile))
+        if options.dense_steps and "timestep" in params:
+            hooks.append(_DenseSteps(options.dense_steps))
+        return hooks
 
     def report_note(self, call: AttentionCall) -> Optional[str]:
         opts = call.options
@@ -881,6 +985,9 @@ class BlockSparseAttention(Strategy):
         if plan.mode == "dense" or (opts.dense_steps and not torch.compiler.is_dynamo_compiling()
                                     and _DENSE_NOW.get()):
             return _run_inner("auto", call.replace())
+        if plan.groups is not None and plan.groups.perm is not None and (
+                not torch.compiler.is_dynamo_compiling()) and _PREORDERED.get() is not None:
+            plan = _preordered(plan, _PREORDERED.get())
         kernel = plan.kernel[0]
         allow = None
         if plan.mode == "topk" and kernel != "mask":

@@ -601,3 +601,28 @@ def test_random_tile_layouts_equal_the_per_token_definition(c):
     element = with_text(tile_mask(c["grid"], c["tile"], c["window"]), layout, q.shape[2],
                         c["text_mode"] == "global")
     torch.testing.assert_close(out, masked_reference(q, k, v, element)[0], rtol=0, atol=1e-12)
+
+
+def test_tile_order_once_per_forward_equals_reordering_per_call():
+    """On Flux (``img_ids``) a tile pattern puts the image tokens in tile order at the
+    denoiser's entry (ids too, so the rotary tables follow) and back at its exit; the
+    attention calls then permute nothing. Same output as ``reorder="call"``."""
+    from attnpatch.strategies import block_sparse as BSP
+    model, kw = flux()
+    opts = dict(pattern="tile2d", tile=(2, 2), window=(1, 1))
+    with attnpatch.patch(model, backend=BS, reorder="call", **opts):
+        per_call = run(model, kw)
+    BSP._PLANS.clear()
+    with attnpatch.patch(model, backend=BS, **opts):
+        per_forward = run(model, kw)
+        assert any("preordered" in plan.lists for plan in BSP._PLANS.values())
+    torch.testing.assert_close(per_forward, per_call, rtol=1e-5, atol=1e-6)
+    model.zero_grad()
+    with attnpatch.patch(model, backend=BS, **opts):
+        kw_grad = {**kw, "hidden_states": kw["hidden_states"].clone().requires_grad_()}
+        out = model(**kw_grad)[0]
+        grad = torch.autograd.grad(out.sum(), kw_grad["hidden_states"])[0]
+    with attnpatch.patch(model, backend=BS, reorder="call", **opts):
+        kw_ref = {**kw, "hidden_states": kw["hidden_states"].clone().requires_grad_()}
+        ref = torch.autograd.grad(model(**kw_ref)[0].sum(), kw_ref["hidden_states"])[0]
+    torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-5)
