@@ -58,21 +58,21 @@ class GroupLayout:
     notes: tuple = ()
     _ids: dict = field(default_factory=dict, repr=False)
 
+    def __post_init__(self):
+        # every token's group, in kernel and in call order, computed here (eagerly: never
+        # while torch.compile traces a call that uses the layout)
+        for side, bounds in (("q", self.q_bounds), ("k", self.k_bounds)):
+            seq = int(bounds[-1])
+            ids = torch.bucketize(torch.arange(seq, device=bounds.device), bounds[1:],
+                                  right=True)
+            self._ids[(side, False)] = ids
+            if self.perm is not None:
+                ids = torch.empty_like(ids).index_put_((self.perm,), ids)
+            self._ids[(side, True)] = ids
+
     def group_ids(self, side: str, original: bool) -> torch.Tensor:
-        """(S,) long: the group of each token, in kernel order or (``original``) call order
-        (computed once)."""
-        ids = self._ids.get((side, original))
-        if ids is not None:
-            return ids
-        bounds = self.q_bounds if side == "q" else self.k_bounds
-        seq = int(bounds[-1])
-        ids = torch.bucketize(torch.arange(seq, device=bounds.device), bounds[1:], right=True)
-        if original and self.perm is not None:
-            out = torch.empty_like(ids)
-            out[self.perm] = ids
-            ids = out
-        self._ids[(side, original)] = ids
-        return ids
+        """(S,) long: the group of each token, in kernel order or (``original``) call order."""
+        return self._ids[(side, original)]
 
     def element_mask(self, allow: Optional[torch.Tensor] = None) -> torch.Tensor:
         """bool (Bl, Hl, Sq, Sk) in the call's token order."""

@@ -438,6 +438,8 @@ def _build(call: AttentionCall, opts: BlockSparseOptions) -> _Plan:
                 return _Plan(groups, "topk", f"topk keep {opts.keep} local window "
                              f"{opts.window}{_text_note(geo, opts)}")
         plan = _Plan(groups, "groups", what + _text_note(geo, opts), order=order)
+    if plan.groups.perm is not None:
+        _inverse(plan)  # now, not while torch.compile traces a call
     plan.summary += f": density {plan.groups.density():.3f}"
     if plan.groups.notes:
         plan.summary += " (" + "; ".join(plan.groups.notes) + ")"
