@@ -167,8 +167,13 @@ def bench_shape(label, config, device, dtype, budget_s, quick):
                      ("flash4 direct, tokens in tile order", dict(direct=True))]
     if device == "cuda":
         variants.append(("block_sparse kernel=auto", sparse))
+        if plan.order is not None:
+            variants.append(("block_sparse auto, tokens pre-ordered", dict(sparse, pre=True)))
     else:
         variants.append(("block_sparse kernel=mask", dict(sparse, kernel="mask")))
+        if plan.order is not None:
+            variants.append(("block_sparse mask, tokens pre-ordered",
+                             dict(sparse, kernel="mask", pre=True)))
 
     dense = attnpatch.attention(q, k, v, layout="bshd", backend=dense_name)
     count = s if quick else 512
@@ -200,6 +205,18 @@ def bench_shape(label, config, device, dtype, budget_s, quick):
 
             def call(q_, k_, v_, fn=fn):
                 return fn(q_, k_, v_)
+        elif kw.pop("pre", False):  # as in a patched Flux forward (reorder="auto")
+            perm = plan.groups.perm
+            inputs = [t.index_select(1, perm) for t in (q, k, v)]
+            tiled_leaves = [t.detach().requires_grad_() for t in inputs]
+            tiled_grad = grad.index_select(1, perm)
+
+            def call(q_, k_, v_, kw=kw):
+                token = BSP._PREORDERED.set(plan.order)
+                try:
+                    return attnpatch.attention(q_, k_, v_, layout="bshd", **kw)
+                finally:
+                    BSP._PREORDERED.reset(token)
         else:
             inputs, tiled_leaves, tiled_grad = (q, k, v), leaves, grad
 
@@ -247,11 +264,14 @@ def bench_shape(label, config, device, dtype, budget_s, quick):
                         "density": density, "fwd_ms": timer(reorder, device, budget_s, *reps)})
     by_name = {r["variant"]: r for r in results}
     direct = by_name.get("flash4 direct, tokens in tile order")
-    ours = by_name.get("block_sparse kernel=auto") or by_name.get("block_sparse kernel=flash4")
-    if direct and ours and "fwd_ms" in direct and "fwd_ms" in ours:
-        for key in ("fwd_ms", "fwd_bwd_ms"):
-            if key in direct and key in ours:
-                ours[f"{key.removesuffix('_ms')}_vs_direct_flash4"] = ours[key] / direct[key]
+    for name in ("block_sparse kernel=auto", "block_sparse kernel=flash4",
+                 "block_sparse auto, tokens pre-ordered"):
+        ours = by_name.get(name)
+        if direct and ours and "fwd_ms" in direct and "fwd_ms" in ours:
+            for key in ("fwd_ms", "fwd_bwd_ms"):
+                if key in direct and key in ours:
+                    ours[f"{key.removesuffix('_ms')}_vs_direct_flash4"] = ours[key] / direct[key]
+    ours = by_name.get("block_sparse kernel=auto")
     reorder = by_name.get("token permute (q, k, v) + inverse (out)")
     kernel = direct or ours
     if reorder and kernel and "fwd_ms" in kernel:

@@ -519,15 +519,16 @@ def test_benchmark_runs_quick_on_cpu(tmp_path):
     rows = result["rows"]
     assert [r["variant"] for r in rows] == ["dense sdpa", "block_sparse kernel=flex",
                                             "block_sparse kernel=mask",
+                                            "block_sparse mask, tokens pre-ordered",
                                             "token permute (q, k, v) + inverse (out)"]
-    for row in rows[:3]:
+    for row in rows[:4]:
         assert "error" not in row, row
         assert row["fwd_ms"] > 0
         if row["variant"] != "dense sdpa":
             assert row["rel_err_vs_fp32_masked"] < 1e-5, row
             assert abs(row["density"] - density) < 1e-9, (row["density"], density)
-    assert rows[2]["fwd_bwd_ms"] > 0 and rows[3]["fwd_ms"] > 0
-    assert "tile2d" in rows[3]["plan_note"]
+    assert rows[2]["fwd_bwd_ms"] > 0 and rows[3]["fwd_bwd_ms"] > 0 and rows[4]["fwd_ms"] > 0
+    assert "tile2d" in rows[4]["plan_note"]
     for key in ("flux_transformer", "wan_transformer"):
         model = result[key]
         assert model["speedup"] > 0 and model["rel_err_vs_dense"] > 0, model
