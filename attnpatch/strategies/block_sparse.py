@@ -997,10 +997,20 @@ class BlockSparseAttention(Strategy):
                                call.scale)
         if kernel == "flash4":
             if allow is None:
-                return _run_flash4(call, plan, _lists(plan, "partial")[0])
-            full, partial = _lists(plan, "partial", allow)
-            if not bool(partial.any()):
-                return _run_flash4(call, plan, full)
+                full = _lists(plan, "partial")[0]
+            else:
+                full, partial = _lists(plan, "partial", allow)
+            if allow is None or not bool(partial.any()):
+                try:
+                    return _run_flash4(call, plan, full)
+                except (ImportError, RuntimeError, ValueError, AssertionError) as err:
+                    if opts.kernel == "flash4" or isinstance(err, torch.OutOfMemoryError):
+                        raise
+                    # auto's choice: flash-attn-4 refused this configuration; Flex from now on
+                    why = f"flash4 failed: {type(err).__name__}: {str(err)[:200]}"
+                    logger.warning("block_sparse: %s; running %s on flex", why, call)
+                    plan.kernel = ("flex", why)
+                    plan.lists.pop("fa4", None)
             kernel = "flex"
         if kernel == "flex":
             return _run_flex(call, plan, allow)

@@ -627,3 +627,20 @@ def test_tile_order_once_per_forward_equals_reordering_per_call():
         kw_ref = {**kw, "hidden_states": kw["hidden_states"].clone().requires_grad_()}
         ref = torch.autograd.grad(model(**kw_ref)[0].sum(), kw_ref["hidden_states"])[0]
     torch.testing.assert_close(grad, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_falls_back_to_flex_when_flash4_fails(caplog):
+    """When auto's flash4 raises (here: flash-attn-4 is not importable), the call and the
+    later ones of its plan run on Flex, with a warning."""
+    from attnpatch.strategies import block_sparse as BSP
+    layout = LAYOUTS["text_first"]
+    q, k, v = _qkv(layout, seed=9, dtype=torch.float32)
+    opts = dict(pattern="tile2d", tile=(3, 4), window=(1, 2), token_layout=layout)
+    ex = attnpatch.explain(q, k, v, backend=BS, **opts)
+    plan = BSP._plan(ex.call, ex.call.options)
+    plan.kernel = ("flash4", "forced by the test")
+    with caplog.at_level("WARNING", logger=BSP.__name__):
+        out = bs(q, k, v, **opts)
+    assert plan.kernel[0] == "flex" and "flash4 failed" in caplog.text
+    element = with_text(tile_mask(layout.grid, (1, 3, 4), (1, 1, 2)), layout, q.shape[2])
+    assert rel_error(out, masked_reference(q, k, v, element)[0]) <= 1e-5
