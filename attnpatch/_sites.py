@@ -17,6 +17,8 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from ._errors import AttnPatchError
+
 __all__ = ["Site", "held", "acquire", "release", "ForwardHooks"]
 
 
@@ -89,13 +91,16 @@ def release(site: Site) -> None:
 
 
 class ForwardHooks(Site):
-    """Torch forward hooks on one module, from hook objects with optional ``pre(module, args,
-    kwargs)`` (may return new ``(args, kwargs)``) and ``post(module, args, kwargs, output)``
-    (may return a new output; runs also when the forward raises, with ``output`` None).
+    """Torch forward hooks on one module and its submodules, from hook objects with optional
+    ``pre(module, args, kwargs)`` (may return new ``(args, kwargs)``) and ``post(module, args,
+    kwargs, output)`` (may return a new output; runs also when the forward raises, with
+    ``output`` None), and an optional ``path``: the submodule to hook, as ``get_submodule``
+    spells it (``"proj_out"``, ``"blocks.0"``; ``""`` or none: the module itself).
 
     Registered with ``register_forward_pre_hook(with_kwargs=True)`` and
-    ``register_forward_hook(with_kwargs=True, always_call=True)`` in the hooks' order; a site
-    can be applied again after it was restored (the same hook objects, registered anew)."""
+    ``register_forward_hook(with_kwargs=True, always_call=True)`` in the hooks' order; every
+    path is resolved before anything is registered (a missing one raises with nothing changed);
+    a site can be applied again after it was restored (the same hook objects, registered anew)."""
 
     def __init__(self, module: torch.nn.Module, hooks: Sequence[Any], label: str = ""):
         super().__init__(module)
@@ -105,13 +110,21 @@ class ForwardHooks(Site):
 
     def apply(self) -> None:
         module: torch.nn.Module = self.obj
-        handles = []
+        targets = []
         for hook in self.hooks:
+            path = getattr(hook, "path", "") or ""
+            try:
+                targets.append(module.get_submodule(path))
+            except AttributeError as err:
+                raise AttnPatchError(f"hook {hook!r}: path {path!r} is not a submodule of "
+                                     f"{type(module).__name__} ({err})") from None
+        handles = []
+        for hook, target in zip(self.hooks, targets):
             pre, post = getattr(hook, "pre", None), getattr(hook, "post", None)
             if pre is not None:
-                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                handles.append(target.register_forward_pre_hook(pre, with_kwargs=True))
             if post is not None:
-                handles.append(module.register_forward_hook(post, with_kwargs=True,
+                handles.append(target.register_forward_hook(post, with_kwargs=True,
                                                             always_call=True))
         self._handles = handles
 

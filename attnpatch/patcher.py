@@ -237,6 +237,33 @@ def _spec(value: Any, options: dict) -> Optional[tuple[str, dict]]:
     return (name, opts)
 
 
+def _denoiser_scope(target, backend: BackendSpec, options: dict) -> tuple[BackendSpec, dict]:
+    """``(backend, options)`` for a pipeline whose one named backend is ``denoiser_only``: a
+    dict giving it, with the options, to the denoiser components (the rest get ``auto``, no
+    options); otherwise both unchanged."""
+    if not dif.is_pipeline(target) or (isinstance(backend, dict) and "backend" not in backend):
+        return backend, options
+    name, opts = backend, dict(options)
+    if isinstance(backend, tuple) and len(backend) == 2 and isinstance(backend[1], dict):
+        name, opts = backend[0], {**options, **backend[1]}
+    elif isinstance(backend, dict):
+        rest = dict(backend)
+        name = rest.pop("backend")
+        opts = {**options, **rest}
+    if not isinstance(name, str) or name.lower() == "auto":
+        return backend, options
+    if not registry.get_backend(_canonical(name)).denoiser_only:
+        return backend, options
+    from .pipelines import denoiser_components
+
+    names = [n for n, _ in denoiser_components(target)]
+    if not names:
+        return backend, options
+    logger.info("attnpatch: %s runs on the denoiser (%s); text encoders and VAE stay on auto",
+                name, ", ".join(names))
+    return {n: (name, opts) for n in names}, {}
+
+
 def _backend_plan(backend: BackendSpec, options: dict, names: list[str]
                   ) -> Callable[[str], Optional[tuple[str, dict]]]:
     """name -> default for each module; validates every name and option up front."""
@@ -391,6 +418,13 @@ def _make_hooks(backend: registry.Backend, model: torch.nn.Module, options: Any)
             raise AttnPatchError(f"backend {label}: denoiser_hooks() returned {hook!r}, which "
                                  "has no callable pre(module, args, kwargs) or post(module, "
                                  "args, kwargs, output)")
+        path = getattr(hook, "path", "")
+        try:
+            model.get_submodule(path or "")
+        except (AttributeError, TypeError):
+            raise AttnPatchError(f"backend {label}: denoiser_hooks() returned {hook!r}, whose "
+                                 f"path {path!r} is not a submodule of {type(model).__name__}"
+                                 ) from None
     return ForwardHooks(model, hooks, backend.name)
 
 
@@ -553,7 +587,8 @@ class PatchHandle:
         backends ask for on the patched diffusers models follow (:meth:`Backend.denoiser_hooks`);
         a backend that refuses them fails the switch, with nothing changed."""
         self._check_active()
-        _set_defaults([(r.name, r) for r in self._records], backend, options)
+        _set_defaults([(r.name, r) for r in self._records],
+                      *_denoiser_scope(self.target, backend, options))
         return self
 
     set_attention_backend = set_backend
@@ -750,7 +785,8 @@ def _patch(target, backend, include, exclude, options, implicit: bool) -> PatchH
         why = tf.unsupported_reason(module, name) if kind == "transformers" else None
         if why is not None:
             raise AttnPatchError(why)
-    plan = _backend_plan(backend, options, [n for n, _, _ in selected])
+    plan = _backend_plan(*_denoiser_scope(target, backend, options),
+                         [n for n, _, _ in selected])
     handle = _handle_of(target) or PatchHandle(target, implicit)
     handle._apply(target, found, selected, plan)
     skipped = [r for r in handle._records if not r.routed]
@@ -809,7 +845,7 @@ def _obj_set_backend(obj, backend: BackendSpec, **options: Any) -> None:
     if not named:
         raise AttnPatchError(f"no attnpatch-patched attention module left in "
                              f"{type(obj).__name__}")
-    _set_defaults(named, backend, options)
+    _set_defaults(named, *_denoiser_scope(obj, backend, options))
 
 
 def _obj_reset_backend(obj) -> None:

@@ -81,6 +81,13 @@ class Backend:
     #: resolves the layout for every call (eager and compiled), re-selects when it changes, and
     #: never replaces ``forward`` with a :meth:`specialize` kernel
     reads_token_layout: ClassVar[bool] = False
+    #: ``patch(pipe, backend=name)`` on a pipeline gives this backend to the denoiser
+    #: components only, and ``auto`` to the rest (text encoders, VAE): context parallelism,
+    #: whose shards only the denoiser's hooks make
+    denoiser_only: ClassVar[bool] = False
+    #: one attention call spans the processes of a group (context parallelism): every process
+    #: runs the same inputs, so the scripts don't split data across processes for it
+    spans_processes: ClassVar[bool] = False
     requires_package: ClassVar[Optional[str]] = None
     requires_pip_name: ClassVar[Optional[str]] = None
     #: the options the backend takes: a frozen dataclass whose ``__post_init__`` validates the
@@ -219,6 +226,11 @@ class Backend:
         registers them as torch forward hooks (``with_kwargs=True``; the post hook with
         ``always_call=True``), in order, after attnpatch's own token-layout hook (which sees
         the model's unsharded inputs).
+
+        A hook may also carry ``path``: the submodule it hooks, as ``model.get_submodule``
+        spells it (``"proj_out"``, ``"blocks.0"``; ``""`` or none: the model itself), so a
+        plan can shard where a block starts and gather where the output projection ends. Its
+        hooks are registered and removed with the model's, as one set.
 
         ``options``: the validated ``Options`` instance of the request. Called once per model,
         backend and options, when a patch, ``set_backend`` or ``set_attention_backend`` first

@@ -28,7 +28,7 @@ from ._errors import AttnPatchError
 __all__ = ["ScriptError", "parse_value", "parse_options", "add_backend_arguments",
            "add_scope_argument", "check_backend", "available_backends", "one_line", "run_script",
            "staged_output", "load_local_pipeline", "check_model_folder", "patch_pipeline",
-           "denoiser_names", "ran_in", "EXIT_BAD_INPUT"]
+           "denoiser_names", "ran_in", "spans_processes", "start_processes", "EXIT_BAD_INPUT"]
 
 EXIT_BAD_INPUT = 2
 
@@ -144,6 +144,33 @@ def check_backend(name: str, options: Optional[dict] = None, allow_none: bool = 
     except AttnPatchError as err:
         raise ScriptError(f"{one_line(err)}; drop or fix the --backend-option") from None
     return canonical
+
+
+def spans_processes(name: str) -> bool:
+    """Whether backend ``name`` (canonical, or ``auto``/``none``) splits one sample across the
+    processes (context parallelism): then every process runs the same inputs with the same
+    seed, instead of its share of the data."""
+    from . import registry
+
+    if name in ("auto", "none"):
+        return False
+    return bool(registry.get_backend(name).spans_processes)
+
+
+def start_processes(name: str, cpu: bool) -> None:
+    """For a backend that spans processes, set up accelerate's process group (gloo on CPU,
+    NCCL on GPUs) before the backend is checked, so that under ``accelerate launch`` it finds
+    its default group; the script's ``Accelerator`` then shares this state."""
+    from . import registry
+
+    try:
+        canonical = registry.canonical_name(name.lower())
+    except AttnPatchError:
+        return  # check_backend says what is wrong with the name
+    if canonical != "auto" and registry.get_backend(canonical).spans_processes:
+        from accelerate import PartialState
+
+        PartialState(cpu=cpu)
 
 
 # --- patching a pipeline --------------------------------------------------------------------------

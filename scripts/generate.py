@@ -7,7 +7,9 @@ backend and its options passed through.
 
 Under ``accelerate launch --num_processes N`` the prompts are split data-parallel: every process
 loads the pipeline on its device and generates its share, the images are gathered to the main
-process, and only the main process writes files. Prompt ``i`` is always generated with seed
+process, and only the main process writes files. With a context-parallel backend (``ring``,
+``ulysses``, ``usp``) every process runs every prompt instead, each one a share of the
+sequence, and the main process writes the images. Prompt ``i`` is always generated with seed
 ``--seed + i``, so the images do not depend on the number of processes.
 
 Outputs in ``--out``: ``0000-<prompt>.png`` per prompt (``.gif`` for videos, or ``.mp4`` with
@@ -19,6 +21,7 @@ failed run leaves nothing half-written. Bad input exits with code 2 and a one-li
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import json
 import pathlib
@@ -142,6 +145,10 @@ def check_inputs(args) -> tuple[list[str], str, dict, dict]:
     """Everything that can be checked before loading a model: exits 2 on bad input."""
     prompts = read_prompts(args)
     options = scripting.parse_options(args.backend_options)
+    if args.backend.lower() not in ("none", "default", "off"):
+        import torch
+
+        scripting.start_processes(args.backend, cpu=args.cpu or not torch.cuda.is_available())
     backend = scripting.check_backend(args.backend, options, allow_none=True)
     extra = scripting.parse_options(args.call_arg, flag="--call-arg")
     if not args.model and not args.tiny:
@@ -212,7 +219,10 @@ def run(args) -> int:
 
     items, error = [], None
     jobs = list(enumerate(prompts))
-    with accelerator.split_between_processes(jobs) as mine:
+    # context parallelism: every process runs every prompt (same seed), the main one keeps it
+    together = scripting.spans_processes(backend)
+    share = contextlib.nullcontext(jobs) if together else accelerator.split_between_processes(jobs)
+    with share as mine:
         try:
             for index, prompt in tqdm(mine, desc=f"prompts (process {accelerator.process_index})",
                                       disable=not main_proc):
@@ -220,6 +230,8 @@ def run(args) -> int:
                 start = time.perf_counter()
                 with torch.inference_mode():
                     output = pipe(**call_kwargs(pipe, args, extra, prompt, seed, defaults))
+                if together and not main_proc:
+                    continue
                 kind, arr = to_uint8(output)
                 items.append({"index": index, "prompt": prompt, "seed": seed, "kind": kind,
                               "array": arr, "seconds": round(time.perf_counter() - start, 3),

@@ -19,7 +19,10 @@ Checkpoints: ``--output_dir/checkpoint-<step>`` via ``accelerator.save_state`` (
 diffusers' format, optimizer, lr scheduler, loss history); ``--resume_from_checkpoint latest``
 (or a path) continues at that step with the same data order and noise. The final LoRA goes to
 ``--output_dir/pytorch_lora_weights.safetensors``: ``pipe.load_lora_weights(output_dir)`` loads
-it. Data parallel over GPUs with ``accelerate launch --multi_gpu --num_processes N``.
+it. Data parallel over GPUs with ``accelerate launch --multi_gpu --num_processes N``; with a
+context-parallel backend (``--attention_backend ring``, ``ulysses``, ``usp``) the processes
+share each sample's sequence instead: every process gets the same batches and noise, and DDP's
+averaged gradients equal the single-process ones.
 
 Bad input (missing model folder, not a diffusers model, a dataset without images or captions,
 an unknown backend or option) exits with code 2 and a one-line error before anything is
@@ -188,6 +191,10 @@ def read_examples(data_dir, caption_column: str, instance_prompt) -> list[tuple[
 def check_inputs(args):
     examples = read_examples(args.train_data_dir, args.caption_column, args.instance_prompt)
     options = scripting.parse_options(args.backend_options, flag="--attention_backend_option")
+    if args.backend.lower() not in ("none", "default", "off"):
+        import torch
+
+        scripting.start_processes(args.backend, cpu=args.cpu or not torch.cuda.is_available())
     backend = scripting.check_backend(args.backend, options, allow_none=True)
     if args.tiny is None:
         if args.pretrained_model_name_or_path is None:
@@ -562,6 +569,11 @@ def run(args) -> int:
                                   logging_dir=str(pathlib.Path(args.output_dir)
                                                   / args.logging_dir)) if report_to else None)
     main_proc = accelerator.is_main_process
+    # context parallelism: every process trains on the same batch and noise, each a share of
+    # its sequence; DDP (accelerator.prepare) averages the gradients, which are then exactly
+    # the single-process ones. Otherwise data parallel: each process its share of the data.
+    together = scripting.spans_processes(backend)
+    data_procs = 1 if together else accelerator.num_processes
     seed = 0 if args.seed is None else args.seed
     set_seed(seed)
     if args.allow_tf32 and torch.cuda.is_available():
@@ -622,7 +634,7 @@ def run(args) -> int:
 
     if args.scale_lr:
         args.learning_rate *= (args.gradient_accumulation_steps * args.train_batch_size
-                               * accelerator.num_processes)
+                               * data_procs)
     params = [p for p in denoiser.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.learning_rate,
                                   betas=(args.adam_beta1, args.adam_beta2),
@@ -632,16 +644,19 @@ def run(args) -> int:
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.train_batch_size,
                                          sampler=sampler, collate_fn=collate,
                                          num_workers=args.dataloader_num_workers, drop_last=False)
-    steps_per_epoch = math.ceil(math.ceil(len(dataset) / (args.train_batch_size
-                                                          * accelerator.num_processes))
+    steps_per_epoch = math.ceil(math.ceil(len(dataset) / (args.train_batch_size * data_procs))
                                 / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
                                  num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
                                  num_training_steps=max_steps * accelerator.num_processes,
                                  num_cycles=args.lr_num_cycles, power=args.lr_power)
-    denoiser, optimizer, loader, lr_scheduler = accelerator.prepare(
-        denoiser, optimizer, loader, lr_scheduler)
+    if together:  # the same batches on every process: the loader is not split
+        denoiser, optimizer, lr_scheduler = accelerator.prepare(denoiser, optimizer,
+                                                                lr_scheduler)
+    else:
+        denoiser, optimizer, loader, lr_scheduler = accelerator.prepare(
+            denoiser, optimizer, loader, lr_scheduler)
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     epochs = math.ceil(max_steps / steps_per_epoch)
 
@@ -706,7 +721,8 @@ def run(args) -> int:
             sampler.set_epoch(epoch)
             for batch in batches:
                 gen = torch.Generator(device=device).manual_seed(
-                    seed * 1_000_003 + micro * 1_009 + accelerator.process_index)
+                    seed * 1_000_003 + micro * 1_009
+                    + (0 if together else accelerator.process_index))
                 micro += 1
                 with accelerator.accumulate(denoiser):
                     pixels = batch["pixel_values"].to(device)

@@ -150,15 +150,46 @@ class Hookless(Shifted):
         return [object()]
 
 
+class Negate:
+    """Negates the output of the submodule at ``path``."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def post(self, module, args, kwargs, output):
+        return -output
+
+
+class AtProjOut(Shifted):
+    """A hook on a submodule (``path``), for the denoiser only (``denoiser_only``)."""
+
+    name = "test_at_proj_out"
+    denoiser_only = True
+
+    def denoiser_hooks(self, model, options):
+        type(self).asked.append((type(model).__name__, options.shift))
+        return [Negate("proj_out")] if hasattr(model, "proj_out") else ()
+
+
+class BadPath(Shifted):
+    name = "test_bad_path"
+
+    def denoiser_hooks(self, model, options):
+        return [Negate("no_such.module")]
+
+
+BACKENDS = (Shifted, Refusing, Hookless, AtProjOut, BadPath)
+
+
 @pytest.fixture
 def shifted():
     Shifted.asked, Shifted.hooks = [], []
-    for cls in (Shifted, Refusing, Hookless):
+    for cls in BACKENDS:
         attnpatch.register_backend(cls)
     try:
         yield Shifted
     finally:
-        for cls in (Shifted, Refusing, Hookless):
+        for cls in BACKENDS:
             attnpatch.unregister_backend(cls.name)
 
 
@@ -253,6 +284,8 @@ def test_a_switch_the_backend_refuses_changes_nothing(shifted, model):
     ("test_refusing", r"backend 'test_refusing': denoiser_hooks\(\) failed .*no process group"),
     ("test_hookless", r"backend 'test_hookless': denoiser_hooks\(\) returned <object object .*"
                       r"no callable pre\(module, args, kwargs\) or post"),
+    ("test_bad_path", r"backend 'test_bad_path': denoiser_hooks\(\) returned <.*Negate .*"
+                      r"whose path 'no_such.module' is not a submodule of FluxTransformer2DModel"),
 ])
 def test_a_patch_that_fails_half_way_leaves_nothing_behind(shifted, backend, error):
     """Records, processors, the transformers registration and configs, layout hooks and methods
@@ -334,3 +367,29 @@ def test_unpatch_releases_sites_in_reverse(shifted, monkeypatch):
     assert [s for s in restored if any(s is h for h in sites)] == list(reversed(sites))
     assert no_attnpatch_state(box) == [] and not itf.registered()
 
+
+
+def test_a_hook_with_a_path_hooks_that_submodule_and_goes_with_the_model(shifted, model):
+    model, kw, ref, processors = model
+    with attnpatch.patch(model, backend="test_at_proj_out"):
+        assert hooks_on(model)[1][1:] == [] and len(model.proj_out._forward_hooks) == 1
+        assert rel_error(run(model, kw), -ref) <= 1e-5
+    assert model.proj_out._forward_hooks == {}
+    check_unchanged(model, kw, ref, processors)
+
+
+def test_a_denoiser_only_backend_patches_the_denoiser_of_a_pipeline(shifted):
+    """``patch(pipe, backend=...)`` with a ``denoiser_only`` backend: the transformer gets it,
+    the VAE ``auto`` (not asked for hooks, and not given the backend's options); so do
+    ``set_backend`` and ``set_attention_backend`` on the pipeline."""
+    pipe, _ = flux_pipeline()
+    with attnpatch.patch(pipe, backend="test_at_proj_out", shift=1.0) as handle:
+        requested = {r.name.split(".")[0]: r.requested for r in handle.report()}
+        assert requested == {"transformer": "test_at_proj_out(shift=1.0)", "vae": "auto"}
+        assert shifted.asked == [("FluxTransformer2DModel", 1.0)]
+        assert pipe.vae.decoder.mid_block.attentions[0]._forward_hooks == {}
+        handle.set_backend("sdpa")
+        pipe.set_attention_backend(("test_at_proj_out", {"shift": 2.0}))
+        requested = {r.name.split(".")[0]: r.requested for r in handle.report()}
+        assert requested == {"transformer": "test_at_proj_out(shift=2.0)", "vae": "auto"}
+    assert no_attnpatch_state(pipe) == []

@@ -11,8 +11,10 @@ One :class:`Family` record per family says:
   or ``"last"`` (``[image | text]``, SD3); None where the family has no joint attention;
 - ``grid``: where one forward's latent grid comes from (a key of
   :data:`attnpatch.pipelines.grid.GRID_SOURCES`);
-- ``sharding``: a function returning the model's context-parallel plan; by default diffusers'
-  own ``_cp_plan`` where the model class has one (Flux, Flux2, QwenImage, Wan ...), else None.
+- ``sharding``: a function returning the model's context-parallel plan (module path ->
+  diffusers' ``ContextParallelInput``/``ContextParallelOutput``, a dict or a list of pairs);
+  by default diffusers' own ``_cp_plan`` where the model class has one (Flux, Flux2,
+  QwenImage, Wan ...), else None; attnpatch's own for SD3 and ``UNet2DConditionModel``.
 
 Text positions come from the order of the processors' ``torch.cat`` of text and image q/k/v in
 diffusers 0.42 (CogVideoX concatenates in its block). A model outside the table still gets the
@@ -29,7 +31,7 @@ import torch
 
 __all__ = ["Family", "FAMILIES", "DENOISER_COMPONENTS", "family_of", "model_family",
            "denoiser_components", "text_position", "processor_family", "sharding_plan",
-           "diffusers_cp_plan"]
+           "diffusers_cp_plan", "sd3_cp_plan", "unet_cp_plan"]
 
 
 def diffusers_cp_plan(model: Any) -> Optional[dict]:
@@ -40,6 +42,47 @@ def diffusers_cp_plan(model: Any) -> Optional[dict]:
     """
     plan = getattr(type(model), "_cp_plan", None)
     return plan if isinstance(plan, dict) else None
+
+
+def _cp_classes():
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    return ContextParallelInput, ContextParallelOutput
+
+
+def sd3_cp_plan(model: Any) -> dict:
+    """SD3's plan (diffusers has none): split the image tokens where the patch embedding ends
+    and the text tokens where ``context_embedder`` ends (the joint attention concatenates each
+    rank's ``[image | text]`` shard: attention without a mask does not depend on the order of
+    the keys), gather where ``proj_out`` ends (``norm_out`` and ``proj_out`` act per token)."""
+    Input, Output = _cp_classes()
+    return {"pos_embed": {0: Input(split_dim=1, expected_dims=3, split_output=True)},
+            "context_embedder": {0: Input(split_dim=1, expected_dims=3, split_output=True)},
+            "proj_out": Output(gather_dim=1, expected_dims=3)}
+
+
+def unet_cp_plan(model: Any) -> Optional[list]:
+    """A ``UNet2DConditionModel``'s plan, as (path, entry) pairs: in each of its
+    ``Transformer2DModel`` (all of its attention), split the tokens ``(B, H*W, C)`` where the
+    first of its ``transformer_blocks`` starts (after ``proj_in``), split the text of the
+    cross-attention at every block's entry (the context-parallel backends take keys as shards
+    too), and gather where the last block ends (before ``proj_out`` reshapes to a grid).
+    None for other UNets."""
+    if type(model).__name__ != "UNet2DConditionModel":
+        return None
+    Input, Output = _cp_classes()
+    text = Input(split_dim=1, expected_dims=3, split_output=False)
+    pairs: list = []
+    for name, module in model.named_modules():
+        blocks = getattr(module, "transformer_blocks", None)
+        if type(module).__name__ != "Transformer2DModel" or not blocks:
+            continue
+        path = f"{name}.transformer_blocks"
+        pairs.append((f"{path}.0", {"hidden_states": Input(split_dim=1, expected_dims=3,
+                                                           split_output=False)}))
+        pairs.append((f"{path}.*", {"encoder_hidden_states": text}))
+        pairs.append((f"{path}.{len(blocks) - 1}", Output(gather_dim=1, expected_dims=3)))
+    return pairs or None
 
 
 @dataclass(frozen=True)
@@ -97,7 +140,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            text="first"),
     Family("cogvideox", ("CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel"),
            processors=("CogVideoX",), text="first"),
-    Family("sd3", ("SD3Transformer2DModel",), processors=("Joint", "SD3"), text="last"),
+    Family("sd3", ("SD3Transformer2DModel",), processors=("Joint", "SD3"), text="last",
+           sharding=sd3_cp_plan),
     Family("hunyuan_image", ("HunyuanImageTransformer2DModel",), processors=("HunyuanImage",),
            text="last"),
     Family("hunyuan_video", ("HunyuanVideoTransformer3DModel",
@@ -113,11 +157,13 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
                    "WanAnimateTransformer3DModel"), components=("transformer", "transformer_2")),
     Family("pixart", ("PixArtTransformer2DModel",)),
     Family("sana", ("SanaTransformer2DModel", "SanaVideoTransformer3DModel")),
-    Family("sd", _UNET_SD, components=("unet",), config=(("addition_embed_type", None),)),
+    Family("sd", _UNET_SD, components=("unet",), config=(("addition_embed_type", None),),
+           sharding=unet_cp_plan),
     Family("sdxl", _UNET_SD, components=("unet",),
-           config=(("addition_embed_type", "text_time"),)),
+           config=(("addition_embed_type", "text_time"),), sharding=unet_cp_plan),
     Family("unet", ("UNet2DConditionModel", "UNet2DModel", "UNet3DConditionModel",
-                    "UNetMotionModel", "UNetSpatioTemporalConditionModel"), components=("unet",)),
+                    "UNetMotionModel", "UNetSpatioTemporalConditionModel"), components=("unet",),
+           sharding=unet_cp_plan),
     Family("cascade", ("StableCascadeUNet", "WuerstchenPrior", "WuerstchenDiffNeXt"),
            components=("prior", "decoder")),
 )}
@@ -186,8 +232,9 @@ def text_position(processor_name: str) -> Optional[str]:
     return None if family is None else family.text
 
 
-def sharding_plan(model: Any) -> Optional[dict]:
-    """The context-parallel plan of a denoiser: its family's, else diffusers' ``_cp_plan``."""
+def sharding_plan(model: Any) -> Any:
+    """The context-parallel plan of a denoiser (None: it has none): its family's, else
+    diffusers' ``_cp_plan``."""
     family = model_family(model)
     plan = diffusers_cp_plan if family is None else family.sharding
     return plan(model)

@@ -42,16 +42,17 @@ the process group's own timeout); so does a rank whose kernel fails in the middl
 Only ``torch.distributed`` collectives are used (``all_gather`` for the metadata,
 ``batch_isend_irecv`` for the ring, ``all_to_all_single`` for Ulysses).
 
-Pipeline level: these backends work on the attention calls of a model whose inputs are already
-sharded. Sharding a denoiser's inputs at its entry and gathering at its exit belongs to model
-hooks (``Backend.denoiser_hooks`` with a model family's plan); :func:`resolve_group` is the group
-resolution they share with the attention calls.
+Pipeline level: ``patch(pipe, backend="ring")`` gives these backends to the denoiser (text
+encoders and VAE stay on ``auto``, replicated: ``denoiser_only``), and their
+``denoiser_hooks`` split the denoiser's inputs along the sequence and gather its output, as its
+family's plan says (:mod:`attnpatch.strategies.cp_hooks`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import inspect
 import logging
 import math
 import struct
@@ -689,6 +690,8 @@ class _ContextParallel(Strategy):
     build the whole sequence for their reference)."""
 
     priority = None
+    denoiser_only = True  # the shards exist only inside the denoiser's hooks
+    spans_processes = True
     mask_kinds = frozenset({"none", "key_padding"})
     supports_dropout = False
     supports_lse = True  # the merged lse, without a gradient
@@ -728,6 +731,38 @@ class _ContextParallel(Strategy):
     def run(self, call: AttentionCall, **options: Any):
         opts = call.options if isinstance(call.options, self.Options) else self.Options(**options)
         return _attention(self, call, opts)
+
+    def denoiser_hooks(self, model: torch.nn.Module, options: Any) -> list:
+        """Split the denoiser's inputs along the sequence where its plan says, gather where it
+        ends (:mod:`attnpatch.strategies.cp_hooks`); ``()`` for a model that is no denoiser
+        (a VAE stays replicated). Raises naming the model class when a denoiser has no plan,
+        or torch.distributed is not initialized."""
+        from ..pipelines import model_family, sharding_plan
+        from .cp_hooks import plan_hooks
+
+        family = model_family(model)
+        plan = sharding_plan(model)
+        if plan is None:
+            if family is None and not _looks_like_denoiser(model):
+                return ()
+            raise AttnPatchError(
+                f"{self.name}: {type(model).__name__} has no context-parallel plan (diffusers' "
+                "_cp_plan, or attnpatch's own for SD3 and UNet2DConditionModel), so its inputs "
+                "can't be split along the sequence: use another backend for it, or give its "
+                "family a `sharding` plan in attnpatch.pipelines.families")
+        comm = _Comm(resolve_group(options.group), options.timeout, self.name)
+        self.degrees(comm.size, options)  # usp: the degrees must fit the group
+        hooks = plan_hooks(model, plan, comm)
+        logger.info("%s on %s: %d plan hooks over %d ranks", self.name, type(model).__name__,
+                    len(hooks), comm.size)
+        return hooks
+
+
+def _looks_like_denoiser(model: torch.nn.Module) -> bool:
+    """A diffusers model outside the family table that is no autoencoder (those take images,
+    not latents with a timestep): treated as a denoiser, which must bring a plan."""
+    forward = inspect.signature(type(model).forward).parameters
+    return "timestep" in forward or "timesteps" in forward
 
 
 @torch.compiler.disable  # collectives and host-side plans: eager, a graph break under compile

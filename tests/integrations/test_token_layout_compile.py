@@ -17,17 +17,21 @@ from tests.tiny_models import flux, rel_error, run, sd15, sd3, wan
 pytest.importorskip("diffusers")
 
 
+#: what LayoutReader saw, per call. A module-level list: torch 2.10's dynamo cannot trace an
+#: append to a list held as a class attribute (a graph break, and under fullgraph an error)
+SEEN: list = []
+
+
 class LayoutReader(attnpatch.Backend):
-    """SDPA that records, per call, the layout it was given and the one
+    """SDPA that records in ``SEEN``, per call, the layout it was given and the one
     ``current_token_layout()`` returns (they must agree)."""
 
     name = "layout_reader"
     priority = None
     reads_token_layout = True
-    seen: list = []
 
     def forward(self, call, **options):
-        type(self).seen.append(((call.seq_len_q, call.seq_len_kv), call.token_layout,
+        SEEN.append(((call.seq_len_q, call.seq_len_kv), call.token_layout,
                                 attnpatch.current_token_layout()))
         return F.scaled_dot_product_attention(call.query, call.key, call.value,
                                               attn_mask=call.combined_mask(), scale=call.scale)
@@ -35,7 +39,7 @@ class LayoutReader(attnpatch.Backend):
 
 @contextlib.contextmanager
 def layout_reader():
-    LayoutReader.seen = []
+    SEEN.clear()
     attnpatch.register_backend(LayoutReader, replace=True)
     try:
         yield LayoutReader
@@ -49,16 +53,16 @@ def _layouts(factory, mode: str):
     torch._dynamo.reset()
     model, kw = factory()
     ref = run(model, kw)
-    with layout_reader() as reader, attnpatch.patch(model, backend="layout_reader"):
+    with layout_reader(), attnpatch.patch(model, backend="layout_reader"):
         if mode == "eager":
             out = run(model, kw)
         else:
             run(model, kw)  # an eager forward first: Flux's grid is learnt from its ids here
-            reader.seen = []
+            SEEN.clear()
             compiled = torch.compile(model, backend="eager", fullgraph=mode == "fullgraph")
             with torch.no_grad():
                 out = compiled(**kw)[0]
-        seen = list(reader.seen)
+        seen = list(SEEN)
     torch._dynamo.reset()
     assert rel_error(out, ref) <= 1e-5
     assert seen, "the backend was never traced or run"
@@ -118,10 +122,10 @@ def test_compiled_flux_without_an_eager_forward_has_no_grid():
     import torch._dynamo
     torch._dynamo.reset()
     model, kw = flux()
-    with layout_reader() as reader, attnpatch.patch(model, backend="layout_reader"):
+    with layout_reader(), attnpatch.patch(model, backend="layout_reader"):
         with torch.no_grad():
             torch.compile(model, backend="eager", fullgraph=True)(**kw)
-        layout = reader.seen[0][1]
+        layout = SEEN[0][1]
     torch._dynamo.reset()
     assert layout.grid is None and layout.text_position == "first" and layout.text_tokens == 7
 
@@ -129,11 +133,11 @@ def test_compiled_flux_without_an_eager_forward_has_no_grid():
 def test_bare_call_takes_token_layout_argument():
     q, k, v = (torch.randn(1, 2, 20, 8) for _ in range(3))
     given = TokenLayout(4, "first", 1, 4, 4, 20, 20)
-    with layout_reader() as reader:
+    with layout_reader():
         attnpatch.attention(q, k, v, backend="layout_reader", token_layout=given)
         attnpatch.attention(q, k, v, backend="layout_reader")  # cached entry, another layout
         attnpatch.attention(q, k, v, backend="layout_reader", token_layout=given)
-        assert [s[1] for s in reader.seen] == [given, None, given]
+        assert [s[1] for s in SEEN] == [given, None, given]
         assert attnpatch.explain(q, k, v, backend="layout_reader",
                                  token_layout=given).call.token_layout == given
     with pytest.raises(attnpatch.AttnPatchError, match="token_layout must be"):
@@ -169,7 +173,7 @@ def test_selection_sees_the_layout():
 
 def test_layout_readers_are_never_specialized():
     q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
-    with layout_reader() as reader:
+    with layout_reader():
         for _ in range(3):
             attnpatch.attention(q, k, v, backend="layout_reader")
-        assert len(reader.seen) == 3  # forward ran each time: no kernel replaced it
+        assert len(SEEN) == 3  # forward ran each time: no kernel replaced it

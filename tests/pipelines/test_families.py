@@ -161,9 +161,27 @@ def test_sharding_plan_is_diffusers_cp_plan():
     assert set(flux_plan) == {"", "proj_out"}
     assert set(flux_plan[""]) >= {"hidden_states", "encoder_hidden_states", "img_ids"}
     assert sharding_plan(wan) is WanTransformer3DModel._cp_plan and "rope" in sharding_plan(wan)
-    for which in ("sd3", "sd15", "pixart"):
-        model, _ = tiny_models.DIFFUSERS[which]()
-        assert sharding_plan(model) is None, which
+    assert sharding_plan(tiny_models.DIFFUSERS["pixart"]()[0]) is None
+
+
+def test_own_sharding_plans_of_sd3_and_unets():
+    """SD3: split after the patch and text embeddings, gather after proj_out; a UNet: in each
+    Transformer2DModel, split at the first block, the text at every block, gather at the
+    last (one entry per path and role, so a one-block model gets two entries on one path)."""
+    sd3, _ = tiny_models.sd3()
+    plan = sharding_plan(sd3)
+    assert set(plan) == {"pos_embed", "context_embedder", "proj_out"}
+    assert plan["pos_embed"][0].split_output and plan["proj_out"].gather_dim == 1
+    sdxl, _ = tiny_models.sdxl()
+    pairs = sharding_plan(sdxl)
+    transformers = [n for n, m in sdxl.named_modules() if type(m).__name__ == "Transformer2DModel"]
+    assert len(pairs) == 3 * len(transformers) and transformers
+    first = transformers[0] + ".transformer_blocks"
+    blocks = len(sdxl.get_submodule(first))
+    assert pairs[:3] == [(f"{first}.0", pairs[0][1]), (f"{first}.*", pairs[1][1]),
+                         (f"{first}.{blocks - 1}", pairs[2][1])]
+    assert set(pairs[0][1]) == {"hidden_states"} and set(pairs[1][1]) == {"encoder_hidden_states"}
+    assert type(pairs[2][1]).__name__ == "ContextParallelOutput"
 
 
 def test_sharding_plan_outside_the_table_falls_back_to_diffusers():
