@@ -925,6 +925,8 @@ class BlockSparseAttention(Strategy):
     supports_lse = True
     supports_softcap = True
     reads_token_layout = True
+    #: patch(pipe, ...) sparsifies the denoiser; text encoders and VAE stay on auto
+    denoiser_only = True
 
     def not_supported_reasons(self, call: AttentionCall) -> list[str]:
         reasons = super().not_supported_reasons(call)

@@ -19,7 +19,7 @@ from attnpatch.registry import Backend, register_backend, unregister_backend
 from attnpatch.strategies import _block_patterns as P
 
 from ..conftest import make_inputs, reference, rel_error
-from ..tiny_models import flux, run, sd3, wan
+from ..tiny_models import flux, flux_pipeline, run, run_pipe, sd3, wan
 
 BS = "block_sparse"
 F64 = dict(dtype=torch.float64)
@@ -644,3 +644,19 @@ def test_auto_falls_back_to_flex_when_flash4_fails(caplog):
     assert plan.kernel[0] == "flex" and "flash4 failed" in caplog.text
     element = with_text(tile_mask(layout.grid, (1, 3, 4), (1, 1, 2)), layout, q.shape[2])
     assert rel_error(out, masked_reference(q, k, v, element)[0]) <= 1e-5
+
+
+def test_pipeline_patch_sparsifies_the_denoiser_and_dense_steps_count_pipeline_steps():
+    """``patch(pipe, backend="block_sparse", ...)`` routes the denoiser (the VAE, whose calls
+    have no grid, stays on auto); with ``dense_steps`` equal to the number of steps the images
+    are the unpatched ones, with fewer they differ."""
+    pipe, kw = flux_pipeline()
+    ref = run_pipe(pipe, kw)
+    opts = dict(pattern="tile2d", tile=(2, 2), window=(1, 1))
+    with attnpatch.patch(pipe, backend=BS, dense_steps=kw["num_inference_steps"], **opts) as h:
+        assert rel_error(run_pipe(pipe, kw), ref) <= 1e-5
+        used = {r.name: set(r.backends) for r in h.report() if r.calls}
+    assert all((b == {BS}) == n.startswith("transformer.") for n, b in used.items()), used
+    assert any(n.startswith("vae.") for n in used), used
+    with attnpatch.patch(pipe, backend=BS, dense_steps=1, **opts):
+        assert rel_error(run_pipe(pipe, kw), ref) > 1e-4
