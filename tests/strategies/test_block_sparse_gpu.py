@@ -79,7 +79,9 @@ def test_ragged_tiles_run_on_flex_and_match():
                            tile=RAGGED["tile"], window=RAGGED["window"],
                            token_layout=RAGGED["layout"])
     note = registry.get_backend("block_sparse").report_note(ex.call)
-    assert "kernel flex" in note and "partial" in note, note
+    assert "kernel flex" in note, note
+    if "flash4" in _kernels():  # auto passed flash4 over for the partial blocks
+        assert "partial" in note, note
 
 
 def test_auto_picks_flash4_for_full_blocks():
