@@ -1,4 +1,4 @@
 """Built-in strategies: backends that run other backends on sub-calls. Importing this package
 registers them."""
 
-from . import context_parallel, dilated  # noqa: F401
+from . import block_sparse, context_parallel, dilated  # noqa: F401

@@ -1,0 +1,1040 @@
+"""Block-sparse attention, exact to the layout it states (issue 19).
+
+**Contract.** ``block_layout`` is a bool tensor (H or 1, ceil(Sq / bq), ceil(Sk / bk)) and
+``block_size`` an int or (bq, bk) (default 128): query i attends key j iff
+``block_layout[h, i // bq, j // bk]`` (the last blocks may be ragged). The result equals dense
+attention under that expanded element mask, to fp rounding; a user ``attn_mask`` and
+``is_causal`` apply on top. A query row the layout (with ``is_causal``) leaves without a key is
+an error, unless ``empty_rows="zeros"`` (then its output is 0 and its lse -inf). Without a
+layout or pattern every block is kept: dense attention (the report says so).
+
+**Patterns** (``pattern=``), each an element mask built from block or tile indices (never a
+Q×K matrix); with joint text+image attention (the call's ``TokenLayout`` puts text first or
+last) text queries attend every key and every query attends the text keys, unless
+``text="local"`` (text attends text only, image attends image only). Cross-attention calls run
+dense.
+
+- ``"tile2d"`` / ``"tile3d"``: Sliding Tile Attention (STA, FastVideo). The layout's image grid
+  (frames, height, width) is cut into tiles of ``tile`` tokens per axis ((h, w) for 2-D, per
+  frame; (t, h, w) for 3-D; defaults (8, 16) and (2, 8, 8): 128 tokens), ragged at the far
+  edges. Query tile c attends the key tiles of its ``window`` (tiles per axis, default 3): on
+  each axis the tiles start..start+window-1 with start = clamp(c - (window-1)//2, 0,
+  n_tiles - window), so the window shifts inside the grid at the edges and every window has
+  the same size. A window larger than the grid is clamped to it (the report says so). The
+  kernel sees the tokens reordered so that each tile is contiguous (permuted before the kernel,
+  back after).
+- ``"local1d"``: image blocks of ``block_size`` in sequence order; query block i attends key
+  blocks j with |c - j| <= ``window`` (default 1), c = (i·bq) // bk.
+- ``"strided"``: Child et al. 2019's strided pattern on blocks: |c - j| <= ``window``
+  (default 0) or (c - j) % ``stride`` == 0.
+- ``"global_tokens"``: ``local1d`` plus ``global_tokens`` (n, or (first n, last m) image
+  tokens) that attend and are attended by every token. ``global_tokens`` also applies to the
+  other 1-D patterns.
+- ``"radial"``: Radial Attention's static O(n log n) video mask (Li et al., "Radial Attention:
+  O(n log n) Sparse Attention with Energy Decay for Long Video Generation", 2025,
+  arXiv:2506.19852; rule of its reference code ``radial_attn/attn_mask.py``): for query frame
+  i and key frame j at distance d = |i - j| (frames of s = height·width tokens): d = 0 the
+  whole frame; else, with decay = 2^bit_length(s) / 2^bit_length(d), tokens at spatial
+  positions x, y attend iff |x - y| <= max(decay, bk) and, when decay < bk, d is a multiple of
+  bk // decay (density and band width halve as distance doubles). ``sink=True`` (default):
+  every token attends the first frame. The layout keeps each (bq, bk) block of image tokens
+  that holds at least one such pair (the kernel then attends whole blocks: exact to that
+  layout).
+- ``"topk"``: chosen per call from the values: q and k are mean-pooled per image block; each
+  query block keeps the ceil(``keep``·n_blocks) key blocks (``keep`` in (0, 1], default 0.25)
+  with the highest pooled score q̄·k̄ᵀ, plus its local blocks (|c - j| <= ``window``, default
+  1) and the global ones (text, ``global_tokens``). Exact to the layout it chose.
+- ``"mask_mod"``: a FlexAttention-style ``mask_mod(b, h, q_idx, kv_idx) -> bool`` (tensor
+  indices; it must broadcast): exact attention under that element mask.
+
+**Kernels** (``kernel=``, default "auto"): ``"mask"`` (the CPU path; any device): the expanded
+element mask (and the user's mask, causal) through the ``auto`` dense kernel, exact, with its
+gradients. ``"flash4"``: FlashAttention-4's block sparsity (``flash_attn.cute.flash_attn_func``
+with ``block_sparse_tensors`` / ``block_sparse_tensors_bwd``, 128×128 blocks, every kept block in
+the full lists); it runs a call only when every kept block is full and there is no user mask
+nor ``is_causal`` (``auto`` then takes Flex, and the report says why). ``"flex"``:
+FlexAttention (compiled on CUDA) with a ``BlockMask`` built from the block lists
+(``BlockMask.from_kv_blocks``: full blocks skip the mask, partial blocks run a ``mask_mod`` that
+looks the groups up). ``auto``: flash4 on CUDA where it can, else flex; the mask path on CPU.
+
+**Token order.** A tile pattern permutes the tokens into tile order before the kernel and
+back after, per call; on a denoiser whose forward takes ``img_ids`` (Flux) ``reorder="auto"``
+(default) does it once per forward instead (image tokens, ids and ControlNet residuals at the
+entry, the output at the exit; the calls then permute nothing). Other grid-aware strategies in
+that model would see the tile order: give them ``reorder="call"`` models.
+
+**Schedules.** ``dense_steps=N``: in a patched pipeline the first N denoising steps of every
+pipeline call run dense (a forward hook on the denoiser counts steps by its timestep changing;
+a rising timestep starts a new call). Per-module control is ``patch(..., backend={glob:
+...})``.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .._caches import BoundedCache
+from .._errors import AttnPatchError, BackendUnavailableError
+from ..backends.math import reference_attention
+from ..call import AttentionCall
+from ..dispatch import attention, run_backend
+from ..registry import Strategy, get_backend, option_values, register_backend
+from . import _block_patterns as P
+
+__all__ = ["BlockSparseAttention", "BlockSparseOptions", "topk_allow"]
+
+logger = logging.getLogger(__name__)
+
+NAME = "block_sparse"
+PATTERNS = ("tile2d", "tile3d", "local1d", "strided", "global_tokens", "radial", "topk",
+            "mask_mod")
+GRID_PATTERNS = ("tile2d", "tile3d", "radial")
+KERNELS = ("auto", "mask", "flex", "flash4")
+#: the block size of the GPU kernels' lists (FlashAttention-4 on sm90 and Flex: 128×128)
+KERNEL_BLOCK = 128
+_DEFAULT_TILE = {"tile2d": (8, 16), "tile3d": (2, 8, 8)}
+_DEFAULT_WINDOW = {"local1d": 1, "strided": 0, "global_tokens": 1, "topk": 1}
+
+
+class _FrozenLayout:
+    """A ``block_layout`` tensor as an option value: hashed by identity and version (cheap per
+    call), equal to another with the same content."""
+
+    __slots__ = ("tensor", "_key")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+        self._key = (id(tensor), tensor._version, tuple(tensor.shape), tensor.device)
+
+    def __hash__(self) -> int:
+        return hash(self._key)
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _FrozenLayout) and (
+            self._key == other._key or (self.tensor.shape == other.tensor.shape
+                                        and self.tensor.device == other.tensor.device
+                                        and bool(torch.equal(self.tensor, other.tensor))))
+
+    def __repr__(self) -> str:
+        return f"block_layout{tuple(self.tensor.shape)}"
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _ints(option: str, value, axes: int, allow_zero: bool = False) -> tuple:
+    """``value`` (an int for every axis, or one per axis) as a tuple of ``axes`` ints."""
+    ok = (lambda x: isinstance(x, int) and not isinstance(x, bool) and x >= 0) if allow_zero \
+        else _positive_int
+    if ok(value):
+        return (value,) * axes
+    if isinstance(value, (tuple, list)) and len(value) == axes and all(ok(x) for x in value):
+        return tuple(value)
+    kind = "non-negative" if allow_zero else "positive"
+    raise AttnPatchError(f"block_sparse: {option} must be a {kind} int or a tuple of {axes} "
+                         f"{kind} ints, got {value!r}")
+
+
+@dataclass(frozen=True)
+class BlockSparseOptions:
+    """The options of :class:`BlockSparseAttention` (see the module docstring), validated when
+    given. Give ``block_layout`` or ``pattern`` (``mask_mod`` alone means
+    ``pattern="mask_mod"``); with neither, every block is kept (dense attention, and the
+    report says so)."""
+
+    block_layout: Any = None
+    block_size: Any = 128
+    pattern: Optional[str] = None
+    tile: Any = None
+    window: Any = None
+    stride: Optional[int] = None
+    global_tokens: Any = 0
+    keep: Optional[float] = None
+    sink: bool = True
+    text: str = "global"
+    mask_mod: Optional[Callable] = None
+    empty_rows: str = "error"
+    kernel: str = "auto"
+    dense_steps: int = 0
+    reorder: str = "auto"
+
+    def __post_init__(self):
+        set_ = object.__setattr__
+        layout = self.block_layout
+        if isinstance(layout, torch.Tensor):
+            if layout.dtype != torch.bool or layout.dim() != 3:
+                raise AttnPatchError(
+                    f"block_sparse: block_layout must be a bool tensor (H or 1, n_q_blocks, "
+                    f"n_k_blocks), got {layout.dtype} of shape {tuple(layout.shape)}: build it "
+                    "with a comparison (e.g. scores > t) or .bool(), and index heads first")
+            set_(self, "block_layout", _FrozenLayout(layout))
+        elif layout is not None and not isinstance(layout, _FrozenLayout):
+            raise AttnPatchError(f"block_sparse: block_layout must be a bool torch.Tensor (H or "
+                                 f"1, n_q_blocks, n_k_blocks) or None, got "
+                                 f"{type(layout).__name__}")
+        set_(self, "block_size", _ints("block_size", self.block_size, 2))
+        if self.mask_mod is not None:
+            if not callable(self.mask_mod):
+                raise AttnPatchError(f"block_sparse: mask_mod must be a callable "
+                                     f"fn(b, h, q_idx, kv_idx) -> bool, got "
+                                     f"{type(self.mask_mod).__name__}")
+            if self.pattern is None:
+                set_(self, "pattern", "mask_mod")
+        pattern = self.pattern
+        if pattern is not None and pattern not in PATTERNS:
+            raise AttnPatchError(f"block_sparse: unknown pattern {pattern!r}; patterns: "
+                                 f"{', '.join(PATTERNS)}")
+        if pattern == "mask_mod" and self.mask_mod is None:
+            raise AttnPatchError("block_sparse: pattern='mask_mod' needs mask_mod=fn(b, h, q_idx, "
+                                 "kv_idx) -> bool")
+        if self.mask_mod is not None and pattern != "mask_mod":
+            raise AttnPatchError(f"block_sparse: mask_mod is the 'mask_mod' pattern, not an "
+                                 f"option of pattern={pattern!r}: drop one of them")
+        if layout is not None and pattern is not None:
+            raise AttnPatchError("block_sparse: pass block_layout= or pattern=, not both")
+        if pattern in ("tile2d", "tile3d"):
+            axes = 2 if pattern == "tile2d" else 3
+            set_(self, "tile", _ints("tile", self.tile if self.tile is not None
+                                     else _DEFAULT_TILE[pattern], axes))
+            set_(self, "window", _ints("window", self.window if self.window is not None
+                                       else 3, axes))
+        else:
+            for name in ("tile",):
+                if getattr(self, name) is not None:
+                    raise AttnPatchError(f"block_sparse: {name} is an option of the tile2d and "
+                                         f"tile3d patterns, not of pattern={pattern!r}")
+            if pattern in _DEFAULT_WINDOW:
+                window = self.window if self.window is not None else _DEFAULT_WINDOW[pattern]
+                set_(self, "window", _ints("window", window, 1, allow_zero=True)[0])
+            elif self.window is not None:
+                raise AttnPatchError(f"block_sparse: window is not an option of "
+                                     f"pattern={pattern!r} (patterns with a window: tile2d, "
+                                     f"tile3d, {', '.join(_DEFAULT_WINDOW)})")
+        if pattern == "strided":
+            stride = 4 if self.stride is None else self.stride
+            if not _positive_int(stride):
+                raise AttnPatchError(f"block_sparse: stride must be a positive int (blocks), "
+                                     f"got {stride!r}")
+            set_(self, "stride", stride)
+        elif self.stride is not None:
+            raise AttnPatchError("block_sparse: stride is an option of pattern='strided'")
+        glob = self.global_tokens
+        glob = (glob, 0) if isinstance(glob, int) and not isinstance(glob, bool) else glob
+        if not (isinstance(glob, (tuple, list)) and len(glob) == 2 and all(
+                isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in glob)):
+            raise AttnPatchError(f"block_sparse: global_tokens must be n (the first n image "
+                                 f"tokens) or (first, last), non-negative ints; got "
+                                 f"{self.global_tokens!r}")
+        set_(self, "global_tokens", tuple(glob))
+        if pattern == "global_tokens" and not any(glob):
+            raise AttnPatchError("block_sparse: pattern='global_tokens' needs global_tokens=n "
+                                 "or (first, last) with at least one token")
+        if any(glob) and pattern not in ("local1d", "strided", "global_tokens", "topk"):
+            raise AttnPatchError(f"block_sparse: global_tokens applies to the 1-D patterns "
+                                 f"(local1d, strided, global_tokens, topk), not to "
+                                 f"{pattern or 'block_layout'!r}")
+        if pattern == "topk":
+            keep = 0.25 if self.keep is None else self.keep
+            if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not (
+                    0 < keep <= 1):
+                raise AttnPatchError(f"block_sparse: keep must be in (0, 1] (the fraction of key "
+                                     f"blocks each query block keeps), got {keep!r}")
+            set_(self, "keep", float(keep))
+        elif self.keep is not None:
+            raise AttnPatchError("block_sparse: keep is an option of pattern='topk'")
+        if not isinstance(self.sink, bool):
+            raise AttnPatchError(f"block_sparse: sink must be True or False, got {self.sink!r}")
+        if self.text not in ("global", "local"):
+            raise AttnPatchError(f"block_sparse: text must be 'global' (text tokens attend and "
+                                 f"are attended by every token) or 'local', got {self.text!r}")
+        if self.empty_rows not in ("error", "zeros"):
+            raise AttnPatchError(f"block_sparse: empty_rows must be 'error' or 'zeros', got "
+                                 f"{self.empty_rows!r}")
+        if self.kernel not in KERNELS:
+            raise AttnPatchError(f"block_sparse: kernel must be one of {KERNELS}, got "
+                                 f"{self.kernel!r}")
+        if self.reorder not in ("auto", "call"):
+            raise AttnPatchError(f"block_sparse: reorder must be 'auto' (tile order once per "
+                                 f"denoiser forward where the model allows it, else per call) "
+                                 f"or 'call', got {self.reorder!r}")
+        steps = self.dense_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise AttnPatchError(f"block_sparse: dense_steps must be an int >= 0 (the first "
+                                 f"denoising steps of each pipeline call that run dense), got "
+                                 f"{steps!r}")
+
+
+# --- the plan -----------------------------------------------------------------------------------
+
+@dataclass
+class _Plan:
+    """What a call of one signature runs: ``groups`` (None: dense, or element-level
+    ``mask_mod``), a summary for the report, a refusal (rows without keys), and the kernels'
+    block lists, built on first use."""
+
+    groups: Optional[P.GroupLayout]
+    mode: str             # "dense", "groups", "topk", "mask_mod" or "refused"
+    summary: str
+    refusal: Optional[str] = None
+    lists: dict = field(default_factory=dict)
+    #: why the call can't run (layout, kernel, empty rows); [] if it can
+    reasons: list = field(default_factory=list)
+    #: (kernel, why): the kernel that runs the call
+    kernel: tuple = ("mask", "")
+    #: (grid, tile) of a tile pattern's token order (a denoiser hook may apply it per forward)
+    order: Optional[tuple] = None
+
+
+_PLANS = BoundedCache(64)
+
+
+def _is_cross(call: AttentionCall) -> bool:
+    layout = call.token_layout
+    return call.seq_len_q != call.seq_len_kv or (layout is not None
+                                                 and layout.text_position == "key")
+
+
+def _geometry(call: AttentionCall) -> P.Geometry:
+    layout = call.token_layout
+    position = "none" if layout is None else layout.text_position
+    text = layout.text_tokens if position in ("first", "last") else 0
+    if not text:
+        position = "none"
+    grid = None if layout is None else layout.grid
+    return P.Geometry(call.seq_len_q, text, position, grid)
+
+
+def _meta(call: AttentionCall) -> bool:
+    return call.query.device.type == "meta"
+
+
+def _layout_reasons(call: AttentionCall, opts: BlockSparseOptions) -> list[str]:
+    """Why these options can't run this call (independent of the tensors' values)."""
+    bq, bk = opts.block_size
+    if opts.block_layout is not None:
+        shape = tuple(opts.block_layout.tensor.shape)
+        want = (-(-call.seq_len_q // bq), -(-call.seq_len_kv // bk))
+        if _meta(call):
+            return []
+        if shape[0] not in (1, call.num_heads) or shape[1:] != want:
+            return [f"block_layout has shape {shape}; this call ({call.num_heads} heads, "
+                    f"{call.seq_len_q} queries, {call.seq_len_kv} keys, block_size {(bq, bk)}) "
+                    f"needs ({call.num_heads} or 1, {want[0]}, {want[1]})"]
+        return []
+    if opts.pattern is None or opts.pattern == "mask_mod" or _is_cross(call):
+        return []
+    layout = call.token_layout
+    if layout is not None and layout.text_position == "unknown":
+        return ["joint attention whose text position the model does not declare (TokenLayout "
+                "text_position 'unknown'): a pattern could cut the prompt off; give the layout "
+                "a text_position ('first' or 'last'), or use another backend"]
+    geo = _geometry(call)
+    if _meta(call):
+        return []
+    if not 0 <= geo.text < call.seq_len_q:
+        return [f"the token layout has {geo.text} text tokens for a call of "
+                f"{call.seq_len_q} tokens"]
+    if opts.pattern in GRID_PATTERNS:
+        if geo.grid is None:
+            return [f"pattern={opts.pattern!r} needs the image grid (frames, height, width) of "
+                    "the call's TokenLayout and this call has "
+                    f"{'no layout' if layout is None else 'none'}: pass attention(..., "
+                    "token_layout=TokenLayout(...)) (patched diffusers models set it), or use "
+                    "a 1-D pattern (local1d, strided, global_tokens, topk)"]
+        if math.prod(geo.grid) != geo.image:
+            return [f"the layout's grid {geo.grid} has {math.prod(geo.grid)} tokens but the "
+                    f"call has {geo.image} image tokens"]
+    if opts.pattern == "radial" and bq != bk:
+        return [f"pattern='radial' needs square blocks (block_size={opts.block_size})"]
+    if opts.pattern == "global_tokens" or any(opts.global_tokens):
+        first, last = opts.global_tokens
+        if first + last > geo.image:
+            return [f"global_tokens={opts.global_tokens} exceeds the {geo.image} image tokens"]
+    return []
+
+
+def _empty_rows(groups: P.GroupLayout, causal: bool) -> Optional[str]:
+    """A description of the query rows that see no key, or None."""
+    allow = groups.allow
+    if causal:
+        seq_q = int(groups.q_bounds[-1])
+        pos = torch.arange(seq_q, device=allow.device) if groups.perm is None else groups.perm
+        gq, gk = groups.group_ids("q", False), groups.group_ids("k", False)
+        posk = torch.arange(int(groups.k_bounds[-1]), device=allow.device
+                            ) if groups.perm is None else groups.perm
+        big = max(seq_q, int(groups.k_bounds[-1])) + 1
+        min_q = torch.full((groups.q_bounds.numel() - 1,), big, device=allow.device
+                           ).scatter_reduce(0, gq, pos, "amin")
+        min_k = torch.full((groups.k_bounds.numel() - 1,), big, device=allow.device
+                           ).scatter_reduce(0, gk, posk, "amin")
+        allow = allow & (min_k[None, :] <= min_q[:, None])
+    empty = ~allow.any(-1)  # (Bl, Hl, Gq)
+    if not bool(empty.any()):
+        return None
+    index = empty.nonzero()[0].tolist()
+    start = int(groups.q_bounds[index[2]])
+    rows = int(empty.sum())
+    return (f"the layout{' with is_causal' if causal else ''} leaves query rows without any key "
+            f"({rows} group(s) of rows, first: head {index[1]}, the rows from kernel position "
+            f"{start}): give each query block a key block, or pass empty_rows='zeros' (out 0, "
+            "lse -inf there)")
+
+
+def _build(call: AttentionCall, opts: BlockSparseOptions) -> _Plan:
+    device = call.device
+    bq, bk = opts.block_size
+    if opts.block_layout is not None:
+        groups = P.user_layout(call.seq_len_q, call.seq_len_kv, bq, bk,
+                               opts.block_layout.tensor, device)
+        plan = _Plan(groups, "groups", f"block_layout {tuple(opts.block_layout.tensor.shape)} "
+                     f"of {bq}x{bk} blocks")
+    elif opts.pattern is None:
+        return _Plan(None, "dense", "no block_layout or pattern: the full layout (dense)")
+    elif opts.pattern == "mask_mod":
+        return _Plan(None, "mask_mod", f"mask_mod {getattr(opts.mask_mod, '__name__', '')}")
+    elif _is_cross(call):
+        return _Plan(None, "dense", f"{opts.pattern}: cross-attention ({call.seq_len_q} queries, "
+                     f"{call.seq_len_kv} keys) runs dense")
+    else:
+        geo = _geometry(call)
+        text_global = opts.text == "global"
+        what, order = opts.pattern, None
+        if opts.pattern in ("tile2d", "tile3d"):
+            tile, window = opts.tile, opts.window
+            if opts.pattern == "tile2d":
+                tile, window = (1, *tile), (1, *window)
+            groups = P.tile_layout(geo, tile, window, text_global, device)
+            what = f"{opts.pattern} tiles {opts.tile} window {opts.window}"
+            order = (tuple(geo.grid), tile)
+        elif opts.pattern == "radial":
+            frames, height, width = geo.grid
+            blocks = P.radial_blocks(frames, height * width, bq, bk, opts.sink, device)
+            groups = P.sequence_layout(geo, bq, bk, blocks[None, None], (0, 0), text_global,
+                                       device)
+            what = f"radial ({frames} frames of {height * width} tokens, sink={opts.sink})"
+        else:
+            nqb, nkb = -(-geo.image // bq), -(-geo.image // bk)
+            blocks = _band(nqb, nkb, bq, bk, opts.window, device)
+            if opts.pattern == "strided":
+                c = (torch.arange(nqb, device=device) * bq) // bk
+                blocks = blocks | ((c[:, None] - torch.arange(nkb, device=device)[None, :])
+                                   % opts.stride == 0)
+                what = f"strided stride {opts.stride} window {opts.window}"
+            else:
+                what = f"{opts.pattern} window {opts.window}"
+            if any(opts.global_tokens):
+                what += f" global_tokens {opts.global_tokens}"
+            groups = P.sequence_layout(geo, bq, bk, blocks[None, None], opts.global_tokens,
+                                       text_global, device)
+            if opts.pattern == "topk":
+                return _Plan(groups, "topk", f"topk keep {opts.keep} local window "
+                             f"{opts.window}{_text_note(geo, opts)}")
+        plan = _Plan(groups, "groups", what + _text_note(geo, opts), order=order)
+    if plan.groups.perm is not None:
+        _inverse(plan)  # now, not while torch.compile traces a call
+    plan.summary += f": density {plan.groups.density():.3f}"
+    if plan.groups.notes:
+        plan.summary += " (" + "; ".join(plan.groups.notes) + ")"
+    if opts.empty_rows == "error":
+        plan.refusal = _empty_rows(plan.groups, call.is_causal)
+    return plan
+
+
+def _text_note(geo: P.Geometry, opts: BlockSparseOptions) -> str:
+    return f", {geo.text} text tokens {opts.text}" if geo.text else ""
+
+
+def _band(nqb: int, nkb: int, bq: int, bk: int, window: int, device) -> torch.Tensor:
+    """bool (nqb, nkb): key blocks within ``window`` of the query block's (c = i·bq // bk)."""
+    c = (torch.arange(nqb, device=device) * bq) // bk
+    return (c[:, None] - torch.arange(nkb, device=device)[None, :]).abs() <= window
+
+
+def _plan(call: AttentionCall, opts: BlockSparseOptions) -> _Plan:
+    """The plan of this call signature, options and token layout (built once, cached): its
+    reasons to refuse, or its groups, summary and kernel."""
+    key = (opts, call.signature(), call.token_layout)
+    plan = _PLANS.get(key)
+    if plan is None:
+        reasons = _layout_reasons(call, opts)
+        if reasons:
+            plan = _Plan(None, "refused", "", reasons=reasons)
+        else:
+            plan = _build(call, opts)
+            if opts.kernel != "auto":
+                plan.reasons += _kernel_reasons(opts.kernel, call)
+                if opts.kernel == "flash4" and plan.mode in ("dense", "mask_mod"):
+                    plan.reasons.append(f"kernel='flash4' runs block layouts; this call is "
+                                        f"{plan.summary}")
+                elif (opts.kernel == "flash4" and plan.mode == "groups" and not plan.reasons
+                      and bool(_lists(plan, "partial")[1].any())):
+                    plan.reasons.append(
+                        "kernel='flash4' takes full 128x128 blocks only and this layout has "
+                        "partial ones (ragged tiles, text not block-aligned, or blocks finer "
+                        "than 128): use kernel='auto' (Flex for such calls) or 'flex'")
+            if plan.refusal:
+                plan.reasons.append(plan.refusal)
+            if not plan.reasons:
+                plan.kernel = _choose_kernel(call, opts, plan)
+        plan = _PLANS.put(key, plan)
+    return plan
+
+
+def _preordered(plan: _Plan, order: tuple) -> _Plan:
+    """The plan for calls whose tokens a denoiser hook already put in tile order (``order``:
+    (grid, tile)): the same groups with no permutation, when the plan's order is that one."""
+    if plan.order != order:
+        return plan
+    same = plan.lists.get("preordered")
+    if same is None:
+        g = plan.groups
+        same = plan.lists["preordered"] = _Plan(
+            P.GroupLayout(None, g.q_bounds, g.k_bounds, g.allow, g.notes), plan.mode,
+            plan.summary, kernel=plan.kernel)
+    return same
+
+
+def topk_allow(query: torch.Tensor, key: torch.Tensor, groups: P.GroupLayout,
+               geo: P.Geometry, opts: BlockSparseOptions, scale: float) -> torch.Tensor:
+    """bool (B, H, Gq, Gk): ``groups.allow`` (local, global and text groups) plus, for each
+    query image block, the ceil(keep·n) key image blocks of highest mean-pooled score
+    (q̄ · k̄ᵀ · scale, per batch and query head)."""
+    bq, bk = opts.block_size
+    with torch.no_grad():
+        start, n = geo.image_start, geo.image
+        nqb, nkb = -(-n // bq), -(-n // bk)
+        group = query.shape[1] // key.shape[1]
+
+        def pooled(x, block, nb):
+            x = x[:, :, start:start + n].float()
+            pad = nb * block - n
+            sums = torch.nn.functional.pad(x, (0, 0, 0, pad)).reshape(
+                *x.shape[:2], nb, block, x.shape[-1]).sum(3)
+            sizes = torch.full((nb,), block, device=x.device, dtype=x.dtype)
+            sizes[-1] = n - (nb - 1) * block
+            return sums / sizes[:, None]
+
+        q_bar = pooled(query, bq, nqb)
+        k_bar = pooled(key, bk, nkb).repeat_interleave(group, dim=1)
+        scores = q_bar @ k_bar.transpose(-2, -1) * scale  # (B, H, nqb, nkb)
+        count = max(1, math.ceil(opts.keep * nkb))
+        top = scores.topk(count, dim=-1).indices
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+        # the image groups' blocks: groups of the image part in order (text is one group)
+        offset = 1 if geo.text and geo.text_position == "first" else 0
+        gq = groups.q_bounds.numel() - 1 - (1 if geo.text else 0)
+        gk = groups.k_bounds.numel() - 1 - (1 if geo.text else 0)
+        q_block = (groups.q_bounds[offset:offset + gq] - start) // bq
+        k_block = (groups.k_bounds[offset:offset + gk] - start) // bk
+        allow = groups.allow.expand(query.shape[0], query.shape[1], -1, -1).clone()
+        allow[:, :, offset:offset + gq, offset:offset + gk] |= chosen[
+            :, :, q_block[:, None], k_block[None, :]]
+    return allow
+
+
+# --- the kernels --------------------------------------------------------------------------------
+
+def _kernel_reasons(kernel: str, call: AttentionCall) -> list[str]:
+    """Why ``kernel`` can't run this call whatever the layout (its availability, the call)."""
+    if kernel == "flex":
+        flex = get_backend("flex")
+        reasons = flex.availability_reasons()
+        if call.device.type == "cpu" and call.requires_grad:
+            reasons.append("kernel='flex' has no backward on CPU (FlexAttention): use "
+                           "kernel='mask' or 'auto'")
+        return reasons
+    if kernel == "flash4":
+        fa4 = get_backend("flash4")
+        reasons = list(fa4.availability_reasons())
+        if call.device.type != "cuda":
+            reasons.append("kernel='flash4' needs a CUDA device")
+            return reasons
+        if reasons:
+            return reasons
+        if torch.cuda.get_device_capability(call.device)[0] < 9:
+            reasons.append("kernel='flash4' needs compute capability >= 9.0")
+        if call.dtype not in (torch.float16, torch.bfloat16):
+            reasons.append(f"kernel='flash4' takes float16/bfloat16, not {call.dtype}")
+        if call.head_dim != call.head_dim_v or call.head_dim not in (64, 96, 128):
+            reasons.append(f"kernel='flash4' block sparsity is used here with head_dim 64, 96 "
+                           f"or 128 (equal for value), not {call.head_dim}/{call.head_dim_v}")
+        if call.attn_mask is not None or call.is_causal:
+            reasons.append("kernel='flash4': a user attn_mask or is_causal makes partial "
+                           "blocks, which need a mask_mod (run on flex)")
+        if call.softcap is not None:
+            reasons.append("kernel='flash4' block-sparse path does not apply softcap")
+        return reasons
+    return []
+
+
+def _choose_kernel(call: AttentionCall, opts: BlockSparseOptions, plan: _Plan) -> tuple[str, str]:
+    """(kernel, why) for this call: the requested one, or auto's choice with its reason."""
+    if opts.kernel != "auto":
+        return opts.kernel, "requested"
+    if call.device.type != "cuda":
+        return "mask", "CPU: exact mask path"
+    why = []
+    if plan.mode in ("groups", "topk"):
+        fa4 = _kernel_reasons("flash4", call)
+        if not fa4 and plan.mode == "groups":
+            _, partial = _lists(plan, "partial")
+            if not bool(partial.any()):
+                return "flash4", "every kept 128x128 block is full"
+            fa4 = ["partial 128x128 blocks (ragged tiles, text not block-aligned, or a layout "
+                   "finer than 128)"]
+        elif not fa4:
+            return "flash4", "when every chosen block is full (else flex)"
+        why = fa4
+    if not _kernel_reasons("flex", call):
+        return "flex", "; ".join(why) or "FlexAttention"
+    return "mask", "; ".join(why + ["flex unavailable"])
+
+
+def _lists(plan: _Plan, kind: str, allow: Optional[torch.Tensor] = None):
+    """(full, partial) bool (Bl, Hl, nQ, nK) kernel blocks, cached on the plan for a static
+    layout."""
+    if allow is not None:
+        return plan.groups.kernel_blocks(KERNEL_BLOCK, KERNEL_BLOCK, allow)
+    cached = plan.lists.get(kind)
+    if cached is None:
+        cached = plan.lists[kind] = plan.groups.kernel_blocks(KERNEL_BLOCK, KERNEL_BLOCK)
+    return cached
+
+
+def _index_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``blocks`` (..., n, m): the count (int32) and the kept column indices first,
+    ascending (int32; the rest follow)."""
+    count = blocks.sum(-1, dtype=torch.int32)
+    order = torch.sort((~blocks).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    return count, order
+
+
+def _permute(x: torch.Tensor, perm: Optional[torch.Tensor], dim: int) -> torch.Tensor:
+    return x if perm is None else x.index_select(dim, perm)
+
+
+def _inverse(plan: _Plan) -> torch.Tensor:
+    """The inverse of the plan's token permutation (cached on the plan)."""
+    inv = plan.lists.get("inverse")
+    if inv is None:
+        perm = plan.groups.perm
+        inv = plan.lists["inverse"] = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return inv
+
+
+def _run_flash4(call: AttentionCall, plan: _Plan, full: torch.Tensor):
+    """FlashAttention-4's block sparsity, every kept block a full block (``full`` (Bl, Hl, nQ,
+    nK) in kernel order)."""
+    from flash_attn.cute import flash_attn_func
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    tensors = plan.lists.get("fa4") if plan.mode == "groups" else None
+    if tensors is None:
+        fwd_cnt, fwd_idx = _index_lists(full)
+        bwd_cnt, bwd_idx = _index_lists(full.transpose(-2, -1))
+        fwd_idx = fwd_idx[..., :max(1, int(fwd_cnt.max()))].contiguous()
+        bwd_idx = bwd_idx[..., :max(1, int(bwd_cnt.max()))].contiguous()
+
+        def tensors_of(cnt, idx):
+            return BlockSparseTensorsTorch(
+                mask_block_cnt=torch.zeros_like(cnt), mask_block_idx=torch.zeros_like(idx[..., :1]),
+                full_block_cnt=cnt, full_block_idx=idx, block_size=(KERNEL_BLOCK, KERNEL_BLOCK))
+        tensors = (tensors_of(fwd_cnt, fwd_idx), tensors_of(bwd_cnt, bwd_idx))
+        if plan.mode == "groups":
+            plan.lists["fa4"] = tensors
+    perm = plan.groups.perm
+    q, k, v = (_permute(t.transpose(1, 2), perm, 1) for t in (call.query, call.key, call.value))
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    kw = {} if call.default_scale else {"softmax_scale": call.scale}
+    out, lse = flash_attn_func(q, k, v, block_sparse_tensors=tensors[0],
+                               block_sparse_tensors_bwd=tensors[1],
+                               return_lse=call.return_lse, **kw)
+    inv = None if perm is None else _inverse(plan)
+    out = _permute(out, inv, 1).transpose(1, 2)
+    if call.return_lse:
+        return out, _permute(lse, inv, 2).float()
+    return out
+
+
+def _run_flex(call: AttentionCall, plan: _Plan, allow: Optional[torch.Tensor]):
+    """FlexAttention with a BlockMask from the block lists (kernel order); partial blocks run a
+    mask_mod that looks the groups up (and the causal pattern by original positions)."""
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask
+
+    if plan.mode == "mask_mod":
+        opts = call.options
+        mask_mod = opts.mask_mod
+        if call.is_causal:
+            user = mask_mod
+
+            def mask_mod(b, h, q, k):
+                return user(b, h, q, k) & (q >= k)
+        block_mask = plan.lists.get("flex")
+        if block_mask is None:
+            block_mask = plan.lists["flex"] = create_block_mask(
+                mask_mod, None, None, call.seq_len_q, call.seq_len_kv, device=call.device,
+                _compile=call.device.type == "cuda")
+        sub = call.replace(is_causal=False)
+        return _run_inner("flex", sub, block_mask=block_mask)
+    groups = plan.groups
+    static = allow is None
+    block_mask = plan.lists.get("flex") if static else None
+    perm = groups.perm
+    if block_mask is None:
+        full, partial = _lists(plan, "partial", allow)
+        if call.is_causal:  # every kept block may be cut by the causal pattern: partial
+            partial, full = partial | full, torch.zeros_like(full)
+        # one mask_mod per plan, reading the layout from a box: a top-k layout changes per call
+        # without giving torch.compile a new function to trace
+        box = plan.lists.setdefault("allow", [None])
+        box[0] = groups.allow if static else allow
+        mask_mod = plan.lists.get("mask_mod")
+        if mask_mod is None:
+            mask_mod = plan.lists["mask_mod"] = _group_mask_mod(groups, box, call.is_causal)
+        p_cnt, p_idx = _index_lists(partial)
+        f_cnt, f_idx = _index_lists(full)
+        block_mask = BlockMask.from_kv_blocks(
+            p_cnt, p_idx, f_cnt, f_idx, BLOCK_SIZE=KERNEL_BLOCK, mask_mod=mask_mod,
+            seq_lengths=(call.seq_len_q, call.seq_len_kv))
+        if static:
+            plan.lists["flex"] = block_mask
+    q, k, v = (_permute(t, perm, 2) for t in (call.query, call.key, call.value))
+    mask = call.attn_mask
+    if mask is not None and perm is not None:
+        for dim in (2, 3):  # a broadcast (size-1) dim stays
+            mask = _permute(mask, perm, dim) if mask.shape[dim] > 1 else mask
+    sub = call.replace(query=q, key=k, value=v, attn_mask=mask, is_causal=False)
+    result = _run_inner("flex", sub, block_mask=block_mask)
+    if perm is None:
+        return result
+    inv = _inverse(plan)
+    if call.return_lse:
+        out, lse = result
+        return _permute(out, inv, 2), _permute(lse, inv, 2)
+    return _permute(result, inv, 2)
+
+
+def _group_mask_mod(groups: P.GroupLayout, box: list, causal: bool) -> Callable:
+    """A Flex ``mask_mod`` on kernel-order indices: the groups' ``allow`` (``box[0]``, (Bl, Hl,
+    Gq, Gk)) and, with ``causal``, the call-order positions."""
+    gq, gk = groups.group_ids("q", False), groups.group_ids("k", False)
+    perm = groups.perm
+    pos_q = torch.arange(gq.numel(), device=gq.device) if perm is None else perm
+    pos_k = torch.arange(gk.numel(), device=gk.device) if perm is None else perm
+
+    def mask_mod(b, h, q, k):
+        allow = box[0]
+        ok = allow[b if allow.shape[0] > 1 else 0, h if allow.shape[1] > 1 else 0, gq[q], gk[k]]
+        if causal:
+            ok = ok & (pos_q[q] >= pos_k[k])
+        return ok
+    return mask_mod
+
+
+def _run_inner(backend: str, sub: AttentionCall, **options):
+    """``run_backend(backend, sub)``; while torch.compile traces (no ContextVar there) the same
+    call through :func:`attnpatch.attention`."""
+    if torch.compiler.is_dynamo_compiling():
+        return attention(sub.query, sub.key, sub.value, sub.attn_mask, sub.is_causal, sub.scale,
+                         0.0, backend, return_lse=sub.return_lse, softcap=sub.softcap,
+                         **options)
+    return run_backend(backend, sub, **options)
+
+
+def _combined_mask(call: AttentionCall, element: torch.Tensor) -> torch.Tensor:
+    """The call's mask with the layout's element mask (Bl, Hl, Sq, Sk) on top: bool AND, or a
+    float mask with -inf outside the layout."""
+    mask = call.attn_mask
+    if mask is None:
+        return element
+    if mask.dtype == torch.bool:
+        return mask & element
+    return mask.masked_fill(~element, float("-inf"))
+
+
+def _mask_mod_elements(call: AttentionCall, mask_mod: Callable) -> torch.Tensor:
+    """bool (B, H, Sq, Sk) from a Flex-style ``mask_mod`` evaluated on broadcast indices."""
+    dev = call.device
+    b = torch.arange(call.batch_size, device=dev)[:, None, None, None]
+    h = torch.arange(call.num_heads, device=dev)[None, :, None, None]
+    q = torch.arange(call.seq_len_q, device=dev)[None, None, :, None]
+    k = torch.arange(call.seq_len_kv, device=dev)[None, None, None, :]
+    try:
+        out = torch.as_tensor(mask_mod(b, h, q, k), device=dev)
+    except Exception as err:
+        raise AttnPatchError(f"block_sparse: mask_mod({b.shape}, {h.shape}, {q.shape}, "
+                             f"{k.shape}) failed on broadcast index tensors ({err}); write it "
+                             "with elementwise tensor ops") from err
+    if out.dtype != torch.bool:
+        raise AttnPatchError(f"block_sparse: mask_mod must return bool, got {out.dtype}")
+    return out.expand(call.batch_size, call.num_heads, call.seq_len_q, call.seq_len_kv)
+
+
+def _element_mask(call: AttentionCall, opts: BlockSparseOptions, plan: _Plan
+                  ) -> Optional[torch.Tensor]:
+    """bool (Bl, Hl, Sq, Sk): the pattern's element mask in the call's order (None: dense)."""
+    if plan.mode == "dense":
+        return None
+    if plan.mode == "mask_mod":
+        return _mask_mod_elements(call, opts.mask_mod)
+    allow = None
+    if plan.mode == "topk":
+        allow = topk_allow(call.query, call.key, plan.groups, _geometry(call), opts,
+                           call.scale)
+    return plan.groups.element_mask(allow)
+
+
+# --- dense_steps --------------------------------------------------------------------------------
+
+#: True while a patched denoiser runs one of its first ``dense_steps`` denoising steps
+_DENSE_NOW: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "attnpatch_block_sparse_dense_step", default=False)
+
+
+class _DenseSteps:
+    """Forward hooks on a denoiser that count denoising steps by its ``timestep``: the step
+    advances when the timestep changes (CFG passes of one step share it), and a timestep that
+    rises (or the first forward) starts a new pipeline call at step 0. While a forward of one of
+    the first ``steps`` steps runs, block_sparse attends densely. Reading the timestep syncs
+    once per forward."""
+
+    def __init__(self, steps: int):
+        self.steps = steps
+        self.last: Optional[float] = None
+        self.step = 0
+        self.tokens: list = []
+
+    def pre(self, module, args, kwargs):
+        if torch.compiler.is_dynamo_compiling():  # compiled: no step count, every step sparse
+            return None
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        if torch.is_tensor(t):
+            t = t.flatten()[0].item() if t.numel() else None
+        value = None if t is None else float(t)
+        if value is None:  # no timestep: not a denoising step
+            self.tokens.append(_DENSE_NOW.set(False))
+            return None
+        if self.last is None or value > self.last:
+            self.step = 0
+        elif value != self.last:
+            self.step += 1
+        self.last = value
+        self.tokens.append(_DENSE_NOW.set(self.step < self.steps))
+        return None
+
+    def post(self, module, args, kwargs, output):
+        if not torch.compiler.is_dynamo_compiling() and self.tokens:
+            _DENSE_NOW.reset(self.tokens.pop())
+        return None
+
+
+#: (grid, tile) while a patched denoiser runs with its image tokens already in that tile order
+_PREORDERED: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar(
+    "attnpatch_block_sparse_preordered", default=None)
+
+
+class _TileOrder:
+    """Forward hooks on a denoiser that takes ``hidden_states`` (B, N, C) with ``img_ids``
+    (Flux): at its entry the image tokens, their ids (so the rotary tables follow) and any
+    ControlNet residuals go to tile order; at its exit the output comes back. Every op between
+    attentions is per token, so the result is the same as reordering in each attention call,
+    which then finds its tokens in kernel order and permutes nothing."""
+
+    def __init__(self, tile: tuple):
+        self.tile = tile
+        self.orders: dict = {}
+        self.entries: list = []
+
+    def _order(self, grid: tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (grid, device)
+        order = self.orders.get(key)
+        if order is None:
+            geo = P.Geometry(math.prod(grid), 0, "none", grid)
+            perm = P.tile_layout(geo, self.tile, (1, 1, 1), True, device).perm
+            inv = torch.empty_like(perm)
+            inv[perm] = torch.arange(perm.numel(), device=device)
+            order = self.orders[key] = (perm, inv)
+        return order
+
+    def pre(self, module, args, kwargs):
+        from .._layout import _grid_from_ids
+
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        ids = kwargs.get("img_ids")
+        grid = None
+        if (not torch.compiler.is_dynamo_compiling() and torch.is_tensor(hidden)
+                and hidden.dim() == 3 and torch.is_tensor(ids)):
+            grid = _grid_from_ids(ids, hidden.shape[1])
+        if grid is None:
+            self.entries.append(None)
+            return None
+        perm, inv = self._order(grid, hidden.device)
+        kwargs = dict(kwargs)
+        hidden = hidden.index_select(1, perm)
+        if args:
+            args = (hidden, *args[1:])
+        else:
+            kwargs["hidden_states"] = hidden
+        kwargs["img_ids"] = ids.index_select(-2, perm)
+        for name in ("controlnet_block_samples", "controlnet_single_block_samples"):
+            samples = kwargs.get(name)
+            if samples is not None:
+                kwargs[name] = [s.index_select(1, perm) for s in samples]
+        self.entries.append((_PREORDERED.set((grid, self.tile)), inv))
+        return args, kwargs
+
+    def post(self, module, args, kwargs, output):
+        entry = self.entries.pop() if self.entries else None
+        if entry is None:
+            return None
+        token, inv = entry
+        _PREORDERED.reset(token)
+        if output is None:
+            return None
+        if isinstance(output, tuple):
+            return (output[0].index_select(1, inv), *output[1:])
+        return type(output)(sample=output.sample.index_select(1, inv))
+
+
+# --- the backend --------------------------------------------------------------------------------
+
+@register_backend
+class BlockSparseAttention(Strategy):
+    """Block-sparse attention exact to its layout (see the module docstring).
+
+    Options (:class:`BlockSparseOptions`): ``block_layout``, ``block_size``, ``pattern`` and
+    its ``tile``/``window``/``stride``/``global_tokens``/``keep``/``sink``/``mask_mod``;
+    ``text`` ("global"/"local"), ``empty_rows`` ("error"/"zeros"), ``kernel``
+    ("auto"/"mask"/"flex"/"flash4"), ``dense_steps`` (the first N denoising steps of each
+    pipeline call run dense, counted by the patched denoiser's timestep).
+    """
+
+    name = NAME
+    description = "block-sparse attention (layouts, STA tiles, radial, top-k) exact to its layout"
+    Options = BlockSparseOptions
+    supports_dropout = False
+    supports_lse = True
+    supports_softcap = True
+    reads_token_layout = True
+    #: patch(pipe, ...) sparsifies the denoiser; text encoders and VAE stay on auto
+    denoiser_only = True
+
+    def not_supported_reasons(self, call: AttentionCall) -> list[str]:
+        reasons = super().not_supported_reasons(call)
+        opts = call.options
+        if isinstance(opts, BlockSparseOptions):
+            reasons += self._option_reasons(call, opts)
+        return reasons
+
+    def _option_reasons(self, call: AttentionCall, opts: BlockSparseOptions) -> list[str]:
+        if _meta(call):  # torch.compile selecting from metadata: checked on the real call
+            return []
+        return _plan(call, opts).reasons
+
+    def denoiser_hooks(self, model: torch.nn.Module, options: Any) -> Sequence[Any]:
+        """A tile pattern with ``reorder="auto"`` on a model whose forward takes
+        ``hidden_states`` and ``img_ids`` (Flux): its image tokens in tile order for the whole
+        forward. ``dense_steps``: a step counter on each model whose forward takes a
+        ``timestep`` (the denoisers)."""
+        if not isinstance(options, BlockSparseOptions):
+            return ()
+        params = inspect.signature(model.forward).parameters
+        hooks = []
+        if (options.reorder == "auto" and options.pattern in ("tile2d", "tile3d")
+                and {"hidden_states", "img_ids"} <= set(params)):
+            tile = options.tile if len(options.tile) == 3 else (1, *options.tile)
+            hooks.append(_TileOrder(tile))
+        if options.dense_steps and "timestep" in params:
+            hooks.append(_DenseSteps(options.dense_steps))
+        return hooks
+
+    def report_note(self, call: AttentionCall) -> Optional[str]:
+        opts = call.options
+        if not isinstance(opts, BlockSparseOptions) or _meta(call) or self._option_reasons(
+                call, opts):
+            return None
+        plan = _plan(call, opts)
+        kernel, why = plan.kernel
+        note = f"{plan.summary}; kernel {kernel} ({why})"
+        if opts.dense_steps:
+            note += f"; the first {opts.dense_steps} denoising steps dense"
+        if plan.mode == "topk":
+            allow = topk_allow(call.query, call.key, plan.groups, _geometry(call), opts,
+                               call.scale)
+            note += f"; chosen density {plan.groups.density(allow):.3f} on the first call"
+        return note
+
+    def forward(self, call: AttentionCall, **options):
+        if torch.compiler.is_dynamo_compiling():  # no ContextVar in a trace: run() directly
+            return self.run(call, **options)
+        return super().forward(call, **options)
+
+    def run(self, call: AttentionCall, **options):
+        opts = call.options if isinstance(call.options, BlockSparseOptions) else option_values(
+            self, options)
+        call.options = opts
+        plan = _plan(call, opts)
+        if plan.reasons:
+            raise BackendUnavailableError(f"backend {NAME!r} cannot run {call}:",
+                                          {NAME: plan.reasons})
+        if plan.mode == "dense" or (opts.dense_steps and not torch.compiler.is_dynamo_compiling()
+                                    and _DENSE_NOW.get()):
+            return _run_inner("auto", call.replace())
+        if plan.groups is not None and plan.groups.perm is not None and (
+                not torch.compiler.is_dynamo_compiling()) and _PREORDERED.get() is not None:
+            plan = _preordered(plan, _PREORDERED.get())
+        kernel = plan.kernel[0]
+        allow = None
+        if plan.mode == "topk" and kernel != "mask":
+            allow = topk_allow(call.query, call.key, plan.groups, _geometry(call), opts,
+                               call.scale)
+        if kernel == "flash4":
+            if allow is None:
+                full = _lists(plan, "partial")[0]
+            else:
+                full, partial = _lists(plan, "partial", allow)
+            if allow is None or not bool(partial.any()):
+                try:
+                    return _run_flash4(call, plan, full)
+                except (ImportError, RuntimeError, ValueError, AssertionError) as err:
+                    if opts.kernel == "flash4" or isinstance(err, torch.OutOfMemoryError):
+                        raise
+                    # auto's choice: flash-attn-4 refused this configuration; Flex from now on
+                    why = f"flash4 failed: {type(err).__name__}: {str(err)[:200]}"
+                    logger.warning("block_sparse: %s; running %s on flex", why, call)
+                    plan.kernel = ("flex", why)
+                    plan.lists.pop("fa4", None)
+            kernel = "flex"
+        if kernel == "flex":
+            return _run_flex(call, plan, allow)
+        element = _element_mask(call, opts, plan)
+        return _run_inner("auto", call.replace(attn_mask=_combined_mask(call, element)))
+
+    def reference(self, call: AttentionCall, options: Any = None):
+        """Dense float64 attention under the layout's element mask (expanded from the layout's
+        blocks or groups, in the call's token order), the call's mask and causal pattern.
+        Without a layout or pattern: the full layout, dense attention."""
+        opts = options if isinstance(options, BlockSparseOptions) else option_values(
+            self, dict(options or {}))
+        call.options = opts
+        reasons = _layout_reasons(call, opts)
+        if reasons:
+            raise BackendUnavailableError(f"backend {NAME!r} cannot run {call}:", {NAME: reasons})
+        plan = _plan(call, opts)
+        element = _element_mask(call, opts, plan)
+        mask = call.attn_mask if element is None else _combined_mask(call, element)
+        if mask is not None and mask.is_floating_point():
+            mask = mask.double()
+        dense = call.replace(query=call.query.double(), key=call.key.double(),
+                             value=call.value.double(), attn_mask=mask, dropout_p=0.0,
+                             return_lse=True)
+        return reference_attention(dense, accumulate=torch.float64)

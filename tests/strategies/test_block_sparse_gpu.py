@@ -1,0 +1,110 @@
+"""block_sparse on CUDA: the flash4 and compiled Flex kernels against fp32 attention under the
+layout's element mask (bf16, forward and gradients), the report's kernel choice, and the block
+lists built from block indices at the Wan shape in under 50 ms.
+
+Run on the GPU machine: ``python -m pytest -m gpu tests/strategies/test_block_sparse_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+import attnpatch
+from attnpatch import TokenLayout, registry
+
+from .test_block_sparse import masked_reference, tile_mask, with_text
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="needs a CUDA device")]
+
+#: Flux-like joint attention at a small size whose tiles fill 128-token blocks: 128 text tokens
+#: first, a 32x64 grid in tiles of 8x16
+FLUX = dict(layout=TokenLayout(128, "first", 1, 32, 64), tile=(8, 16), window=(3, 3))
+#: ragged tiles (partial blocks): Flex
+RAGGED = dict(layout=TokenLayout(77, "last", 2, 20, 36), tile=(1, 8, 16), window=(1, 3, 3))
+
+
+def _kernels() -> list[str]:
+    kernels = ["flex"]
+    if not registry.get_backend("flash4").availability_reasons():
+        kernels.append("flash4")
+    return kernels
+
+
+def _inputs(layout: TokenLayout, heads=4, kv=2, dtype=torch.bfloat16, seed=0):
+    seq = layout.frames * layout.height * layout.width + layout.text_tokens
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    return [torch.randn(1, h, seq, 128, device="cuda", dtype=dtype, generator=gen)
+            for h in (heads, kv, kv)]
+
+
+def _check(case: dict, kernel: str, pattern: str, heads: int = 4, kv: int = 2):
+    layout = case["layout"]
+    q, k, v = _inputs(layout, heads, kv)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = attnpatch.attention(*leaves, backend="block_sparse", pattern=pattern,
+                              tile=case["tile"], window=case["window"], token_layout=layout,
+                              kernel=kernel)
+    tile = case["tile"] if len(case["tile"]) == 3 else (1, *case["tile"])
+    window = case["window"] if len(case["window"]) == 3 else (1, *case["window"])
+    element = with_text(tile_mask(layout.grid, tile, window), layout, q.shape[2]).cuda()
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = masked_reference(*ref_leaves, element)[0]
+    bf16 = [t.detach().requires_grad_() for t in (q, k, v)]
+    math_out = attnpatch.attention(*bf16, attn_mask=element, backend="math")
+
+    def err(a, b):
+        return float((a.double() - b).norm() / b.norm())
+    assert err(out, ref) <= 2 * err(math_out, ref) + 1e-3
+    grad = torch.randn_like(ref)
+    ours = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+    theirs = torch.autograd.grad(math_out, bf16, grad.to(out.dtype))
+    want = torch.autograd.grad(ref, ref_leaves, grad)
+    for a, m, w in zip(ours, theirs, want):
+        assert err(a, w) <= 2 * err(m, w) + 1e-3
+
+
+@pytest.mark.parametrize("kernel", _kernels())
+def test_block_aligned_tiles_match_fp32_under_the_mask(kernel):
+    _check(FLUX, kernel, "tile2d")
+
+
+def test_ragged_tiles_run_on_flex_and_match():
+    _check(RAGGED, "flex", "tile3d")
+    q, k, v = _inputs(RAGGED["layout"])
+    ex = attnpatch.explain(q, k, v, backend="block_sparse", pattern="tile3d",
+                           tile=RAGGED["tile"], window=RAGGED["window"],
+                           token_layout=RAGGED["layout"])
+    note = registry.get_backend("block_sparse").report_note(ex.call)
+    assert "kernel flex" in note, note
+    if "flash4" in _kernels():  # auto passed flash4 over for the partial blocks
+        assert "partial" in note, note
+
+
+def test_auto_picks_flash4_for_full_blocks():
+    if "flash4" not in _kernels():
+        pytest.skip("flash-attn-4 not installed")
+    q, k, v = _inputs(FLUX["layout"])
+    ex = attnpatch.explain(q, k, v, backend="block_sparse", pattern="tile2d",
+                           tile=FLUX["tile"], window=FLUX["window"], token_layout=FLUX["layout"])
+    note = registry.get_backend("block_sparse").report_note(ex.call)
+    assert "kernel flash4" in note, note
+
+
+def test_block_lists_for_75600_tokens_build_in_under_50_ms():
+    from attnpatch.strategies import _block_patterns as P
+    from attnpatch.strategies import block_sparse as BSP
+    geo = P.Geometry(75600, 0, "none", (21, 45, 80))
+    for _ in range(2):  # the second build is timed (the first pays CUDA's warm-up)
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        groups = P.tile_layout(geo, (3, 9, 16), (3, 3, 3), True, "cuda")
+        full, partial = groups.kernel_blocks(128, 128)
+        BSP._index_lists(full)
+        BSP._index_lists(partial)
+        torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    assert elapsed < 0.05, elapsed
