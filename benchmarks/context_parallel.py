@@ -221,7 +221,7 @@ def start_group(quick: bool) -> None:
 
     state = PartialState(cpu=quick)
     if state.device.type == "cuda":
-        torch.cuda.set_device(state.device)
+        torch.cuda.set_device(state.local_process_index)  # a single process gets a bare "cuda"
     if not dist.is_initialized():  # one process, not launched by accelerate/torchrun
         store = tempfile.mktemp(prefix="attnpatch-cp-store-")
         backend = "nccl" if state.device.type == "cuda" else "gloo"
