@@ -111,8 +111,13 @@ def _inner_name(inner) -> str:
     if name == NAME:
         raise AttnPatchError("dilated: inner='dilated' would run dilated attention inside itself: "
                              "name a kernel (e.g. 'sdpa_cudnn', 'flash', 'math') or 'auto'")
+    if name != "auto" and get_backend(name).spans_processes:
+        raise AttnPatchError(f"dilated: inner={inner!r} splits one sequence across processes, "
+                             "but dilated gathers each part's rows from the whole local "
+                             "sequence: name a kernel (e.g. 'sdpa_cudnn', 'flash') or 'auto'")
     if name != "auto" and not get_backend(name).supports_lse:
-        able = sorted(b.name for b in all_backends() if b.supports_lse and b.name != NAME)
+        able = sorted(b.name for b in all_backends()
+                      if b.supports_lse and b.name != NAME and not b.spans_processes)
         raise AttnPatchError(f"dilated: inner={inner!r} does not return the log-sum-exp that "
                              f"merging the patterns needs: use inner='auto' or one of {able}")
     return name

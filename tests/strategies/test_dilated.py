@@ -509,6 +509,7 @@ def test_detach_weights_is_torchscales_backward():
     (dict(grid="4d"), "grid must be None"),
     (dict(inner="sdpa"), "inner='sdpa' does not return the log-sum-exp"),
     (dict(inner="dilated"), "inside itself"),
+    (dict(inner="ring"), "inner='ring' splits one sequence across processes"),
     (dict(inner="nope"), "inner='nope': unknown backend"),
     (dict(detach_weights=1), "detach_weights must be"),
     (dict(compile="yes"), "compile must be"),
