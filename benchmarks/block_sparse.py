@@ -32,15 +32,14 @@ import argparse
 import json
 import math
 import pathlib
-import statistics
 import sys
-import time
 
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout this script is in, not another install
 import attnpatch  # noqa: E402
+from benchmarks._timing import available, rel, timer  # noqa: E402
 from attnpatch import TokenLayout  # noqa: E402
 from attnpatch.strategies import block_sparse as BSP  # noqa: E402
 
@@ -58,43 +57,6 @@ QUICK = {
     "wan_tiny": dict(shape=(1, 2, 384, 32), layout=TokenLayout(0, "none", 3, 8, 16),
                      options=dict(pattern="tile3d", tile=(1, 2, 4), window=(1, 3, 3))),
 }
-
-
-def timer(fn, device: str, budget_s: float, warmup: int = 3, min_reps: int = 5) -> float:
-    """Median milliseconds of ``fn()``: CUDA events on a GPU (after warm-up), wall time on CPU."""
-    for _ in range(warmup):
-        fn()
-    if device != "cuda":
-        times = []
-        for _ in range(min_reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    reps = max(min_reps, min(200, int(budget_s * 1e3 / max(start.elapsed_time(end), 1e-3))))
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def available(name: str) -> bool:
-    return any(info.name == name and info.available for info in attnpatch.list_backends())
 
 
 def plan_of(q, k, v, options, layout):

@@ -27,9 +27,7 @@ import argparse
 import json
 import math
 import pathlib
-import statistics
 import sys
-import time
 
 import torch
 import torch._dynamo
@@ -37,6 +35,7 @@ import torch._dynamo
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout this script is in, not another install
 import attnpatch  # noqa: E402
+from benchmarks._timing import available, rel, timer  # noqa: E402
 from attnpatch import TokenLayout  # noqa: E402
 
 FLUX_PATTERNS = dict(segment_lengths=(2048, 4096, 8192, 16896), dilation_rates=(1, 2, 4, 8))
@@ -57,34 +56,6 @@ QUICK = {
         segment_lengths=((1, 10, 20), (3, 10, 20)), dilation_rates=((1, 1, 1), (1, 2, 2)),
         grid="3d")),
 }
-
-
-def timer(fn, device: str, budget_s: float, warmup: int = 3, min_reps: int = 5) -> float:
-    """Median milliseconds of ``fn()``: CUDA events on a GPU (after warm-up), wall time on CPU."""
-    for _ in range(warmup):
-        fn()
-    if device != "cuda":
-        times = []
-        for _ in range(min_reps):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-        return statistics.median(times)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    reps = max(min_reps, min(200, int(budget_s * 1e3 / max(start.elapsed_time(end), 1e-3))))
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def flops_fraction(seq: int, heads: int, dims: tuple, segments, rates, grid) -> float:
@@ -149,15 +120,6 @@ def plain_dilated(q, k, v, segments, rates, inner):
     merged = sum(torch.exp(l - total.nan_to_num(neginf=0.0)).transpose(1, 2)[..., None]
                  * o.float() for o, l in zip(outs, lses))
     return merged.to(q.dtype)
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def available(name: str) -> bool:
-    return any(info.name == name and info.available for info in attnpatch.list_backends())
 
 
 def bench_shape(label, config, device, dtype, budget_s, quick):

@@ -17,10 +17,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-import attnpatch
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from _flash_direct import flash4_available, flash4_direct  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout this script is in, not another install
+import attnpatch  # noqa: E402
+from benchmarks._flash_direct import flash4_available, flash4_direct  # noqa: E402
+from benchmarks._timing import timer  # noqa: E402
 
 SHAPES = {
     "sdxl_1024": (2, 10, 4096, 64),
@@ -33,23 +34,8 @@ BACKENDS = ("auto", "sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flex"
 
 
 def cuda_time(fn, warmup=5, min_reps=10, budget_s=2.0):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    fn()
-    end.record()
-    torch.cuda.synchronize()
-    reps = max(min_reps, min(100, int(budget_s * 1000 / max(start.elapsed_time(end), 1e-3))))
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median CUDA-event milliseconds of ``fn()`` (the kernel table's settings)."""
+    return timer(fn, "cuda", budget_s, warmup=warmup, min_reps=min_reps, max_reps=100)
 
 
 def bench_shapes(shapes, backends, dtype):

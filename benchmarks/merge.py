@@ -16,13 +16,12 @@ import sys
 
 import torch
 
-import attnpatch
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the checkout this script is in, not another install
 sys.path.insert(0, str(ROOT / "examples"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
+import attnpatch  # noqa: E402
+from benchmarks.kernels import cuda_time  # noqa: E402
 from key_split_strategy import KeySplit  # noqa: E402,F401  (registers "key_split")
-from kernels import cuda_time  # noqa: E402
 
 INNER = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math")
 SPEED_SHAPE = (1, 24, 16896, 128)  # Flux 2048²
