@@ -733,7 +733,11 @@ def _group_mask_mod(groups: P.GroupLayout, box: list, causal: bool) -> Callable:
 
     def mask_mod(b, h, q, k):
         allow = box[0]
-        ok = allow[b if allow.shape[0] > 1 else 0, h if allow.shape[1] > 1 else 0, gq[q], gk[k]]
+        bl, hl, n_q, n_k = allow.shape
+        # one gather from the flattened table: torch 2.10's Flex cannot trace a 4-index lookup
+        # that mixes a constant with tensor indices (a data-dependent integer)
+        row = (b if bl > 1 else 0) * hl + (h if hl > 1 else 0)
+        ok = allow.reshape(-1)[(row * n_q + gq[q]) * n_k + gk[k]]
         if causal:
             ok = ok & (pos_q[q] >= pos_k[k])
         return ok
