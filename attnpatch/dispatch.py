@@ -397,6 +397,14 @@ def _may_read_layout_traced(name):
     return registry.may_read_token_layout(name)
 
 
+def _static(size) -> int:
+    """A size as a constant of the graph. After a recompile dynamo may make sizes symbolic
+    (automatic dynamic shapes), and torch before 2.13 keeps ``int(size)`` and ``size == 1``
+    symbolic, which a constant-result function cannot take; the length of a range is
+    specialized (guarded) in every version."""
+    return len(range(size))
+
+
 def dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p, backend, layout,
                     return_lse, options, default, softcap=None, record=None, token_layout=None):
     """``dispatch_call`` while torch.compile traces: the backend is chosen at trace time, from
@@ -418,11 +426,13 @@ def dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p, b
                                         or value.requires_grad)
     h = 1 if layout == "bhsd" else 2
     mask = None
-    if attn_mask is not None:  # comparing a size with 1 specializes it: a guard, a constant
-        mask = (attn_mask.dtype, attn_mask.dim() < 3 or attn_mask.shape[-3] == 1,
-                attn_mask.shape[-2] == 1, torch.is_grad_enabled() and attn_mask.requires_grad)
-    meta = (query.shape[h], key.shape[h], query.shape[-1], value.shape[-1], query.dtype,
-            query.device, mask, is_causal, scale, dropout_p, return_lse, grad, softcap)
+    if attn_mask is not None:
+        mask = (attn_mask.dtype, attn_mask.dim() < 3 or _static(attn_mask.shape[-3]) == 1,
+                _static(attn_mask.shape[-2]) == 1,
+                torch.is_grad_enabled() and attn_mask.requires_grad)
+    meta = (_static(query.shape[h]), _static(key.shape[h]), _static(query.shape[-1]),
+            _static(value.shape[-1]), query.dtype, query.device, mask, is_causal, scale,
+            dropout_p, return_lse, grad, softcap)
     token_layout = _traced_layout(token_layout, record, query, key, layout) \
         if _may_read_layout_traced(name) else None
     fields = None if token_layout is None else _layout_fields(token_layout)
@@ -453,14 +463,14 @@ def _traced_layout(token_layout, record, query, key, layout) -> Optional[TokenLa
     if token_layout is not None or record is None:
         return token_layout
     seq = 2 if layout == "bhsd" else 1
-    return call_layout(record.joint_text, int(query.shape[seq]), int(key.shape[seq]))
+    return call_layout(record.joint_text, _static(query.shape[seq]), _static(key.shape[seq]))
 
 
 def _layout_fields(layout: TokenLayout) -> tuple:
     """A layout as plain constants (dynamo passes those to a constant-result function)."""
     # field by field: dataclasses.astuple deep-copies values, which older dynamo cannot trace
     values = (getattr(layout, f.name) for f in dataclasses.fields(layout))
-    return tuple(int(v) if isinstance(v, torch.SymInt) else v for v in values)
+    return tuple(_static(v) if isinstance(v, torch.SymInt) else v for v in values)
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
