@@ -789,6 +789,8 @@ def run(args) -> int:
             print(f"attention ran on: {', '.join(ran) or '-'} "
                   f"({len(handle.report().routed)} modules routed)")
     accelerator.wait_for_everyone()
+    if handle is not None:  # hooks and processors released before the process group goes
+        handle.unpatch()
     accelerator.end_training()
     return 0
 
