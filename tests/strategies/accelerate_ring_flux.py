@@ -27,6 +27,7 @@ def main() -> None:
             json.dump({"errors": errors, "world": state.num_processes,
                        "backend": dist.get_backend()}, f)
     state.wait_for_everyone()
+    state.destroy_process_group()  # before interpreter teardown, as a script should
 
 
 if __name__ == "__main__":
