@@ -50,3 +50,46 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def available(name: str) -> bool:
     """Whether backend ``name`` can run here."""
     return any(info.name == name and info.available for info in attnpatch.list_backends())
+
+
+def flux_inputs(config: dict, rows: int, cols: int, text: int, device, dtype) -> dict:
+    """Random inputs of a ``FluxTransformer2DModel`` built from ``config``: a ``rows`` x ``cols``
+    latent grid (its ``img_ids``) and ``text`` prompt tokens, batch 1, seeded."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.zeros(rows, cols, 3, device=device)
+    ids[..., 1] = torch.arange(rows, device=device)[:, None]
+    ids[..., 2] = torch.arange(cols, device=device)[None, :]
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=gen)
+    return dict(hidden_states=randn(1, rows * cols, config["in_channels"]),
+                encoder_hidden_states=randn(1, text, config["joint_attention_dim"]),
+                pooled_projections=randn(1, config["pooled_projection_dim"]),
+                timestep=torch.tensor([0.5], device=device, dtype=dtype),
+                guidance=torch.tensor([3.5], device=device, dtype=dtype),
+                img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text, 3, device=device),
+                return_dict=False)
+
+
+def patched_forwards(model, kw: dict, variants: dict, device: str, budget_s: float) -> dict:
+    """One forward of ``model(**kw)`` under ``attnpatch.patch(model, **variants[name])`` per
+    variant (two: the dense reference first): ``{name}_ms`` (median), ``{name}_notes`` (the
+    report's notes) or ``{name}_error``; with both run, ``rel_err_vs_dense`` and ``speedup``
+    of the second against the first."""
+    result, outputs = {}, {}
+    reps = (1, 1) if device != "cuda" else (2, 3)  # (warm-up, repetitions): CPU runs are smoke
+    with torch.no_grad():
+        for name, patch_kw in variants.items():
+            try:
+                with attnpatch.patch(model, **patch_kw) as handle:
+                    outputs[name] = model(**kw)[0]
+                    result[f"{name}_ms"] = timer(lambda: model(**kw), device, budget_s, *reps)
+                    result[f"{name}_notes"] = sorted({n for r in handle.report()
+                                                      for n in r.notes})
+            except Exception as exc:  # report it, keep measuring the others
+                result[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    if len(outputs) == 2:
+        dense, other = outputs
+        result["rel_err_vs_dense"] = rel(outputs[other], outputs[dense])
+        result["speedup"] = result[f"{dense}_ms"] / result[f"{other}_ms"]
+    return result

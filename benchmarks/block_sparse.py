@@ -39,7 +39,7 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout this script is in, not another install
 import attnpatch  # noqa: E402
-from benchmarks._timing import available, rel, timer  # noqa: E402
+from benchmarks._timing import available, flux_inputs, patched_forwards, rel, timer  # noqa: E402
 from attnpatch import TokenLayout  # noqa: E402
 from attnpatch.strategies import block_sparse as BSP  # noqa: E402
 
@@ -290,26 +290,6 @@ WAN = {
 }
 
 
-def _model_rows(model, kw, sparse_backend, device, budget_s) -> dict:
-    """``sdpa`` against ``sparse_backend`` (a patch backend argument) on one forward."""
-    result, outputs = {}, {}
-    with torch.no_grad():
-        for name, backend in (("sdpa", "sdpa"), ("block_sparse", sparse_backend)):
-            try:
-                with attnpatch.patch(model, backend=backend) as handle:
-                    outputs[name] = model(**kw)[0]
-                    result[f"{name}_ms"] = timer(lambda: model(**kw), device, budget_s,
-                                                 *((1, 1) if device != "cuda" else (2, 3)))
-                    result[f"{name}_notes"] = sorted({n for r in handle.report()
-                                                      for n in r.notes})
-            except Exception as exc:  # report it
-                result[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-    if len(outputs) == 2:
-        result["rel_err_vs_dense"] = rel(outputs["block_sparse"], outputs["sdpa"])
-        result["speedup"] = result["sdpa_ms"] / result["block_sparse_ms"]
-    return result
-
-
 def flux_transformer(size, device, dtype, budget_s) -> dict:
     from diffusers import FluxTransformer2DModel
     spec = FLUX[size]
@@ -317,22 +297,9 @@ def flux_transformer(size, device, dtype, budget_s) -> dict:
     with torch.device(device):
         model = FluxTransformer2DModel(**spec["config"])
     model = model.to(dtype).eval()
-    gen = torch.Generator(device=device).manual_seed(0)
     rows, cols = spec["grid"]
     text, config = spec["text"], spec["config"]
-    ids = torch.zeros(rows, cols, 3, device=device)
-    ids[..., 1] = torch.arange(rows, device=device)[:, None]
-    ids[..., 2] = torch.arange(cols, device=device)[None, :]
-
-    def randn(*shape):
-        return torch.randn(*shape, device=device, dtype=dtype, generator=gen)
-    kw = dict(hidden_states=randn(1, rows * cols, config["in_channels"]),
-              encoder_hidden_states=randn(1, text, config["joint_attention_dim"]),
-              pooled_projections=randn(1, config["pooled_projection_dim"]),
-              timestep=torch.tensor([0.5], device=device, dtype=dtype),
-              guidance=torch.tensor([3.5], device=device, dtype=dtype),
-              img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text, 3, device=device),
-              return_dict=False)
+    kw = flux_inputs(config, rows, cols, text, device, dtype)
     double, single = config["num_layers"], config["num_single_layers"]
     dense_blocks = []  # the first and last two double blocks, the last two single blocks
     if double > 4 and single > 2:
@@ -343,7 +310,9 @@ def flux_transformer(size, device, dtype, budget_s) -> dict:
     result = {"model": f"FluxTransformer2DModel ({size}, random weights)",
               "tokens": f"{text} text + {rows * cols} image", "options": spec["options"],
               "dense_blocks": dense_blocks}
-    result.update(_model_rows(model, kw, backend, device, budget_s))
+    result.update(patched_forwards(model, kw, {"sdpa": dict(backend="sdpa"),
+                                               "block_sparse": dict(backend=backend)},
+                                   device, budget_s))
     return result
 
 
@@ -366,7 +335,9 @@ def wan_transformer(size, device, dtype, budget_s) -> dict:
     result = {"model": f"WanTransformer3DModel ({size}, random weights)",
               "latent": spec["latent"], "options": spec["options"]}
     backend = {"*attn1": ("block_sparse", spec["options"]), "*": "sdpa"}
-    result.update(_model_rows(model, kw, backend, device, budget_s))
+    result.update(patched_forwards(model, kw, {"sdpa": dict(backend="sdpa"),
+                                               "block_sparse": dict(backend=backend)},
+                                   device, budget_s))
     return result
 
 

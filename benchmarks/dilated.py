@@ -35,7 +35,7 @@ import torch._dynamo
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout this script is in, not another install
 import attnpatch  # noqa: E402
-from benchmarks._timing import available, rel, timer  # noqa: E402
+from benchmarks._timing import available, flux_inputs, patched_forwards, rel, timer  # noqa: E402
 from attnpatch import TokenLayout  # noqa: E402
 
 FLUX_PATTERNS = dict(segment_lengths=(2048, 4096, 8192, 16896), dilation_rates=(1, 2, 4, 8))
@@ -250,42 +250,15 @@ def flux_transformer(size, device, dtype, budget_s, inner):
     with torch.device(device):
         model = FluxTransformer2DModel(**spec["config"])
     model = model.to(dtype).eval()
-    gen = torch.Generator(device=device).manual_seed(0)
     rows, cols = spec["grid"]
     text, config = spec["text"], spec["config"]
-    ids = torch.zeros(rows, cols, 3, device=device)
-    ids[..., 1] = torch.arange(rows, device=device)[:, None]
-    ids[..., 2] = torch.arange(cols, device=device)[None, :]
-
-    def randn(*shape):
-        return torch.randn(*shape, device=device, dtype=dtype, generator=gen)
-    kw = dict(hidden_states=randn(1, rows * cols, config["in_channels"]),
-              encoder_hidden_states=randn(1, text, config["joint_attention_dim"]),
-              pooled_projections=randn(1, config["pooled_projection_dim"]),
-              timestep=torch.tensor([0.5], device=device, dtype=dtype),
-              guidance=torch.tensor([3.5], device=device, dtype=dtype),
-              img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text, 3, device=device),
-              return_dict=False)
+    kw = flux_inputs(config, rows, cols, text, device, dtype)
     result = {"model": f"FluxTransformer2DModel ({size}, random weights)",
               "tokens": f"{text} text + {rows * cols} image", "patterns": spec["patterns"],
               "inner": inner}
-    outputs = {}
-    with torch.no_grad():
-        for name, kw_patch in (("sdpa", dict(backend="sdpa")),
-                               ("dilated", dict(backend="dilated", inner=inner,
-                                                **spec["patterns"]))):
-            try:
-                with attnpatch.patch(model, **kw_patch) as handle:
-                    outputs[name] = model(**kw)[0]
-                    result[f"{name}_ms"] = timer(lambda: model(**kw), device, budget_s,
-                                                 warmup=2, min_reps=3)
-                    result[f"{name}_notes"] = sorted({n for r in handle.report()
-                                                      for n in r.notes})
-            except Exception as exc:  # report it
-                result[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-    if len(outputs) == 2:
-        result["rel_err_vs_dense"] = rel(outputs["dilated"], outputs["sdpa"])
-        result["speedup"] = result["sdpa_ms"] / result["dilated_ms"]
+    result.update(patched_forwards(model, kw, {
+        "sdpa": dict(backend="sdpa"),
+        "dilated": dict(backend="dilated", inner=inner, **spec["patterns"])}, device, budget_s))
     return result
 
 
