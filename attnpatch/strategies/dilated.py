@@ -294,13 +294,18 @@ class _Part:
     problem; ``keep``: None or a bool (cq, ck) mask every problem applies too.
     """
 
-    __slots__ = ("q_pos", "k_pos", "heads", "q_view", "k_view", "causal", "keep", "_cache")
+    __slots__ = ("q_pos", "k_pos", "heads", "q_view", "k_view", "causal", "keep", "affine",
+                 "_cache")
 
     def __init__(self, q_pos, k_pos, heads=None, q_view=None, k_view=None, causal=False,
-                 keep=None):
+                 keep=None, affine=None):
         self.q_pos, self.k_pos, self.heads = q_pos, k_pos, heads
         self.q_view, self.k_view = q_view, k_view
         self.causal, self.keep = causal, keep
+        #: (base, r, n, w, c) when problem (o, g, s) (in that order, o < r, g < H/r, s < n)
+        #: is head o + g·r at positions base + s·w + o + j·r, j < c (for q and k alike): its
+        #: rows are a strided view (see :func:`_take`)
+        self.affine = affine
         self._cache: dict = {}
 
     @property
@@ -431,8 +436,28 @@ def _pattern_parts(dims: tuple, w: tuple, r: tuple, heads: int, base: int, causa
             hs = [torch.arange(k, heads, period, device=device) for k, _, _ in items]
             head = torch.cat([h.repeat_interleave(p.shape[0]) for h, (_, p, _) in zip(hs, items)])
             pos = torch.cat([p.repeat(h.shape[0], 1) for h, (_, p, _) in zip(hs, items)])
-            parts.append(_Part(pos, pos, head, None, None, causal))
+            affine = (_affine(pos, head, heads, period) if len(dims) == 1
+                      and not torch.compiler.is_dynamo_compiling() else None)
+            parts.append(_Part(pos, pos, head, None, None, causal, affine=affine))
     return parts
+
+
+def _affine(pos: torch.Tensor, head: torch.Tensor, heads: int, r: int) -> Optional[tuple]:
+    """``(base, r, n, w, c)`` (see :attr:`_Part.affine`) when a per-head part of a 1-D pattern
+    with rate ``r`` has that form (checked against its positions and heads), else None."""
+    m, c = pos.shape
+    if heads % r or m % heads:
+        return None
+    n = m // heads
+    base = int(pos[0, 0])
+    w = int(pos[1, 0]) - base if n > 1 else 0
+    o, g, s, j = (t.flatten() for t in torch.meshgrid(
+        *(torch.arange(size, device=pos.device) for size in (r, heads // r, n, c)),
+        indexing="ij"))
+    if not (torch.equal(pos.flatten(), base + s * w + o + j * r)
+            and torch.equal(head, (o + g * r).view(m, c)[:, 0])):
+        return None
+    return base, r, n, w, c
 
 
 def _build_plan(call: AttentionCall, opts: DilatedOptions) -> _Plan:
@@ -541,11 +566,36 @@ def _take(x: torch.Tensor, rows: tuple, part: _Part, side: str, group: int) -> t
         start, m, c = view
         t = x[:, :, start:start + m * c].unflatten(2, (m, c)).transpose(1, 2).flatten(0, 1)
         return t if t.dim() != 4 or _standard(t) else t.contiguous()
+    if part.affine is not None and (side == "q" or group == 1) and (
+            not torch.compiler.is_dynamo_compiling()):
+        return _affine_copy(x, part.affine)
     flat, a, b = rows
     taken = flat.index_select(1, part.rows(side, width, group, a, b))
     if part.heads is None:
         return taken.view(batch * m, width, c, *x.shape[3:])
     return taken.view(batch, m, c, *x.shape[3:])
+
+
+def _affine_copy(x: torch.Tensor, affine: tuple) -> torch.Tensor:
+    """The rows of an affine part (:attr:`_Part.affine`) of ``x`` (B, H, S, ...) as a
+    contiguous (B, m, c, ...) tensor: one strided copy, of 8-byte words where the feature rows
+    allow (the copy kernel moves one element per thread step: 16-bit elements ran at a quarter
+    of the bandwidth)."""
+    base, r, n, w, c = affine
+    batch, heads = x.shape[:2]
+    feat = x.shape[3:]
+    words = x
+    if len(feat) == 1 and x.stride(-1) == 1 and x.element_size() < 8 and (
+            feat[0] * x.element_size()) % 8 == 0 and all(
+            (st * x.element_size()) % 8 == 0 for st in (*x.stride()[:3], x.storage_offset())):
+        words = x.view(torch.int64)
+    sb, sh, ss = words.stride()[:3]
+    wfeat = words.shape[3:]
+    view = words.as_strided((batch, r, heads // r, n, c, *wfeat),
+                            (sb, sh + ss, r * sh, w * ss, r * ss, *words.stride()[3:]),
+                            words.storage_offset() + base * ss)
+    taken = view.reshape(batch, r * (heads // r) * n, c, *wfeat)
+    return taken.view(x.dtype) if words is not x else taken
 
 
 def _part_mask(call: AttentionCall, part: _Part) -> Optional[torch.Tensor]:

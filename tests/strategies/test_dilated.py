@@ -279,6 +279,41 @@ def test_inputs_cut_from_a_fused_projection(compile):
     torch.testing.assert_close(got, torch.stack(want, dim=2), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("memory", ["bhsd", "bshd", "fused_projection"])
+@pytest.mark.parametrize("kv_heads", [8, 4])
+def test_rates_dividing_heads_and_segments_in_every_memory_order(memory, kv_heads):
+    """Rates that divide the heads, the segments and the ragged tail (Flux's pattern set): the
+    per-head parts are read as strided copies (offset, head group, segment, position); values
+    and gradients equal the definition whatever q, k, v's strides (GQA: keys by index)."""
+    gen = torch.Generator().manual_seed(31)
+    b, h, s, d = 2, 8, 72, 8
+    segments, rates = (16, 32, 72), (1, 2, 8)
+    if memory == "fused_projection":
+        qkv = torch.randn(b, s, 3, h, d, dtype=torch.float64, generator=gen)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+    else:
+        shape = (b, h, s, d) if memory == "bhsd" else (b, s, h, d)
+        q, k, v = (torch.randn(shape, dtype=torch.float64, generator=gen) for _ in range(3))
+        if memory == "bshd":
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    k, v = k[:, :kv_heads], v[:, :kv_heads]
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    check(q, k, v, segments, rates)
+    opts = dict(backend="dilated", segment_lengths=segments, dilation_rates=rates, inner="math")
+    out = attnpatch.attention(*leaves, **opts)
+    call = attnpatch.explain(*leaves, **opts).call
+    ref, _ = registry.get_backend("dilated").reference(call, call.options)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=gen)
+    for got, want in zip(torch.autograd.grad(out, leaves, grad),
+                         torch.autograd.grad(ref, leaves, grad)):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    for low in (torch.bfloat16, torch.float32):  # copied as 8-byte words
+        # strides and offsets kept: the low-precision tensors have the same memory order
+        cast = [torch.empty_strided(t.shape, t.stride(), dtype=low).copy_(t) for t in (q, k, v)]
+        got = attnpatch.attention(*cast, **opts)
+        assert rel_error(got.double(), ref.detach()) < (1e-2 if low == torch.bfloat16 else 1e-6)
+
+
 @pytest.mark.parametrize("layout", ["bhsd", "bshd"])
 def test_fused_and_scatter_merges_agree_on_strided_kernel_outputs(layout):
     """CPU flash returns its lse (and gradients) in (B, S, H) memory: the fused merge reads
