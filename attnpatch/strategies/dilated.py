@@ -27,8 +27,11 @@ one inner-kernel call over many independent problems of equal size, folded into 
 (problems whose positions are the same for every head: GQA kept) or into the heads (one problem
 per (segment, head)): per pattern one part per distinct kept count (the full segments, the ragged
 last one, per-head offsets that keep one more or less), found without a Python loop over
-segments. Each part's inputs are one ``index_select`` of the kept rows (or a strided view when
-they are a contiguous range, as with rate 1), its output and lse go to the merge:
+segments. Each part's inputs are a strided view when they are a contiguous range (rate 1), one
+strided copy (of 8-byte words) when its rows are an affine function of (offset, head group,
+segment, position) (1-D patterns whose rate divides the heads, the segment and the ragged
+tail: Flux's and Wan's pattern sets; 3.8x faster than ``index_select`` on the H200), else one
+``index_select`` of the kept rows; its output and lse go to the merge:
 
 - ``compile=False``: an fp32 scatter merge (``logaddexp`` of the lses into the kept rows, then
   ``index_add_`` of the weighted outputs);
