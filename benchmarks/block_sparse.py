@@ -106,6 +106,31 @@ def direct_flash4(plan, q, k, v):
     return fn, tiled, perm
 
 
+def direct_flex(plan, q, k, v):
+    """Plain FlexAttention (compiled ``flex_attention`` on a ``BlockMask`` from the plan's
+    full-block lists, no mask_mod work), tokens already in tile order: the issue's "plain Flex"
+    row. Returns ``fn(q_tiled, k_tiled, v_tiled)`` ((B, S, H, D) in and out) and the inputs."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    full, partial = plan.groups.kernel_blocks(BSP.KERNEL_BLOCK, BSP.KERNEL_BLOCK)
+    assert not bool(partial.any()), "the direct call passes every kept block as full"
+    count = full.sum(-1, dtype=torch.int32)
+    idx = torch.sort((~full).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    empty = torch.zeros_like(count)
+    seq = q.shape[1]
+    block_mask = BlockMask.from_kv_blocks(empty, torch.zeros_like(idx), count, idx,
+                                          BLOCK_SIZE=BSP.KERNEL_BLOCK, seq_lengths=(seq, seq))
+    compiled = torch.compile(flex_attention)
+    perm = plan.groups.perm
+    tiled = [t if perm is None else t.index_select(1, perm) for t in (q, k, v)]
+
+    def fn(q_, k_, v_):
+        out = compiled(q_.transpose(1, 2), k_.transpose(1, 2), v_.transpose(1, 2),
+                       block_mask=block_mask)
+        return out.transpose(1, 2)
+    return fn, tiled, perm
+
+
 def bench_shape(label, config, device, dtype, budget_s, quick):
     b, h, s, d = config["shape"]
     layout, options = config["layout"], config["options"]
@@ -124,9 +149,11 @@ def bench_shape(label, config, device, dtype, budget_s, quick):
         variants.append(("dense flash4", dict(backend="flash4")))
     variants.append(("block_sparse kernel=flex" + (" (compiled)" if device == "cuda" else ""),
                      dict(sparse, kernel="flex")))
+    if device == "cuda":
+        variants.append(("plain Flex compiled, tokens in tile order", dict(direct="flex")))
     if device == "cuda" and available("flash4"):
         variants += [("block_sparse kernel=flash4", dict(sparse, kernel="flash4")),
-                     ("flash4 direct, tokens in tile order", dict(direct=True))]
+                     ("flash4 direct, tokens in tile order", dict(direct="flash4"))]
     if device == "cuda":
         variants.append(("block_sparse kernel=auto", sparse))
         if plan.order is not None:
@@ -154,9 +181,11 @@ def bench_shape(label, config, device, dtype, budget_s, quick):
                "kernel_block_density": 1.0 if name.startswith("dense") else block_density}
         kw = dict(kw)
         perm = None
-        if kw.pop("direct", False):
+        direct_kind = kw.pop("direct", None)
+        if direct_kind:
             try:
-                fn, tiled, perm = direct_flash4(plan, q, k, v)
+                fn, tiled, perm = (direct_flash4 if direct_kind == "flash4" else direct_flex)(
+                    plan, q, k, v)
             except Exception as exc:  # report it, keep measuring the others
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
                 results.append(row)
@@ -233,6 +262,13 @@ def bench_shape(label, config, device, dtype, budget_s, quick):
             for key in ("fwd_ms", "fwd_bwd_ms"):
                 if key in direct and key in ours:
                     ours[f"{key.removesuffix('_ms')}_vs_direct_flash4"] = ours[key] / direct[key]
+    plain = by_name.get("plain Flex compiled, tokens in tile order")
+    flex = next((r for n, r in by_name.items() if n.startswith("block_sparse kernel=flex")), None)
+    if plain and flex:
+        for key in ("fwd_speedup_vs_dense", "fwd_bwd_speedup_vs_dense"):
+            if key in plain and key in flex:
+                flex[key.replace("_speedup_vs_dense", "_at_least_plain_flex")] = (
+                    flex[key] >= plain[key])
     ours = by_name.get("block_sparse kernel=auto")
     reorder = by_name.get("token permute (q, k, v) + inverse (out)")
     kernel = direct or ours

@@ -288,6 +288,8 @@ def main(argv=None) -> dict:
                         help="seconds of timed runs per measurement (default 1, quick 0.2)")
     parser.add_argument("--no-transformer", action="store_true",
                         help="skip the full-size Flux transformer forward")
+    parser.add_argument("--no-kernels", action="store_true",
+                        help="skip the attention-shape rows (the transformer only)")
     parser.add_argument("--shapes", default=None,
                         help="comma-separated subset of the shapes (default: all)")
     args = parser.parse_args(argv)
@@ -306,7 +308,7 @@ def main(argv=None) -> dict:
     unknown = sorted(set(chosen) - set(configs))
     if unknown:
         parser.error(f"unknown shape(s) {unknown}; choose from {sorted(configs)}")
-    for label in chosen:
+    for label in [] if args.no_kernels else chosen:
         result["rows"] += bench_shape(label, configs[label], args.device, dtype, budget, quick)
     if not args.no_transformer:
         inner = "sdpa_cudnn" if args.device == "cuda" else "auto"
