@@ -25,9 +25,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("backends", help="list every backend, whether it runs here, and why not")
     p.set_defaults(func=_cmd_backends)
-    from . import _demo
+    from . import _demo, bench
 
     _demo.add_parser(sub)
+    bench.add_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

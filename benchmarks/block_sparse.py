@@ -40,23 +40,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout this script is in, not another install
 import attnpatch  # noqa: E402
 from benchmarks._timing import available, flux_inputs, patched_forwards, rel, timer  # noqa: E402
-from attnpatch import TokenLayout  # noqa: E402
 from attnpatch.strategies import block_sparse as BSP  # noqa: E402
 
-FULL = {
-    "flux_2048_7x5": dict(shape=(1, 24, 16896, 128), layout=TokenLayout(512, "first", 1, 128, 128),
-                          options=dict(pattern="tile2d", tile=(8, 16), window=(7, 5))),
-    "flux_2048_5x3": dict(shape=(1, 24, 16896, 128), layout=TokenLayout(512, "first", 1, 128, 128),
-                          options=dict(pattern="tile2d", tile=(8, 16), window=(5, 3))),
-    "wan_18x48x80": dict(shape=(1, 40, 69120, 128), layout=TokenLayout(0, "none", 18, 48, 80),
-                         options=dict(pattern="tile3d", tile=(6, 8, 8), window=(3, 3, 3))),
-}
-QUICK = {
-    "flux_tiny": dict(shape=(1, 2, 528, 32), layout=TokenLayout(16, "first", 1, 16, 32),
-                      options=dict(pattern="tile2d", tile=(4, 8), window=(3, 3))),
-    "wan_tiny": dict(shape=(1, 2, 384, 32), layout=TokenLayout(0, "none", 3, 8, 16),
-                     options=dict(pattern="tile3d", tile=(1, 2, 4), window=(1, 3, 3))),
-}
+# the shapes and patterns live in the package, shared with `attnpatch bench`
+from attnpatch._bench.sparse import BLOCK_SPARSE_FULL as FULL  # noqa: E402
+from attnpatch._bench.sparse import BLOCK_SPARSE_QUICK as QUICK  # noqa: E402
 
 
 def plan_of(q, k, v, options, layout):

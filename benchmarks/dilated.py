@@ -42,49 +42,10 @@ from attnpatch import TokenLayout  # noqa: E402
 #: where the host launches the next calls while the GPU runs: the host's own time per call is
 #: hidden unless it exceeds the GPU's); the plain time syncs after every call
 PIPELINED = 10
-FLUX_PATTERNS = dict(segment_lengths=(2048, 4096, 8192, 16896), dilation_rates=(1, 2, 4, 8))
-FULL = {
-    "flux_2048": dict(shape=(1, 24, 16896, 128), options=FLUX_PATTERNS),
-    "wan_720p": dict(shape=(1, 40, 75600, 128), options=dict(
-        segment_lengths=(8192, 16384, 32768, 75600), dilation_rates=(1, 2, 4, 8))),
-    "wan_720p_grid": dict(shape=(1, 40, 75600, 128), grid=(21, 45, 80), options=dict(
-        segment_lengths=((3, 45, 80), (21, 45, 80)), dilation_rates=((1, 1, 1), (1, 2, 2)),
-        grid="3d")),
-}
-QUICK = {
-    "flux_tiny": dict(shape=(1, 4, 330, 32), options=dict(
-        segment_lengths=(40, 80, 160, 330), dilation_rates=(1, 2, 4, 8))),
-    "wan_tiny": dict(shape=(1, 4, 600, 32), options=dict(
-        segment_lengths=(64, 128, 256, 600), dilation_rates=(1, 2, 4, 8))),
-    "wan_tiny_grid": dict(shape=(1, 4, 600, 32), grid=(3, 10, 20), options=dict(
-        segment_lengths=((1, 10, 20), (3, 10, 20)), dilation_rates=((1, 1, 1), (1, 2, 2)),
-        grid="3d")),
-}
-
-
-def flops_fraction(seq: int, heads: int, dims: tuple, segments, rates, grid) -> float:
-    """Query-key pairs the patterns compute over the dense count, counted from the definition
-    (per head offset: the kept positions per segment, squared), independently of attnpatch."""
-    pairs = 0
-    for w, r in zip(segments, rates):
-        w, r = (w, r) if grid else ((w,), (r,))
-        period = math.prod(r)
-        for h in range(heads):
-            offsets, index = [], h % period
-            for size in reversed(r):
-                index, o = divmod(index, size)
-                offsets.append(o)
-            offsets.reverse()
-            per_axis = []  # kept counts of every segment along each axis
-            for length, wa, ra, oa in zip(dims, w, r, offsets):
-                counts = [max(0, -(-(min(wa, length - s) - oa) // ra))
-                          for s in range(0, length, wa)]
-                per_axis.append(counts)
-            total = 1
-            for counts in per_axis:
-                total *= sum(c * c for c in counts)
-            pairs += total
-    return pairs / (heads * seq * seq)
+# the shapes, patterns and FLOPs count live in the package, shared with `attnpatch bench`
+from attnpatch._bench.sparse import DILATED_FULL as FULL  # noqa: E402
+from attnpatch._bench.sparse import DILATED_QUICK as QUICK  # noqa: E402
+from attnpatch._bench.sparse import flops_fraction  # noqa: E402
 
 
 def plain_dilated(q, k, v, segments, rates, inner):

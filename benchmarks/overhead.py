@@ -40,89 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import attnpatch  # noqa: E402
 
 
-def _build(cls, device, dtype, **config):
-    """Random weights created directly on ``device`` in ``dtype`` (a 12B model would need 48 GB
-    of fp32 host memory and minutes of CPU init otherwise)."""
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = cls(**config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(device=device, dtype=dtype).eval()
+# the models and their inputs live in the package, shared with `attnpatch bench`
+from attnpatch._bench.models import MODELS, flux_model, sdxl_model  # noqa: E402
+from attnpatch._bench.models import build as _build  # noqa: E402
 
-
-def flux_model(tiny: bool, device, dtype):
-    from diffusers import FluxTransformer2DModel
-    if tiny:
-        config = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
-                      attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
-                      pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
-        h = w = 4
-        text = 7
-    else:  # the default config is Flux-dev size (19 + 38 blocks, 24 heads x 128); dev has
-        config = dict(guidance_embeds=True)  # guidance embeddings
-        h = w = 64  # 1024 px / 8 (VAE) / 2 (2x2 packing) -> 4096 image tokens
-        text = 512
-    model = _build(FluxTransformer2DModel, device, dtype, **config)
-    cfg = model.config
-    ids = torch.zeros(h, w, 3)
-    ids[..., 1] = torch.arange(h)[:, None]
-    ids[..., 2] = torch.arange(w)[None, :]
-    g = torch.Generator().manual_seed(0)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-
-    kwargs = dict(hidden_states=rnd(1, h * w, cfg.in_channels),
-                  encoder_hidden_states=rnd(1, text, cfg.joint_attention_dim),
-                  pooled_projections=rnd(1, cfg.pooled_projection_dim),
-                  timestep=torch.tensor([0.5], device=device, dtype=dtype),
-                  img_ids=ids.reshape(-1, 3).to(device), txt_ids=torch.zeros(text, 3, device=device),
-                  guidance=torch.tensor([3.5], device=device, dtype=dtype)
-                  if cfg.guidance_embeds else None, return_dict=False)
-    return model, kwargs
-
-
-def sdxl_model(tiny: bool, device, dtype):
-    from diffusers import UNet2DConditionModel
-    if tiny:
-        config = dict(
-            sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(16, 32), norm_num_groups=8,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-            attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
-            use_linear_projection=True, addition_embed_type="text_time",
-            addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16)
-        size, text, ctx, pooled = 16, 7, 16, 16
-    else:  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
-        config = dict(
-            sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280),
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=(5, 10, 20), transformer_layers_per_block=(1, 2, 10),
-            cross_attention_dim=2048, use_linear_projection=True,
-            addition_embed_type="text_time", addition_time_embed_dim=256,
-            projection_class_embeddings_input_dim=2816)
-        size, text, ctx, pooled = 128, 77, 2048, 1280
-    model = _build(UNet2DConditionModel, device, dtype, **config)
-    g = torch.Generator().manual_seed(0)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
-
-    kwargs = dict(sample=rnd(2, 4, size, size), timestep=torch.tensor([500, 500], device=device),
-                  encoder_hidden_states=rnd(2, text, ctx),
-                  added_cond_kwargs={"text_embeds": rnd(2, pooled), "time_ids": rnd(2, 6)},
-                  return_dict=False)
-    return model, kwargs
-
-
-MODELS = {"flux": (flux_model, torch.bfloat16), "sdxl": (sdxl_model, torch.float16)}
+__all__ = ["MODELS", "bench", "flux_model", "main", "module_call_cost", "sdxl_model"]
 
 
 @contextlib.contextmanager

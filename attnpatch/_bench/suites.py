@@ -1,0 +1,265 @@
+"""The suites of ``attnpatch bench``: ``kernels``, ``models``, ``sparse`` (in
+:mod:`attnpatch._bench.sparse`) and ``parallel``, plus the machine description.
+
+Every suite returns rows ``{"suite", "name", "variant", "shape", "metrics", "skipped"}``:
+``skipped`` is ``None`` for a measured row, else the reason it was not measured.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import platform
+from typing import Any, Callable, Optional
+
+import torch
+
+import attnpatch
+
+from .timing import rel, timer_stats
+
+log = logging.getLogger(__name__)
+
+#: the anchor shapes (B, H, S, D) of the kernel table
+KERNEL_SHAPES = {
+    "sdxl_1024": (2, 10, 4096, 64),
+    "flux_1024": (1, 24, 4608, 128),
+    "flux_2048": (1, 24, 16896, 128),
+    "wan_720p": (1, 40, 75600, 128),
+}
+QUICK_KERNEL_SHAPES = {"tiny": (1, 2, 64, 16)}
+#: backends whose S x S scores are materialised: skipped above this sequence length
+REFERENCE_BACKENDS = ("math", "sdpa_math")
+REFERENCE_MAX_SEQ = 8192
+#: attnpatch backends the models suite patches in (besides sdpa, the overhead reference)
+MODEL_BACKENDS = {"cuda": ("auto", "sdpa_cudnn", "flash4", "flash3", "flex"),
+                  "cpu": ("auto", "sdpa_math")}
+PARALLEL_VARIANTS = ("ring", "ulysses", "usp", "diffusers_ring", "diffusers_ulysses")
+
+
+def _error(exc: BaseException) -> str:
+    return f"error: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:300]}"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info(device: str) -> dict:
+    """The machine, without its hostname: platform, CPU, GPU, CUDA, library versions, date."""
+    import os
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),  # OS, kernel, architecture: no hostname
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "device": device,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
+        "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
+        "cuda": torch.version.cuda,
+        "torch": torch.__version__,
+        "attnpatch": attnpatch.__version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    for lib in ("diffusers", "transformers"):
+        try:
+            info[lib] = __import__(lib).__version__
+        except ImportError:
+            info[lib] = None
+    return info
+
+
+def _row(suite: str, name: str, variant: str, shape: Any, skipped: Optional[str] = None,
+         **metrics: Any) -> dict:
+    return {"suite": suite, "name": name, "variant": variant, "shape": shape,
+            "metrics": metrics, "skipped": skipped}
+
+
+def _stats(prefix: str, stats: dict) -> dict:
+    return {f"{prefix}_{key}": val for key, val in stats.items()}
+
+
+# --- kernels -------------------------------------------------------------------------------------
+
+def kernels_suite(device: str, quick: bool, timing: dict, progress: Callable) -> list[dict]:
+    """TFLOP/s per backend, forward and forward + backward, for the anchor shapes (GPU) or a
+    tiny shape (``quick`` / CPU); ``auto``'s choice and its share of the best backend."""
+    rows = []
+    infos = [i for i in attnpatch.list_backends() if i.priority is not None]  # auto's candidates
+    names = ["auto"] + [i.name for i in infos]
+    why_not = {i.name: "; ".join(i.reasons) for i in infos if not i.available}
+    if quick or device != "cuda":
+        shapes = QUICK_KERNEL_SHAPES
+        reason = ("--quick: tiny shapes only" if quick else
+                  "anchor shapes need a CUDA device (run with --device cuda on a GPU)")
+        rows += [_row("kernels", label, "*", list(shape), reason)
+                 for label, shape in KERNEL_SHAPES.items()]
+    else:
+        shapes = KERNEL_SHAPES
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    bar = progress(total=len(shapes) * len(names), desc="kernels")
+    for label, (b, h, s, d) in shapes.items():
+        shape_rows = []
+        gen = torch.Generator(device=device).manual_seed(0)
+        q, k, v, grad = (torch.randn(b, h, s, d, device=device, dtype=dtype, generator=gen)
+                         for _ in range(4))
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        flops = 4 * b * h * s * s * d  # QK^T and PV, 2 FLOPs per multiply-add
+        for name in names:
+            row = _row("kernels", label, name, [b, h, s, d], dtype=str(dtype)[6:])
+            shape_rows.append(row)
+            bar.update(1)
+            if name in why_not:
+                row["skipped"] = why_not[name]
+                continue
+            if name in REFERENCE_BACKENDS and s > REFERENCE_MAX_SEQ:
+                row["skipped"] = (f"reference kernel materialises the {s}x{s} scores "
+                                  f"(skipped above S={REFERENCE_MAX_SEQ})")
+                continue
+            ex = attnpatch.explain(q, k, v, backend=None if name == "auto" else name)
+            if ex.choice is None:
+                row["skipped"] = "; ".join(ex.reasons.get(name, ["refused"])) or "refused"
+                continue
+            kw = {} if name == "auto" else {"backend": name}
+            if name == "auto":
+                row["metrics"]["chosen"] = ex.choice
+            try:
+                with torch.no_grad():
+                    fwd = timer_stats(lambda: attnpatch.attention(q, k, v, **kw), device,
+                                      **timing)
+                row["metrics"].update(_stats("fwd", fwd))
+                row["metrics"]["fwd_tflops"] = flops / fwd["median_ms"] / 1e9
+            except Exception as exc:  # report it, keep measuring the others
+                row["skipped"] = _error(exc)
+                continue
+            try:
+                def step():
+                    out = attnpatch.attention(*leaves, **kw)
+                    torch.autograd.grad(out, leaves, grad)
+                both = timer_stats(step, device, **timing)
+                row["metrics"].update(_stats("fwd_bwd", both))
+                # the backward is 2.5x the forward's FLOPs (5 matmuls of the same size)
+                row["metrics"]["fwd_bwd_tflops"] = 3.5 * flops / both["median_ms"] / 1e9
+            except Exception as exc:
+                row["metrics"]["fwd_bwd_error"] = _error(exc)
+        measured = [r for r in shape_rows if r["variant"] != "auto" and "fwd_tflops" in r["metrics"]]
+        auto = shape_rows[0]["metrics"]
+        if measured and "fwd_tflops" in auto:
+            best = max(measured, key=lambda r: r["metrics"]["fwd_tflops"])
+            auto["best_fwd_backend"] = best["variant"]
+            auto["share_of_best_fwd"] = auto["fwd_tflops"] / best["metrics"]["fwd_tflops"]
+        rows += shape_rows
+        q = k = v = grad = leaves = None  # free them before the next shape
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    return rows
+
+
+# --- models --------------------------------------------------------------------------------------
+
+def models_suite(device: str, quick: bool, timing: dict, progress: Callable,
+                 model_path: Optional[str] = None) -> list[dict]:
+    """One denoiser forward, unpatched diffusers against ``attnpatch.patch(model, backend=...)``
+    (and diffusers' own ``set_attention_backend("native")`` where it works), with the patch
+    overhead (patched ``sdpa`` over unpatched) and each output's error against unpatched."""
+    from . import models
+
+    tiny = quick or device != "cuda"
+    if model_path is not None:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        loaded = models.load_denoiser(model_path, device, dtype, tiny)
+        builds = {type(loaded[0]).__name__: lambda: loaded}
+    else:
+        builds = {}
+        for key, (build, dtype) in models.MODELS.items():
+            dtype = dtype if device == "cuda" else torch.float32
+            builds[key] = (lambda build=build, dtype=dtype: build(tiny, device, dtype))
+    infos = {i.name: i for i in attnpatch.list_backends()}
+    extra = MODEL_BACKENDS["cuda" if device == "cuda" else "cpu"]
+    variants = ["unpatched", "diffusers native", "attnpatch sdpa"] + [
+        f"attnpatch {b}" for b in extra]
+    rows = []
+    bar = progress(total=len(builds) * (len(variants) + 1), desc="models")
+    for name, make in builds.items():
+        model, kwargs = make()
+        dtype = next(model.parameters()).dtype
+        first = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+        desc = (f"{type(model).__name__}{' (tiny)' if tiny else ''}, {str(dtype)[6:]}, "
+                f"{first} {tuple(kwargs[first].shape)}")
+        outputs: dict[str, torch.Tensor] = {}
+        for variant in variants:
+            row = _row("models", name, variant, desc)
+            rows.append(row)
+            bar.update(1)
+            backend = variant.removeprefix("attnpatch ")
+            if backend in infos and not infos[backend].available:
+                row["skipped"] = "; ".join(infos[backend].reasons)
+                continue
+            try:
+                with torch.no_grad():
+                    if variant == "unpatched":
+                        outputs[variant] = model(**kwargs)[0]
+                        stats = timer_stats(lambda: model(**kwargs), device, **timing)
+                    elif variant == "diffusers native":
+                        if not hasattr(model, "set_attention_backend"):
+                            row["skipped"] = ("this diffusers model has no "
+                                              "set_attention_backend")
+                            continue
+                        model.set_attention_backend("native")
+                        try:
+                            outputs[variant] = model(**kwargs)[0]
+                            stats = timer_stats(lambda: model(**kwargs), device, **timing)
+                        finally:
+                            model.reset_attention_backend()
+                    else:
+                        with attnpatch.patch(model, backend=backend) as handle:
+                            outputs[variant] = model(**kwargs)[0]
+                            stats = timer_stats(lambda: model(**kwargs), device, **timing)
+                            report = handle.report()
+                            row["metrics"]["routed_modules"] = len(report.routed)
+                            row["metrics"]["backends_used"] = ",".join(
+                                sorted({r.backend for r in report if r.backend}))
+            except Exception as exc:  # report it, keep measuring the others
+                log.warning("models %s %s: %s", name, variant, exc)
+                row["skipped"] = _error(exc)
+                continue
+            row["metrics"].update(_stats("fwd", stats))
+            if "unpatched" in outputs and variant != "unpatched":
+                row["metrics"]["rel_err_vs_unpatched"] = rel(outputs[variant],
+                                                             outputs["unpatched"])
+        by = {r["variant"]: r["metrics"] for r in rows if r["name"] == name}
+        base, patched = by.get("unpatched", {}), by.get("attnpatch sdpa", {})
+        if "fwd_median_ms" in base and "fwd_median_ms" in patched:
+            patched["patch_overhead_pct"] = 100.0 * (
+                patched["fwd_median_ms"] / base["fwd_median_ms"] - 1)
+        rows.append(_row("models", name, "image PSNR/SSIM", desc, "not implemented"))
+        bar.update(1)
+        model = kwargs = outputs = None  # free them before the next model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    bar.close()
+    return rows
+
+
+# --- parallel ------------------------------------------------------------------------------------
+
+def parallel_suite(device: str, quick: bool, timing: dict, progress: Callable) -> list[dict]:
+    """Context parallelism needs several processes on 2+ CUDA GPUs: skip rows that say why
+    (``benchmarks/context_parallel.py`` under ``accelerate launch`` measures it)."""
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count < 2:
+        reason = f"needs 2 CUDA devices; this machine has {count}"
+    else:
+        reason = (f"multi-process: run `accelerate launch --multi_gpu --num_processes {count} "
+                  "benchmarks/context_parallel.py` (attnpatch bench runs in one process)")
+    return [_row("parallel", "denoiser forward, 1 vs N GPUs", variant, None, reason)
+            for variant in PARALLEL_VARIANTS]

@@ -1,0 +1,116 @@
+"""Timing and comparison helpers shared by ``attnpatch bench`` and the benchmark scripts
+(``benchmarks/_timing.py`` re-exports them)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+import attnpatch
+
+
+def _spread(times: list[float]) -> dict:
+    """Median, min, max and quartiles (ms) of repeated runs."""
+    ordered = sorted(times)
+    if len(ordered) >= 2:
+        q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+    else:
+        q1 = q3 = ordered[0]
+    return {"median_ms": statistics.median(ordered), "min_ms": ordered[0],
+            "max_ms": ordered[-1], "q1_ms": q1, "q3_ms": q3, "reps": len(ordered)}
+
+
+def timer_stats(fn: Callable[[], object], device: str, budget_s: float, warmup: int = 3,
+                min_reps: int = 5, max_reps: int = 200) -> dict:
+    """Milliseconds of ``fn()`` over repeated runs: ``median_ms``, ``min_ms``, ``max_ms``,
+    ``q1_ms``, ``q3_ms`` and ``reps``. CUDA events on a GPU (after ``warmup`` calls; as many
+    repetitions as fit ``budget_s``, between ``min_reps`` and ``max_reps``), wall time on a CPU
+    (``min_reps`` repetitions: smoke runs)."""
+    for _ in range(warmup):
+        fn()
+    if device != "cuda":
+        times = []
+        for _ in range(min_reps):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return _spread(times)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    reps = max(min_reps, min(max_reps, int(budget_s * 1e3 / max(start.elapsed_time(end), 1e-3))))
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return _spread(times)
+
+
+def timer(fn: Callable[[], object], device: str, budget_s: float, warmup: int = 3,
+          min_reps: int = 5, max_reps: int = 200) -> float:
+    """Median milliseconds of ``fn()`` (see :func:`timer_stats`)."""
+    return timer_stats(fn, device, budget_s, warmup, min_reps, max_reps)["median_ms"]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Relative error ‖a − b‖ / ‖b‖ in fp32."""
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def available(name: str) -> bool:
+    """Whether backend ``name`` can run here."""
+    return any(info.name == name and info.available for info in attnpatch.list_backends())
+
+
+def flux_inputs(config: dict, rows: int, cols: int, text: int, device, dtype) -> dict:
+    """Random inputs of a ``FluxTransformer2DModel`` built from ``config``: a ``rows`` x ``cols``
+    latent grid (its ``img_ids``) and ``text`` prompt tokens, batch 1, seeded."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.zeros(rows, cols, 3, device=device)
+    ids[..., 1] = torch.arange(rows, device=device)[:, None]
+    ids[..., 2] = torch.arange(cols, device=device)[None, :]
+
+    def randn(*shape):
+        return torch.randn(*shape, device=device, dtype=dtype, generator=gen)
+    return dict(hidden_states=randn(1, rows * cols, config["in_channels"]),
+                encoder_hidden_states=randn(1, text, config["joint_attention_dim"]),
+                pooled_projections=randn(1, config["pooled_projection_dim"]),
+                timestep=torch.tensor([0.5], device=device, dtype=dtype),
+                guidance=torch.tensor([3.5], device=device, dtype=dtype)
+                if config.get("guidance_embeds", True) else None,
+                img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(text, 3, device=device),
+                return_dict=False)
+
+
+def patched_forwards(model, kw: dict, variants: dict, device: str, budget_s: float) -> dict:
+    """One forward of ``model(**kw)`` under ``attnpatch.patch(model, **variants[name])`` per
+    variant (two: the dense reference first): ``{name}_ms`` (median), ``{name}_notes`` (the
+    report's notes) or ``{name}_error``; with both run, ``rel_err_vs_dense`` and ``speedup``
+    of the second against the first."""
+    result, outputs = {}, {}
+    reps = (1, 1) if device != "cuda" else (2, 3)  # (warm-up, repetitions): CPU runs are smoke
+    with torch.no_grad():
+        for name, patch_kw in variants.items():
+            try:
+                with attnpatch.patch(model, **patch_kw) as handle:
+                    outputs[name] = model(**kw)[0]
+                    result[f"{name}_ms"] = timer(lambda: model(**kw), device, budget_s, *reps)
+                    result[f"{name}_notes"] = sorted({n for r in handle.report()
+                                                      for n in r.notes})
+            except Exception as exc:  # report it, keep measuring the others
+                result[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    if len(outputs) == 2:
+        dense, other = outputs
+        result["rel_err_vs_dense"] = rel(outputs[other], outputs[dense])
+        result["speedup"] = result[f"{dense}_ms"] / result[f"{other}_ms"]
+    return result
