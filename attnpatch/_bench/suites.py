@@ -190,7 +190,16 @@ def models_suite(device: str, quick: bool, timing: dict, progress: Callable,
     rows = []
     bar = progress(total=len(builds) * (len(variants) + 1), desc="models")
     for name, make in builds.items():
-        model, kwargs = make()
+        try:
+            model, kwargs = make()
+        except Exception as exc:  # e.g. diffusers not installed: say it, measure the rest
+            log.warning("models %s: %s", name, exc)
+            for variant in variants:
+                rows.append(dict(_row("models", name, variant, name),
+                                 skipped=f"could not build the model: {_error(exc)}"))
+                bar.update(1)
+            bar.update(1)
+            continue
         dtype = next(model.parameters()).dtype
         first = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
         desc = (f"{type(model).__name__}{' (tiny)' if tiny else ''}, {str(dtype)[6:]}, "

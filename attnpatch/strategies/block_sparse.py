@@ -700,6 +700,11 @@ def _run_flex(call: AttentionCall, plan: _Plan, allow: Optional[torch.Tensor]):
         mask_mod = plan.lists.get("mask_mod")
         if mask_mod is None:
             mask_mod = plan.lists["mask_mod"] = _group_mask_mod(groups, box, call.is_causal)
+        if static and call.device.type == "cuda" and not bool(partial.any()):
+            # every kept block is full: no mask_mod in the compiled kernel (one that gathers
+            # the layout made the full blocks slower than plain Flex on the H200); eager Flex
+            # (the CPU) evaluates mask_mod on every pair, so it keeps it
+            mask_mod = None
         p_cnt, p_idx = _index_lists(partial)
         f_cnt, f_idx = _index_lists(full)
         block_mask = BlockMask.from_kv_blocks(
