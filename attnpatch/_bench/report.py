@@ -69,7 +69,9 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     lines = ["# attnpatch bench", "",
              f"- date (UTC): {m['date']}", f"- platform: {m['platform']}",
-             f"- CPU: {m['cpu']}", f"- GPU: {m['gpu']} (CUDA {m['cuda'] or 'none'})",
+             f"- CPU: {m['cpu']}",
+             f"- GPU: {m['gpu']} (CUDA {m['cuda'] or 'none'}, driver "
+             f"{m.get('driver') or 'unknown'})",
              f"- torch {m['torch']}, diffusers {m['diffusers']}, transformers "
              f"{m['transformers']}, attnpatch {m.get('attnpatch', '?')}",
              f"- run: suites {', '.join(results['config']['suites'])}, device "

@@ -36,6 +36,7 @@ SCHEMA: dict = {
             "properties": {
                 "platform": {"type": "string"}, "cpu": {"type": "string"},
                 "gpu": {"type": "string"}, "cuda": {"type": ["string", "null"]},
+                "driver": {"type": ["string", "null"]},
                 "torch": {"type": "string"}, "diffusers": {"type": ["string", "null"]},
                 "transformers": {"type": ["string", "null"]}, "date": {"type": "string"},
             },

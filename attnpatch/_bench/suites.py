@@ -52,6 +52,22 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def _driver_version() -> Optional[str]:
+    """The NVIDIA driver's version (from ``nvidia-smi``), or None without one."""
+    import shutil
+    import subprocess
+
+    if not torch.cuda.is_available() or shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
+                              "--format=csv,noheader"], capture_output=True, text=True,
+                             timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.strip().splitlines()[0] if out.strip() else None
+
+
 def machine_info(device: str) -> dict:
     """The machine, without its hostname: platform, CPU, GPU, CUDA, library versions, date."""
     import os
@@ -65,6 +81,7 @@ def machine_info(device: str) -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "none",
         "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "cuda": torch.version.cuda,
+        "driver": _driver_version(),
         "torch": torch.__version__,
         "attnpatch": attnpatch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
