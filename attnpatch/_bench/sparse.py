@@ -97,11 +97,9 @@ def _dilated_case(config: dict, device: str, quick: bool) -> tuple[dict, float, 
 
 
 def _block_sparse_case(config: dict, device: str, q, k, v) -> tuple[dict, float]:
-    from attnpatch.strategies import block_sparse as BSP
-
     kw = dict(backend="block_sparse", token_layout=config["layout"], **config["options"])
     ex = attnpatch.explain(q, k, v, layout="bshd", **kw)
-    density = float(BSP._plan(ex.call, ex.call.options).groups.density())
+    density = attnpatch.registry.get_backend("block_sparse").density(ex.call)
     if device != "cuda":
         kw["kernel"] = "mask"  # Flex is compiled on CUDA only; the mask path runs anywhere
     return kw, density

@@ -966,6 +966,28 @@ class BlockSparseAttention(Strategy):
             hooks.append(_DenseSteps(options.dense_steps))
         return hooks
 
+    def density(self, call: AttentionCall) -> float:
+        """The fraction of the call's query-key pairs the layout keeps (1.0 without a layout; a
+        ``topk`` layout: the one it chooses for this call's q and k), from group ranges.
+        Raises :class:`AttnPatchError` for options this backend refuses, and for a
+        ``mask_mod`` pattern (its mask is per element)."""
+        opts = call.options
+        if not isinstance(opts, BlockSparseOptions):
+            opts = option_values(self, dict(opts or {}))
+        reasons = self._option_reasons(call, opts)
+        if reasons:
+            raise AttnPatchError(f"block_sparse: {'; '.join(reasons)}")
+        plan = _plan(call, opts)
+        if plan.mode == "dense":
+            return 1.0
+        if plan.groups is None:
+            raise AttnPatchError(f"block_sparse: no block-level density for pattern "
+                                 f"{opts.pattern!r} ({plan.mode}: its mask is per element)")
+        if plan.mode == "topk":
+            return float(plan.groups.density(topk_allow(call.query, call.key, plan.groups,
+                                                        _geometry(call), opts, call.scale)))
+        return float(plan.groups.density())
+
     def report_note(self, call: AttentionCall) -> Optional[str]:
         opts = call.options
         if not isinstance(opts, BlockSparseOptions) or _meta(call) or self._option_reasons(

@@ -181,6 +181,21 @@ def test_full_layout_equals_dense_attention():
     assert rel_error(ours, dense) <= 1e-6
 
 
+def test_density_is_the_expanded_masks_fraction_of_pairs():
+    """``density(call)``: the kept fraction of query-key pairs, ragged last blocks counted by
+    their real size (what the bench and the report quote)."""
+    q, k, v, _ = make_inputs(batch=1, heads=2, kv_heads=2, seq_q=45, seq_k=37, **F64)
+    layout = torch.rand(2, 3, 3, generator=torch.Generator().manual_seed(3)) < 0.5
+    layout[:, :, 0] = True  # no empty row
+    backend = registry.get_backend("block_sparse")
+    call = attnpatch.explain(q, k, v, backend="block_sparse", block_layout=layout,
+                             block_size=(16, 13)).call
+    expanded = layout[:, torch.arange(45) // 16][:, :, torch.arange(37) // 13]
+    assert backend.density(call) == pytest.approx(expanded.double().mean().item(), abs=1e-12)
+    full = attnpatch.explain(q, k, v, backend="block_sparse").call
+    assert backend.density(full) == 1.0
+
+
 def test_gradients_are_exact():
     q, k, v, m = make_inputs(batch=2, heads=4, kv_heads=2, seq_q=30, seq_k=30, head_dim=8,
                              mask="bool", requires_grad=True, **F64)
