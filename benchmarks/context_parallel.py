@@ -46,21 +46,10 @@ import torch.distributed as dist
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout this script is in, not another install
 import attnpatch  # noqa: E402
+# random weights made on the device in the dtype, seeded: the same on every rank
+from attnpatch._bench.models import build as _build  # noqa: E402
 
 VARIANTS = ("single", "ring", "ulysses", "usp", "diffusers_ring", "diffusers_ulysses")
-
-
-def _build(cls, device, dtype, **config):
-    """Random weights created directly on ``device`` in ``dtype``, the same on every rank."""
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            model = cls(**config)
-    finally:
-        torch.set_default_dtype(previous)
-    return model.to(device=device, dtype=dtype).eval()
 
 
 def _inputs(device, dtype) -> Callable[..., torch.Tensor]:
