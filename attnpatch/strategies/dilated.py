@@ -307,7 +307,7 @@ class _Part:
         self.causal, self.keep = causal, keep
         #: (base, r, n, w, c) when problem (o, g, s) (in that order, o < r, g < H/r, s < n)
         #: is head o + g·r at positions base + s·w + o + j·r, j < c (for q and k alike): its
-        #: rows are a strided view (see :func:`_take`)
+        #: rows are one strided view, copied once (see :func:`_affine_copy`)
         self.affine = affine
         self._cache: dict = {}
 
@@ -582,14 +582,14 @@ def _take(x: torch.Tensor, rows: tuple, part: _Part, side: str, group: int) -> t
 def _affine_copy(x: torch.Tensor, affine: tuple) -> torch.Tensor:
     """The rows of an affine part (:attr:`_Part.affine`) of ``x`` (B, H, S, ...) as a
     contiguous (B, m, c, ...) tensor: one strided copy, of 8-byte words where the feature rows
-    allow (the copy kernel moves one element per thread step: 16-bit elements ran at a quarter
-    of the bandwidth)."""
+    and the alignment allow (a strided copy moves one element per thread: of bf16 elements it
+    ran at ~1 TB/s on the H200, of 8-byte words 2.3x faster)."""
     base, r, n, w, c = affine
     batch, heads = x.shape[:2]
     feat = x.shape[3:]
     words = x
     if len(feat) == 1 and x.stride(-1) == 1 and x.element_size() < 8 and (
-            feat[0] * x.element_size()) % 8 == 0 and all(
+            x.data_ptr() % 8 == 0) and (feat[0] * x.element_size()) % 8 == 0 and all(
             (st * x.element_size()) % 8 == 0 for st in (*x.stride()[:3], x.storage_offset())):
         words = x.view(torch.int64)
     sb, sh, ss = words.stride()[:3]
