@@ -82,7 +82,7 @@ def bench(name: str, args, device) -> dict:
     """Two copies of the model (same seed, same weights), the second patched; their forwards
     alternate (order swapped every pair), so host and clock drift land on both alike and each
     pair of neighbouring forwards gives one paired ratio."""
-    build, dtype = MODELS[name]
+    build, dtype = MODELS[name].build, MODELS[name].dtype
     if device.type == "cpu":
         dtype = torch.float32
     model, kwargs = build(args.tiny, device, dtype)

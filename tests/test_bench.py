@@ -50,9 +50,9 @@ def test_quick_all_measures_with_spread(quick_all):
     assert sdpa["fwd_tflops"] > 0 and sdpa["fwd_bwd_tflops"] > 0
     auto = by[("kernels", "tiny", "auto")]
     assert auto["chosen"] == "sdpa" and 0 < auto["share_of_best_fwd"] <= 1.5
-    for model in ("flux", "sdxl"):
-        assert by[("models", model, "unpatched")]["fwd_median_ms"] > 0
-        patched = by[("models", model, "attnpatch sdpa")]
+    for name in QUICK_MODEL_ROWS:
+        assert by[("models", name, "unpatched")]["fwd_median_ms"] > 0
+        patched = by[("models", name, "attnpatch sdpa")]
         assert "patch_overhead_pct" in patched and patched["rel_err_vs_unpatched"] < 1e-5
         assert patched["routed_modules"] > 0
     sparse = [m for (suite, _, _), m in by.items() if suite == "sparse"]
@@ -73,6 +73,73 @@ def test_quick_all_skips_say_why(quick_all):
     assert reasons[("kernels", "wan_720p", "*")] == "--quick: tiny shapes only"
     assert "no CUDA device" in reasons[("kernels", "tiny", "sdpa_cudnn")]
     assert reasons[("models", "flux", "image PSNR/SSIM")] == "not implemented"
+
+
+#: the quick models suite's rows: four models at two tiny resolutions each
+QUICK_MODEL_ROWS = ("flux 64²", "flux 96²", "sdxl 128²", "sdxl 64²", "sd3 128²", "sd3 64²",
+                    "wan 64² 5f", "wan 48×80 9f")
+
+
+def test_quick_models_four_models_two_sizes_every_diffusers_backend(quick_all):
+    from attnpatch._bench.suites import diffusers_backends
+
+    _, results = quick_all
+    rows = [r for r in results["rows"] if r["suite"] == "models"]
+    names = {r["name"] for r in rows if r["variant"] == "unpatched"}
+    assert names == set(QUICK_MODEL_ROWS)
+    backends = diffusers_backends()
+    assert backends[0] == "native" and len(backends) == len(set(backends))
+    by = {(r["name"], r["variant"]): r for r in rows}
+    for name in QUICK_MODEL_ROWS:
+        for backend in backends:
+            row = by[(name, f"diffusers {backend}")]
+            # measured, or skipped with a reason
+            assert (row["skipped"] is None and row["metrics"]["fwd_median_ms"] > 0) or (
+                isinstance(row["skipped"], str) and row["skipped"].strip()), row
+        native = by[(name, "diffusers native")]
+        if name.startswith(("flux", "wan")):  # their processors dispatch through diffusers
+            assert native["skipped"] is None, native["skipped"]
+            assert native["metrics"]["rel_err_vs_unpatched"] < 1e-5
+            assert native["metrics"]["backend_modules"] > 0
+        else:  # SDXL's and SD3's processors ignore set_attention_backend: said, not timed
+            assert "set_attention_backend changes nothing" in native["skipped"]
+    if len(backends) > 1:  # a CUDA-only backend fails on this CPU run and says why
+        cudnn = by[("flux 64²", "diffusers _native_cudnn")]
+        assert cudnn["skipped"].startswith("error: ") and "on cpu" in cudnn["skipped"]
+        hub = by[("wan 64² 5f", "diffusers flash_hub")]
+        assert "Hugging Face Hub" in hub["skipped"]
+    # set_attention_backend's global active backend was put back after every row
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+    assert _AttentionBackendRegistry.get_active_backend()[0].value == "native"
+
+
+def test_models_registry_has_two_full_size_resolutions_each():
+    from attnpatch._bench.models import MODELS
+
+    assert set(MODELS) == {"flux", "sdxl", "sd3", "wan"}
+    assert MODELS["flux"].resolutions == ("1024²", "1536²")
+    assert MODELS["sdxl"].resolutions == ("1024²", "768²")
+    assert MODELS["sd3"].resolutions == ("1024²", "1536²")
+    assert MODELS["wan"].resolutions == ("480p 81f", "480p 33f")
+    assert all(len(spec.tiny_resolutions) == 2 for spec in MODELS.values())
+
+
+def test_full_size_inputs_have_the_documented_shapes():
+    from types import SimpleNamespace
+
+    from attnpatch._bench.models import sd3_inputs, wan_inputs
+
+    sd3 = SimpleNamespace(in_channels=16, joint_attention_dim=4096, pooled_projection_dim=2048)
+    kw = sd3_inputs(sd3, "1536²", False, "cpu", torch.float32)
+    assert kw["hidden_states"].shape == (2, 16, 192, 192)
+    assert kw["encoder_hidden_states"].shape == (2, 333, 4096)
+    assert kw["pooled_projections"].shape == (2, 2048)
+    wan = SimpleNamespace(in_channels=16, text_dim=4096)
+    assert wan_inputs(wan, "480p 81f", False, "meta", torch.float32)[
+        "hidden_states"].shape == (1, 16, 21, 60, 104)
+    kw = wan_inputs(wan, "480p 33f", False, "meta", torch.float32)
+    assert kw["hidden_states"].shape == (1, 16, 9, 60, 104)
+    assert kw["encoder_hidden_states"].shape == (1, 512, 4096)
 
 
 def test_quick_all_report_and_charts(quick_all):
@@ -117,6 +184,20 @@ def test_model_path_loads_a_local_pipeline(tmp_path):
     by = {r["variant"]: r for r in results["rows"]}
     assert by["unpatched"]["name"] == "FluxTransformer2DModel"
     assert by["attnpatch sdpa"]["metrics"]["fwd_median_ms"] > 0
+
+
+@pytest.mark.parametrize("kind", ["sd3", "wan"])
+def test_model_path_builds_sd3_and_wan_inputs(tmp_path, kind):
+    from attnpatch._bench.models import load_denoiser
+    from attnpatch.tiny_pipelines import build_tiny_pipeline
+
+    build_tiny_pipeline(kind).save_pretrained(tmp_path / kind)
+    model, kwargs = load_denoiser(str(tmp_path / kind), "cpu", torch.float32, tiny=True)
+    assert type(model).__name__ == {"sd3": "SD3Transformer2DModel",
+                                    "wan": "WanTransformer3DModel"}[kind]
+    with torch.no_grad():
+        out = model(**kwargs)[0]
+    assert out.shape[0] == 1 and torch.isfinite(out).all()
 
 
 def test_unknown_suite_is_an_argparse_error(tmp_path, capsys):

@@ -1,9 +1,10 @@
-"""Random-weight denoisers (Flux transformer, SDXL UNet) and their inputs, built from configs
-(nothing downloaded); shared by ``attnpatch bench`` and ``benchmarks/overhead.py``."""
+"""Random-weight denoisers (Flux transformer, SDXL UNet, SD3 transformer, Wan transformer) and
+their inputs at two resolutions each, built from configs (nothing downloaded); shared by
+``attnpatch bench`` and ``benchmarks/overhead.py``."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
@@ -61,27 +62,87 @@ def unet_kwargs(cfg: Any, batch: int, size: int, text: int, device, dtype) -> di
     return kwargs
 
 
-def flux_model(tiny: bool, device, dtype):
-    """A Flux-dev-size transformer (tiny: 1 + 1 blocks, 2 heads of 16) and the inputs of a
-    1024² image (4096 image + 512 text tokens; tiny: 16 + 7)."""
+def sd3_kwargs(cfg: Any, batch: int, h: int, w: int, text: int, device, dtype) -> dict:
+    """Inputs of an ``SD3Transformer2DModel`` with config ``cfg``: ``batch`` latents of
+    ``h`` x ``w`` (pixels / 8) and ``text`` prompt tokens (CLIP + T5: 77 + 256 = 333)."""
+    rnd = _rnd(device, dtype)
+    return dict(hidden_states=rnd(batch, cfg.in_channels, h, w),
+                encoder_hidden_states=rnd(batch, text, cfg.joint_attention_dim),
+                pooled_projections=rnd(batch, cfg.pooled_projection_dim),
+                timestep=torch.full((batch,), 500.0, device=device, dtype=dtype),
+                return_dict=False)
+
+
+def wan_kwargs(cfg: Any, batch: int, frames: int, h: int, w: int, text: int, device,
+               dtype) -> dict:
+    """Inputs of a ``WanTransformer3DModel`` with config ``cfg``: ``batch`` latent videos of
+    ``frames`` x ``h`` x ``w`` (video frames (f - 1) / 4 + 1, pixels / 8) and ``text`` T5
+    tokens."""
+    rnd = _rnd(device, dtype)
+    return dict(hidden_states=rnd(batch, cfg.in_channels, frames, h, w),
+                encoder_hidden_states=rnd(batch, text, cfg.text_dim),
+                timestep=torch.tensor([500] * batch, device=device),
+                return_dict=False)
+
+
+class ModelSpec(NamedTuple):
+    """One entry of :data:`MODELS`: ``build(tiny, device, dtype, res=None)`` gives the model and
+    the inputs of resolution ``res`` (default: the first); ``net(tiny, device, dtype)`` the
+    model alone and ``inputs(cfg, res, tiny, device, dtype)`` the inputs alone, so a suite
+    builds each model once for both resolutions; ``dtype`` on a GPU; resolution keys, full size
+    and tiny."""
+    build: Callable
+    net: Callable
+    inputs: Callable
+    dtype: torch.dtype
+    resolutions: tuple
+    tiny_resolutions: tuple
+
+    def sizes(self, tiny: bool) -> tuple:
+        return self.tiny_resolutions if tiny else self.resolutions
+
+
+# --- Flux ----------------------------------------------------------------------------------------
+
+#: pixels per side -> latent tokens per side (8x VAE, 2x2 packing)
+FLUX_RES = {"1024²": 1024, "1536²": 1536}
+FLUX_TINY_RES = {"64²": 64, "96²": 96}
+
+
+def flux_net(tiny: bool, device, dtype):
+    """A Flux-dev-size transformer (tiny: 1 + 1 blocks, 2 heads of 16)."""
     from diffusers import FluxTransformer2DModel
     if tiny:
         config = dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1,
                       attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
                       pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 4, 8))
-        h = w = 4
-        text = 7
     else:  # the default config is Flux-dev size (19 + 38 blocks, 24 heads x 128); dev has
         config = dict(guidance_embeds=True)  # guidance embeddings
-        h = w = 64  # 1024 px / 8 (VAE) / 2 (2x2 packing) -> 4096 image tokens
-        text = 512
-    model = build(FluxTransformer2DModel, device, dtype, **config)
-    return model, flux_kwargs(model.config, h, w, text, device, dtype)
+    return build(FluxTransformer2DModel, device, dtype, **config)
 
 
-def sdxl_model(tiny: bool, device, dtype):
-    """An SDXL UNet (tiny: 2 levels of 16/32 channels) and the inputs of batch 2 at 1024²
-    (128² latents; tiny: 16²)."""
+def flux_inputs(cfg, res: Optional[str], tiny: bool, device, dtype) -> dict:
+    """1024²: 4096 image + 512 text tokens; 1536²: 9216 + 512; tiny 64²: 16 + 7, 96²: 36 + 7."""
+    table = FLUX_TINY_RES if tiny else FLUX_RES
+    side = table[res or next(iter(table))] // 16
+    return flux_kwargs(cfg, side, side, 7 if tiny else 512, device, dtype)
+
+
+def flux_model(tiny: bool, device, dtype, res: Optional[str] = None):
+    """A Flux-dev-size transformer (tiny: 1 + 1 blocks, 2 heads of 16) and the inputs of a
+    ``res`` image (default 1024²: 4096 image + 512 text tokens; tiny 64²: 16 + 7)."""
+    model = flux_net(tiny, device, dtype)
+    return model, flux_inputs(model.config, res, tiny, device, dtype)
+
+
+# --- SDXL ----------------------------------------------------------------------------------------
+
+SDXL_RES = {"1024²": 1024, "768²": 768}
+SDXL_TINY_RES = {"128²": 128, "64²": 64}
+
+
+def sdxl_net(tiny: bool, device, dtype):
+    """An SDXL UNet (tiny: 2 levels of 16/32 channels)."""
     from diffusers import UNet2DConditionModel
     if tiny:
         config = dict(
@@ -92,7 +153,6 @@ def sdxl_model(tiny: bool, device, dtype):
             attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2),
             use_linear_projection=True, addition_embed_type="text_time",
             addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 16)
-        size, text = 16, 7
     else:  # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json
         config = dict(
             sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
@@ -103,12 +163,113 @@ def sdxl_model(tiny: bool, device, dtype):
             cross_attention_dim=2048, use_linear_projection=True,
             addition_embed_type="text_time", addition_time_embed_dim=256,
             projection_class_embeddings_input_dim=2816)
-        size, text = 128, 77
-    model = build(UNet2DConditionModel, device, dtype, **config)
-    return model, unet_kwargs(model.config, 2, size, text, device, dtype)
+    return build(UNet2DConditionModel, device, dtype, **config)
 
 
-MODELS = {"flux": (flux_model, torch.bfloat16), "sdxl": (sdxl_model, torch.float16)}
+def sdxl_inputs(cfg, res: Optional[str], tiny: bool, device, dtype) -> dict:
+    """Batch 2 (classifier-free guidance), latents of pixels / 8, 77 text tokens (tiny: 7)."""
+    table = SDXL_TINY_RES if tiny else SDXL_RES
+    return unet_kwargs(cfg, 2, table[res or next(iter(table))] // 8, 7 if tiny else 77,
+                       device, dtype)
+
+
+def sdxl_model(tiny: bool, device, dtype, res: Optional[str] = None):
+    """An SDXL UNet (tiny: 2 levels of 16/32 channels) and the inputs of batch 2 at ``res``
+    (default 1024²: 128² latents; tiny 128²: 16²)."""
+    model = sdxl_net(tiny, device, dtype)
+    return model, sdxl_inputs(model.config, res, tiny, device, dtype)
+
+
+# --- SD3 -----------------------------------------------------------------------------------------
+
+SD3_RES = {"1024²": 1024, "1536²": 1536}
+SD3_TINY_RES = {"128²": 128, "64²": 64}
+
+
+def sd3_net(tiny: bool, device, dtype):
+    """An SD3-medium-size transformer (24 layers, 24 heads x 64; tiny: 2 layers, 2 heads of 8)."""
+    from diffusers import SD3Transformer2DModel
+    if tiny:
+        config = dict(sample_size=16, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                      attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                      caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=16)
+    else:  # stabilityai/stable-diffusion-3-medium-diffusers transformer/config.json
+        config = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16,
+                      num_layers=24, attention_head_dim=64, num_attention_heads=24,
+                      joint_attention_dim=4096, caption_projection_dim=1536,
+                      pooled_projection_dim=2048, pos_embed_max_size=192)
+    return build(SD3Transformer2DModel, device, dtype, **config)
+
+
+def sd3_inputs(cfg, res: Optional[str], tiny: bool, device, dtype) -> dict:
+    """Batch 2 (classifier-free guidance), latents of pixels / 8 (1024²: 4096 image tokens,
+    1536²: 9216), 333 text tokens (tiny: 7)."""
+    table = SD3_TINY_RES if tiny else SD3_RES
+    side = table[res or next(iter(table))] // 8
+    return sd3_kwargs(cfg, 2, side, side, 7 if tiny else 333, device, dtype)
+
+
+def sd3_model(tiny: bool, device, dtype, res: Optional[str] = None):
+    """An SD3-medium-size transformer and the inputs of batch 2 at ``res`` (default 1024²)."""
+    model = sd3_net(tiny, device, dtype)
+    return model, sd3_inputs(model.config, res, tiny, device, dtype)
+
+
+# --- Wan -----------------------------------------------------------------------------------------
+
+#: (video frames, height, width) in pixels
+WAN_RES = {"480p 81f": (81, 480, 832), "480p 33f": (33, 480, 832)}
+WAN_TINY_RES = {"64² 5f": (5, 64, 64), "48×80 9f": (9, 48, 80)}
+
+
+def wan_net(tiny: bool, device, dtype):
+    """A Wan2.1-1.3B-size transformer (30 layers, 12 heads x 128; tiny: 1 layer, 2 heads of 8)."""
+    from diffusers import WanTransformer3DModel
+    if tiny:
+        config = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                      in_channels=4, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
+                      num_layers=1, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                      rope_max_seq_len=32)
+    else:  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json
+        config = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
+                      in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+                      ffn_dim=8960, num_layers=30, cross_attn_norm=True,
+                      qk_norm="rms_norm_across_heads", eps=1e-6)
+    model = build(WanTransformer3DModel, device, dtype, **config)
+    # as from_pretrained(torch_dtype=...) does: rope, time embedder, norms stay in float32
+    keep = getattr(model, "_keep_in_fp32_modules", None) or ()
+    for name, module in model.named_modules():
+        if any(k in name.split(".") for k in keep):
+            module.float()
+    return model
+
+
+def wan_inputs(cfg, res: Optional[str], tiny: bool, device, dtype) -> dict:
+    """Batch 1 (WanPipeline runs the two guidance branches as separate forwards); 480p 81f:
+    21 x 60 x 104 latents (32760 tokens), 33f: 9 x 60 x 104 (14040); 512 text tokens (tiny: 7)."""
+    table = WAN_TINY_RES if tiny else WAN_RES
+    frames, h, w = table[res or next(iter(table))]
+    return wan_kwargs(cfg, 1, (frames - 1) // 4 + 1, h // 8, w // 8, 7 if tiny else 512,
+                      device, dtype)
+
+
+def wan_model(tiny: bool, device, dtype, res: Optional[str] = None):
+    """A Wan2.1-1.3B-size transformer and the inputs of ``res`` (default 480p, 81 frames)."""
+    model = wan_net(tiny, device, dtype)
+    return model, wan_inputs(model.config, res, tiny, device, dtype)
+
+
+#: name -> the model's builders, its GPU dtype and its two resolutions (full size, tiny)
+MODELS = {
+    "flux": ModelSpec(flux_model, flux_net, flux_inputs, torch.bfloat16,
+                      tuple(FLUX_RES), tuple(FLUX_TINY_RES)),
+    "sdxl": ModelSpec(sdxl_model, sdxl_net, sdxl_inputs, torch.float16,
+                      tuple(SDXL_RES), tuple(SDXL_TINY_RES)),
+    "sd3": ModelSpec(sd3_model, sd3_net, sd3_inputs, torch.bfloat16,
+                     tuple(SD3_RES), tuple(SD3_TINY_RES)),
+    "wan": ModelSpec(wan_model, wan_net, wan_inputs, torch.bfloat16,
+                     tuple(WAN_RES), tuple(WAN_TINY_RES)),
+}
 
 
 class ModelPathError(ValueError):
@@ -141,7 +302,14 @@ def load_denoiser(path: str, device, dtype, tiny: bool):
     elif cls == "UNet2DConditionModel":
         kwargs = unet_kwargs(cfg, 1, 16 if tiny else cfg.sample_size, 7 if tiny else 77,
                              device, dtype)
+    elif cls == "SD3Transformer2DModel":
+        side = 16 if tiny else cfg.sample_size
+        kwargs = sd3_kwargs(cfg, 1, side, side, 7 if tiny else 333, device, dtype)
+    elif cls == "WanTransformer3DModel":  # tiny: 2 x 8 x 8 latents; else 480p, 81 frames
+        frames, h, w = (2, 8, 8) if tiny else (21, 60, 104)
+        kwargs = wan_kwargs(cfg, 1, frames, h, w, 7 if tiny else 512, device, dtype)
     else:
         raise ModelPathError(f"--model {path!r}: no input builder for {cls} (the models "
-                             "suite runs FluxTransformer2DModel and UNet2DConditionModel)")
+                             "suite runs FluxTransformer2DModel, UNet2DConditionModel, "
+                             "SD3Transformer2DModel and WanTransformer3DModel)")
     return model, kwargs

@@ -31,9 +31,16 @@ NOTES = {
     "kernels": "FLOPs: 4·B·H·S²·D forward, 3.5x that for forward + backward. Times: median of "
                "repeated runs (CUDA events after warm-up on a GPU, wall time on a CPU), with "
                "the fastest and slowest run.",
-    "models": "Unpatched diffusers against `attnpatch.patch(model, backend=...)` on the same "
-              "model and inputs; patch overhead is patched `sdpa` over unpatched (the paired "
-              "measurement is `benchmarks/overhead.py`).",
+    "models": "One denoiser forward of Flux, SDXL UNet, SD3 and Wan (random weights, two "
+              "resolutions each; tiny models with --quick or off CUDA): unpatched diffusers, "
+              "diffusers' own `set_attention_backend(name)` for every name diffusers defines "
+              "(`diffusers <name>`; most fail off CUDA or without their package and are listed "
+              "as skipped with the error; none applies to models whose attention processors do "
+              "not dispatch through diffusers' backends, e.g. SDXL's and SD3's; Hub-kernel "
+              "backends are skipped unless ATTNPATCH_BENCH_HUB_KERNELS=1), and "
+              "`attnpatch.patch(model, backend=...)` on the same model and inputs; patch "
+              "overhead is patched `sdpa` over unpatched (the paired measurement is "
+              "`benchmarks/overhead.py`).",
     "sparse": "Forward only; density is the fraction of query-key pairs computed; the error is "
               "‖sparse − dense‖ / ‖dense‖ on random inputs (near-uniform attention, so the error "
               "is larger than on a trained model's activations). The full tables (backward, fused merge, "
@@ -147,12 +154,12 @@ def charts(results: dict, out: Path) -> list[str]:
     mod = [r for r in rows if r["suite"] == "models" and "fwd_median_ms" in r["metrics"]]
     if mod:
         labels = [f"{r['name']}\n{r['variant']}" for r in mod]
-        fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(mod)), 4))
+        fig, ax = plt.subplots(figsize=(min(max(6, 0.35 * len(mod)), 30), 4.5))
         med = [r["metrics"]["fwd_median_ms"] for r in mod]
         err = [[m - r["metrics"]["fwd_min_ms"] for m, r in zip(med, mod)],
                [r["metrics"]["fwd_max_ms"] - m for m, r in zip(med, mod)]]
         ax.bar(range(len(mod)), med, yerr=err, capsize=3)
-        ax.set_xticks(range(len(mod)), labels, rotation=60, ha="right", fontsize=7)
+        ax.set_xticks(range(len(mod)), labels, rotation=60, ha="right", fontsize=6)
         ax.set_ylabel("forward ms (median, min–max)")
         ax.set_title("one denoiser forward")
         save(fig, "models_forward_ms.png")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 import platform
 from typing import Any, Callable, Optional
 
@@ -70,8 +71,6 @@ def _driver_version() -> Optional[str]:
 
 def machine_info(device: str) -> dict:
     """The machine, without its hostname: platform, CPU, GPU, CUDA, library versions, date."""
-    import os
-
     info: dict[str, Any] = {
         "platform": platform.platform(),  # OS, kernel, architecture: no hostname
         "python": platform.python_version(),
@@ -183,96 +182,211 @@ def kernels_suite(device: str, quick: bool, timing: dict, progress: Callable) ->
 
 # --- models --------------------------------------------------------------------------------------
 
+#: set to 1 to let the models suite try diffusers' ``*_hub`` backends (they download kernels)
+HUB_KERNELS_ENV = "ATTNPATCH_BENCH_HUB_KERNELS"
+
+
+def diffusers_backends() -> list[str]:
+    """Every value of diffusers' ``AttentionBackendName`` (``native`` first), or just
+    ``native`` when this diffusers has no attention dispatcher."""
+    try:
+        from diffusers.models.attention_dispatch import AttentionBackendName
+    except Exception:  # older diffusers, or none
+        return ["native"]
+    names = [member.value for member in AttentionBackendName]
+    return ["native"] + [n for n in names if n != "native"]
+
+
+def _dispatching_processors(model) -> dict[str, int]:
+    """Processor class -> count of the model's attention modules whose processor has
+    diffusers' ``_attention_backend`` slot (what ``set_attention_backend`` sets); with the
+    other processors under the key ``""``."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        processor = getattr(module, "processor", None)
+        if processor is None or not callable(processor):
+            continue
+        key = type(processor).__name__ if hasattr(processor, "_attention_backend") else ""
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+class _diffusers_backend:
+    """``model.set_attention_backend(name)`` on entry; on exit ``reset_attention_backend()`` and
+    the dispatcher's global active backend put back (``set_attention_backend`` also sets that
+    global, which ``reset_attention_backend`` leaves behind)."""
+
+    def __init__(self, model, name: str):
+        self.model, self.name = model, name
+
+    def __enter__(self):
+        try:
+            from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+            self.registry = _AttentionBackendRegistry
+            self.active = getattr(_AttentionBackendRegistry, "_active_backend", None)
+        except Exception:
+            self.registry = self.active = None
+        try:
+            self.model.set_attention_backend(self.name)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.model.reset_attention_backend()
+        finally:
+            if self.registry is not None and self.active is not None:
+                self.registry._active_backend = self.active
+        return False
+
+
+def _diffusers_skip(model, backend: str) -> Optional[str]:
+    """Why ``diffusers <backend>`` is not measured on ``model`` before trying it, or None."""
+    if not hasattr(model, "set_attention_backend"):
+        return "this diffusers model has no set_attention_backend"
+    counts = _dispatching_processors(model)
+    if not any(k for k in counts):
+        others = ", ".join(sorted({type(m.processor).__name__ for m in model.modules()
+                                   if callable(getattr(m, "processor", None))}))
+        return (f"set_attention_backend changes nothing on this model: its {counts.get('', 0)} "
+                f"attention processors ({others}) do not dispatch through diffusers' attention "
+                "backends (the row would time the unpatched forward)")
+    if backend.endswith("_hub") and os.environ.get(HUB_KERNELS_ENV) != "1":
+        return (f"a Hub kernel backend: set_attention_backend downloads its kernel from the "
+                f"Hugging Face Hub; the bench downloads nothing unless {HUB_KERNELS_ENV}=1")
+    return None
+
+
 def models_suite(device: str, quick: bool, timing: dict, progress: Callable,
                  model_path: Optional[str] = None) -> list[dict]:
-    """One denoiser forward, unpatched diffusers against ``attnpatch.patch(model, backend=...)``
-    (and diffusers' own ``set_attention_backend("native")`` where it works), with the patch
-    overhead (patched ``sdpa`` over unpatched) and each output's error against unpatched."""
+    """One denoiser forward per model and resolution (Flux, SDXL, SD3, Wan at two resolutions
+    each; tiny models with ``quick`` or off CUDA): unpatched diffusers, diffusers' own
+    ``set_attention_backend(name)`` for every name it defines (rows ``skipped`` with the error
+    where one fails: most need CUDA or a package), and ``attnpatch.patch(model, backend=...)``,
+    with the patch overhead (patched ``sdpa`` over unpatched) and each output's error against
+    unpatched."""
     from . import models
 
     tiny = quick or device != "cuda"
+    # (name, make the model, [(row name, make its inputs)])
+    entries: list[tuple[str, Callable, list[tuple[str, Callable]]]] = []
     if model_path is not None:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         loaded = models.load_denoiser(model_path, device, dtype, tiny)
-        builds = {type(loaded[0]).__name__: lambda: loaded}
+        cls = type(loaded[0]).__name__
+        entries.append((cls, lambda: loaded[0], [(cls, lambda cfg: loaded[1])]))
     else:
-        builds = {}
-        for key, (build, dtype) in models.MODELS.items():
-            dtype = dtype if device == "cuda" else torch.float32
-            builds[key] = (lambda build=build, dtype=dtype: build(tiny, device, dtype))
+        for key, spec in models.MODELS.items():
+            dtype = spec.dtype if device == "cuda" else torch.float32
+            sizes = [(f"{key} {res}",
+                      lambda cfg, spec=spec, res=res, dtype=dtype:
+                      spec.inputs(cfg, res, tiny, device, dtype))
+                     for res in spec.sizes(tiny)]
+            entries.append((key, lambda spec=spec, dtype=dtype: spec.net(tiny, device, dtype),
+                            sizes))
     infos = {i.name: i for i in attnpatch.list_backends()}
     extra = MODEL_BACKENDS["cuda" if device == "cuda" else "cpu"]
-    variants = ["unpatched", "diffusers native", "attnpatch sdpa"] + [
-        f"attnpatch {b}" for b in extra]
+    variants = (["unpatched"] + [f"diffusers {b}" for b in diffusers_backends()]
+                + ["attnpatch sdpa"] + [f"attnpatch {b}" for b in extra])
     rows = []
-    bar = progress(total=len(builds) * (len(variants) + 1), desc="models")
-    for name, make in builds.items():
+    bar = progress(total=sum(len(sizes) * len(variants) + 1 for _, _, sizes in entries),
+                   desc="models")
+    for name, make, sizes in entries:
         try:
-            model, kwargs = make()
+            model = make()
         except Exception as exc:  # e.g. diffusers not installed: say it, measure the rest
             log.warning("models %s: %s", name, exc)
-            for variant in variants:
-                rows.append(dict(_row("models", name, variant, name),
-                                 skipped=f"could not build the model: {_error(exc)}"))
-                bar.update(1)
+            for row_name, _ in sizes:
+                for variant in variants:
+                    rows.append(dict(_row("models", row_name, variant, name),
+                                     skipped=f"could not build the model: {_error(exc)}"))
+                    bar.update(1)
+            rows.append(_row("models", name, "image PSNR/SSIM", name, "not implemented"))
             bar.update(1)
             continue
-        dtype = next(model.parameters()).dtype
-        first = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
-        desc = (f"{type(model).__name__}{' (tiny)' if tiny else ''}, {str(dtype)[6:]}, "
-                f"{first} {tuple(kwargs[first].shape)}")
-        outputs: dict[str, torch.Tensor] = {}
-        for variant in variants:
-            row = _row("models", name, variant, desc)
-            rows.append(row)
-            bar.update(1)
-            backend = variant.removeprefix("attnpatch ")
-            if backend in infos and not infos[backend].available:
-                row["skipped"] = "; ".join(infos[backend].reasons)
-                continue
-            try:
-                with torch.no_grad():
-                    if variant == "unpatched":
-                        outputs[variant] = model(**kwargs)[0]
-                        stats = timer_stats(lambda: model(**kwargs), device, **timing)
-                    elif variant == "diffusers native":
-                        if not hasattr(model, "set_attention_backend"):
-                            row["skipped"] = ("this diffusers model has no "
-                                              "set_attention_backend")
-                            continue
-                        model.set_attention_backend("native")
-                        try:
-                            outputs[variant] = model(**kwargs)[0]
-                            stats = timer_stats(lambda: model(**kwargs), device, **timing)
-                        finally:
-                            model.reset_attention_backend()
-                    else:
-                        with attnpatch.patch(model, backend=backend) as handle:
-                            outputs[variant] = model(**kwargs)[0]
-                            stats = timer_stats(lambda: model(**kwargs), device, **timing)
-                            report = handle.report()
-                            row["metrics"]["routed_modules"] = len(report.routed)
-                            row["metrics"]["backends_used"] = ",".join(
-                                sorted({r.backend for r in report if r.backend}))
-            except Exception as exc:  # report it, keep measuring the others
-                log.warning("models %s %s: %s", name, variant, exc)
-                row["skipped"] = _error(exc)
-                continue
-            row["metrics"].update(_stats("fwd", stats))
-            if "unpatched" in outputs and variant != "unpatched":
-                row["metrics"]["rel_err_vs_unpatched"] = rel(outputs[variant],
-                                                             outputs["unpatched"])
-        by = {r["variant"]: r["metrics"] for r in rows if r["name"] == name}
-        base, patched = by.get("unpatched", {}), by.get("attnpatch sdpa", {})
-        if "fwd_median_ms" in base and "fwd_median_ms" in patched:
-            patched["patch_overhead_pct"] = 100.0 * (
-                patched["fwd_median_ms"] / base["fwd_median_ms"] - 1)
-        rows.append(_row("models", name, "image PSNR/SSIM", desc, "not implemented"))
+        for row_name, make_inputs in sizes:
+            rows += _model_rows(row_name, model, make_inputs, variants, infos, tiny, device,
+                                timing, bar)
+        rows.append(_row("models", name, "image PSNR/SSIM", type(model).__name__,
+                         "not implemented"))
         bar.update(1)
-        model = kwargs = outputs = None  # free them before the next model
+        model = None  # free it before the next model
         if device == "cuda":
             torch.cuda.empty_cache()
     bar.close()
+    return rows
+
+
+def _model_rows(name: str, model, make_inputs: Callable, variants: list[str], infos: dict,
+                tiny: bool, device: str, timing: dict, bar) -> list[dict]:
+    """The rows of one model at one resolution: every variant, then the patch overhead."""
+    dtype = next(model.parameters()).dtype
+    rows = []
+    try:
+        kwargs = make_inputs(model.config)
+    except Exception as exc:
+        log.warning("models %s: %s", name, exc)
+        for variant in variants:
+            rows.append(_row("models", name, variant, type(model).__name__,
+                             f"could not build the inputs: {_error(exc)}"))
+            bar.update(1)
+        return rows
+    first = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor))
+    desc = (f"{type(model).__name__}{' (tiny)' if tiny else ''}, {str(dtype)[6:]}, "
+            f"{first} {tuple(kwargs[first].shape)}")
+    outputs: dict[str, torch.Tensor] = {}
+    for variant in variants:
+        row = _row("models", name, variant, desc)
+        rows.append(row)
+        bar.update(1)
+        kind, _, backend = variant.partition(" ")
+        if kind == "attnpatch" and backend in infos and not infos[backend].available:
+            row["skipped"] = "; ".join(infos[backend].reasons)
+            continue
+        if kind == "diffusers":
+            row["skipped"] = _diffusers_skip(model, backend)
+            if row["skipped"] is not None:
+                continue
+        try:
+            with torch.no_grad():
+                if variant == "unpatched":
+                    outputs[variant] = model(**kwargs)[0]
+                    stats = timer_stats(lambda: model(**kwargs), device, **timing)
+                elif kind == "diffusers":
+                    with _diffusers_backend(model, backend):
+                        outputs[variant] = model(**kwargs)[0]
+                        stats = timer_stats(lambda: model(**kwargs), device, **timing)
+                    row["metrics"]["backend_modules"] = sum(
+                        n for k, n in _dispatching_processors(model).items() if k)
+                else:
+                    with attnpatch.patch(model, backend=backend) as handle:
+                        outputs[variant] = model(**kwargs)[0]
+                        stats = timer_stats(lambda: model(**kwargs), device, **timing)
+                        report = handle.report()
+                        row["metrics"]["routed_modules"] = len(report.routed)
+                        row["metrics"]["backends_used"] = ",".join(
+                            sorted({r.backend for r in report if r.backend}))
+        except Exception as exc:  # report it, keep measuring the others
+            # most diffusers backends fail off CUDA or without their package: expected
+            (log.info if kind == "diffusers" else log.warning)(
+                "models %s %s: %s", name, variant, exc)
+            row["skipped"] = _error(exc) + (
+                f" (on {device}; most diffusers backends need CUDA or an extra package)"
+                if kind == "diffusers" and device != "cuda" else "")
+            continue
+        row["metrics"].update(_stats("fwd", stats))
+        if "unpatched" in outputs and variant != "unpatched":
+            row["metrics"]["rel_err_vs_unpatched"] = rel(outputs[variant], outputs["unpatched"])
+    by = {r["variant"]: r["metrics"] for r in rows}
+    base, patched = by.get("unpatched", {}), by.get("attnpatch sdpa", {})
+    if "fwd_median_ms" in base and "fwd_median_ms" in patched:
+        patched["patch_overhead_pct"] = 100.0 * (
+            patched["fwd_median_ms"] / base["fwd_median_ms"] - 1)
+    kwargs = outputs = None
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return rows
 
 
