@@ -196,7 +196,7 @@ def module_call_cost(args, device) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--models", nargs="+", default=["flux", "sdxl"], choices=list(MODELS))
     p.add_argument("--backend", default="sdpa", help="attnpatch backend for the patched runs")
     p.add_argument("--repeats", type=int, default=40, help="timed forwards per variant (>= 5)")
     p.add_argument("--warmup", type=int, default=3)
