@@ -10,6 +10,8 @@ same computation (with ``attn.scale`` passed through), else reported as not rout
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import sys
 from typing import Any, Optional
 
@@ -172,6 +174,19 @@ def restore_module(record: ModuleRecord) -> bool:
 
 # --- token layout -----------------------------------------------------------------------------
 
+class _CheckpointInContext:
+    """A diffusers gradient-checkpointing function whose checkpointed block runs in a copy of
+    the context (ContextVars) current when the block is called: the same copy when autograd
+    recomputes the block in backward."""
+
+    def __init__(self, original):
+        self.original = original
+
+    def __call__(self, block, *args, **kwargs):
+        context = contextvars.copy_context()
+        return self.original(functools.partial(context.run, block), *args, **kwargs)
+
+
 class LayoutHooks(Site):
     """Forward pre/post hooks on one denoiser that publish its :class:`ForwardInfo` (a site,
     stored on the model under ``KEY``)."""
@@ -185,8 +200,15 @@ class LayoutHooks(Site):
         #: which can't read ids values, take the grid from here
         self.known_grids: dict[int, tuple[int, int, int]] = {}
         self._handles: list = []
+        #: the model's modules that can checkpoint their blocks (diffusers'
+        #: ``gradient_checkpointing`` attribute) and the checkpoint functions swapped in the
+        #: running forward, to put back at its exit
+        self._checkpointing: list = []
+        self._swapped: list = []
 
     def apply(self) -> None:
+        self._checkpointing = [m for m in self.model.modules()
+                               if hasattr(m, "gradient_checkpointing")]
         self._handles = [
             self.model.register_forward_pre_hook(self._pre, with_kwargs=True),
             self.model.register_forward_hook(self._post, always_call=True),
@@ -203,11 +225,32 @@ class LayoutHooks(Site):
             info = ForwardInfo(type(module).__name__, None, 0)
         info.known_grids = self.known_grids
         enter_forward(info)
+        if not torch.compiler.is_dynamo_compiling():
+            self._swapped.append(self._checkpoint_in_context())
         return None
 
     def _post(self, module, args, output):
         exit_forward()
+        if not torch.compiler.is_dynamo_compiling() and self._swapped:
+            for m, original, ours in self._swapped.pop():
+                if m.__dict__.get("_gradient_checkpointing_func") is ours:
+                    m._gradient_checkpointing_func = original
         return None
+
+    def _checkpoint_in_context(self) -> list:
+        """For this forward, wrap each checkpointing module's checkpoint function so that the
+        blocks it checkpoints run in a copy of the forward's context: autograd recomputes them
+        in backward, after the forward has returned, and they must see the same token layout
+        and strategy state (ContextVars) as in the forward."""
+        swapped = []
+        for m in self._checkpointing:
+            original = m.__dict__.get("_gradient_checkpointing_func")
+            if getattr(m, "gradient_checkpointing", False) and callable(original) and not (
+                    isinstance(original, _CheckpointInContext)):
+                ours = _CheckpointInContext(original)
+                m._gradient_checkpointing_func = ours
+                swapped.append((m, original, ours))
+        return swapped
 
     def restore(self) -> None:
         for h in self._handles:
