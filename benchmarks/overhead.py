@@ -41,8 +41,11 @@ import attnpatch  # noqa: E402
 
 
 # the models and their inputs live in the package, shared with `attnpatch bench`
-from attnpatch._bench.models import MODELS, flux_model, sdxl_model  # noqa: E402
+from attnpatch._bench.models import MODELS  # noqa: E402
 from attnpatch._bench.models import build as _build  # noqa: E402
+
+#: the model and inputs of one forward: (tiny, device, dtype) -> (model, kwargs)
+flux_model, sdxl_model = MODELS["flux"].build, MODELS["sdxl"].build
 
 __all__ = ["MODELS", "bench", "flux_model", "main", "module_call_cost", "sdxl_model"]
 

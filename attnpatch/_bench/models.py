@@ -86,12 +86,10 @@ def wan_kwargs(cfg: Any, batch: int, frames: int, h: int, w: int, text: int, dev
 
 
 class ModelSpec(NamedTuple):
-    """One entry of :data:`MODELS`: ``build(tiny, device, dtype, res=None)`` gives the model and
-    the inputs of resolution ``res`` (default: the first); ``net(tiny, device, dtype)`` the
-    model alone and ``inputs(cfg, res, tiny, device, dtype)`` the inputs alone, so a suite
-    builds each model once for both resolutions; ``dtype`` on a GPU; resolution keys, full size
-    and tiny."""
-    build: Callable
+    """One entry of :data:`MODELS`: ``net(tiny, device, dtype)`` gives the model and
+    ``inputs(cfg, res, tiny, device, dtype)`` the inputs of resolution ``res`` (None: the
+    first), so a suite builds each model once for both resolutions; ``dtype`` on a GPU;
+    resolution keys, full size and tiny."""
     net: Callable
     inputs: Callable
     dtype: torch.dtype
@@ -100,6 +98,11 @@ class ModelSpec(NamedTuple):
 
     def sizes(self, tiny: bool) -> tuple:
         return self.tiny_resolutions if tiny else self.resolutions
+
+    def build(self, tiny: bool, device, dtype, res: Optional[str] = None) -> tuple:
+        """The model and the inputs of ``res`` (default: the first resolution)."""
+        model = self.net(tiny, device, dtype)
+        return model, self.inputs(model.config, res, tiny, device, dtype)
 
 
 # --- Flux ----------------------------------------------------------------------------------------
@@ -127,12 +130,6 @@ def flux_inputs(cfg, res: Optional[str], tiny: bool, device, dtype) -> dict:
     side = table[res or next(iter(table))] // 16
     return flux_kwargs(cfg, side, side, 7 if tiny else 512, device, dtype)
 
-
-def flux_model(tiny: bool, device, dtype, res: Optional[str] = None):
-    """A Flux-dev-size transformer (tiny: 1 + 1 blocks, 2 heads of 16) and the inputs of a
-    ``res`` image (default 1024²: 4096 image + 512 text tokens; tiny 64²: 16 + 7)."""
-    model = flux_net(tiny, device, dtype)
-    return model, flux_inputs(model.config, res, tiny, device, dtype)
 
 
 # --- SDXL ----------------------------------------------------------------------------------------
@@ -173,12 +170,6 @@ def sdxl_inputs(cfg, res: Optional[str], tiny: bool, device, dtype) -> dict:
                        device, dtype)
 
 
-def sdxl_model(tiny: bool, device, dtype, res: Optional[str] = None):
-    """An SDXL UNet (tiny: 2 levels of 16/32 channels) and the inputs of batch 2 at ``res``
-    (default 1024²: 128² latents; tiny 128²: 16²)."""
-    model = sdxl_net(tiny, device, dtype)
-    return model, sdxl_inputs(model.config, res, tiny, device, dtype)
-
 
 # --- SD3 -----------------------------------------------------------------------------------------
 
@@ -208,11 +199,6 @@ def sd3_inputs(cfg, res: Optional[str], tiny: bool, device, dtype) -> dict:
     side = table[res or next(iter(table))] // 8
     return sd3_kwargs(cfg, 2, side, side, 7 if tiny else 333, device, dtype)
 
-
-def sd3_model(tiny: bool, device, dtype, res: Optional[str] = None):
-    """An SD3-medium-size transformer and the inputs of batch 2 at ``res`` (default 1024²)."""
-    model = sd3_net(tiny, device, dtype)
-    return model, sd3_inputs(model.config, res, tiny, device, dtype)
 
 
 # --- Wan -----------------------------------------------------------------------------------------
@@ -253,21 +239,16 @@ def wan_inputs(cfg, res: Optional[str], tiny: bool, device, dtype) -> dict:
                       device, dtype)
 
 
-def wan_model(tiny: bool, device, dtype, res: Optional[str] = None):
-    """A Wan2.1-1.3B-size transformer and the inputs of ``res`` (default 480p, 81 frames)."""
-    model = wan_net(tiny, device, dtype)
-    return model, wan_inputs(model.config, res, tiny, device, dtype)
-
 
 #: name -> the model's builders, its GPU dtype and its two resolutions (full size, tiny)
 MODELS = {
-    "flux": ModelSpec(flux_model, flux_net, flux_inputs, torch.bfloat16,
+    "flux": ModelSpec(flux_net, flux_inputs, torch.bfloat16,
                       tuple(FLUX_RES), tuple(FLUX_TINY_RES)),
-    "sdxl": ModelSpec(sdxl_model, sdxl_net, sdxl_inputs, torch.float16,
+    "sdxl": ModelSpec(sdxl_net, sdxl_inputs, torch.float16,
                       tuple(SDXL_RES), tuple(SDXL_TINY_RES)),
-    "sd3": ModelSpec(sd3_model, sd3_net, sd3_inputs, torch.bfloat16,
+    "sd3": ModelSpec(sd3_net, sd3_inputs, torch.bfloat16,
                      tuple(SD3_RES), tuple(SD3_TINY_RES)),
-    "wan": ModelSpec(wan_model, wan_net, wan_inputs, torch.bfloat16,
+    "wan": ModelSpec(wan_net, wan_inputs, torch.bfloat16,
                      tuple(WAN_RES), tuple(WAN_TINY_RES)),
 }
 
