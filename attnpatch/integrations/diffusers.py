@@ -243,6 +243,8 @@ class LayoutHooks(Site):
         in backward, after the forward has returned, and they must see the same token layout
         and strategy state (ContextVars) as in the forward."""
         swapped = []
+        if not torch.is_grad_enabled():  # diffusers checkpoints only with grad enabled
+            return swapped
         for m in self._checkpointing:
             original = m.__dict__.get("_gradient_checkpointing_func")
             if getattr(m, "gradient_checkpointing", False) and callable(original) and not (
