@@ -50,9 +50,10 @@ dense.
 **Kernels** (``kernel=``, default "auto"): ``"mask"`` (the CPU path; any device): the expanded
 element mask (and the user's mask, causal) through the ``auto`` dense kernel, exact, with its
 gradients. ``"flash4"``: FlashAttention-4's block sparsity (``flash_attn.cute.flash_attn_func``
-with ``block_sparse_tensors`` / ``block_sparse_tensors_bwd``, 128×128 blocks, every kept block in
-the full lists); it runs a call only when every kept block is full and there is no user mask
-nor ``is_causal`` (``auto`` then takes Flex, and the report says why). ``"flex"``:
+with ``block_sparse_tensors`` / ``block_sparse_tensors_bwd``, 128×128 blocks): full blocks with
+no mask work, partial ones (ragged tiles, text not block-aligned, top-k blocks straddling groups)
+through a CuTe ``mask_mod`` that looks the token groups up in aux tensors; with a user mask or
+``is_causal`` ``auto`` takes Flex, and the report says why. ``"flex"``:
 FlexAttention (compiled on CUDA) with a ``BlockMask`` built from the block lists
 (``BlockMask.from_kv_blocks``: full blocks skip the mask, partial blocks run a ``mask_mod`` that
 looks the groups up). ``auto``: flash4 on CUDA where it can, else flex; the mask path on CPU.
@@ -474,12 +475,6 @@ def _plan(call: AttentionCall, opts: BlockSparseOptions) -> _Plan:
                 if opts.kernel == "flash4" and plan.mode in ("dense", "mask_mod"):
                     plan.reasons.append(f"kernel='flash4' runs block layouts; this call is "
                                         f"{plan.summary}")
-                elif (opts.kernel == "flash4" and plan.mode == "groups" and not plan.reasons
-                      and bool(_lists(plan, "partial")[1].any())):
-                    plan.reasons.append(
-                        "kernel='flash4' takes full 128x128 blocks only and this layout has "
-                        "partial ones (ragged tiles, text not block-aligned, or blocks finer "
-                        "than 128): use kernel='auto' (Flex for such calls) or 'flex'")
             if plan.refusal:
                 plan.reasons.append(plan.refusal)
             if not plan.reasons:
@@ -585,13 +580,14 @@ def _choose_kernel(call: AttentionCall, opts: BlockSparseOptions, plan: _Plan) -
     if plan.mode in ("groups", "topk"):
         fa4 = _kernel_reasons("flash4", call)
         if not fa4 and plan.mode == "groups":
-            _, partial = _lists(plan, "partial")
-            if not bool(partial.any()):
+            full, partial = _lists(plan, "partial")
+            n_partial = int(partial.sum())
+            if not n_partial:
                 return "flash4", "every kept 128x128 block is full"
-            fa4 = ["partial 128x128 blocks (ragged tiles, text not block-aligned, or a layout "
-                   "finer than 128)"]
-        elif not fa4:
-            return "flash4", "when every chosen block is full (else flex)"
+            return "flash4", (f"{n_partial} of {n_partial + int(full.sum())} kept 128x128 "
+                              f"blocks partial: its mask_mod masks them")
+        if not fa4:
+            return "flash4", "the chosen blocks; partial ones through its mask_mod"
         why = fa4
     if not _kernel_reasons("flex", call):
         return "flex", "; ".join(why) or "FlexAttention"
@@ -631,30 +627,27 @@ def _inverse(plan: _Plan) -> torch.Tensor:
     return inv
 
 
-def _run_flash4(call: AttentionCall, plan: _Plan, full: torch.Tensor):
-    """FlashAttention-4's block sparsity, every kept block a full block (``full`` (Bl, Hl, nQ,
-    nK) in kernel order)."""
+def _run_flash4(call: AttentionCall, plan: _Plan, full: torch.Tensor, partial: torch.Tensor,
+                allow: Optional[torch.Tensor] = None):
+    """FlashAttention-4's block sparsity: ``full`` blocks with no mask work, ``partial`` ones
+    (bool (Bl, Hl, nQ, nK) in kernel order) through a ``mask_mod`` that looks the groups up
+    (``allow``: a top-k layout of this call, else the plan's)."""
     from flash_attn.cute import flash_attn_func
-    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
-    tensors = plan.lists.get("fa4") if plan.mode == "groups" else None
-    if tensors is None:
-        fwd_cnt, fwd_idx = _index_lists(full)
-        bwd_cnt, bwd_idx = _index_lists(full.transpose(-2, -1))
-        fwd_idx = fwd_idx[..., :max(1, int(fwd_cnt.max()))].contiguous()
-        bwd_idx = bwd_idx[..., :max(1, int(bwd_cnt.max()))].contiguous()
-
-        def tensors_of(cnt, idx):
-            return BlockSparseTensorsTorch(
-                mask_block_cnt=torch.zeros_like(cnt), mask_block_idx=torch.zeros_like(idx[..., :1]),
-                full_block_cnt=cnt, full_block_idx=idx, block_size=(KERNEL_BLOCK, KERNEL_BLOCK))
-        tensors = (tensors_of(fwd_cnt, fwd_idx), tensors_of(bwd_cnt, bwd_idx))
-        if plan.mode == "groups":
-            plan.lists["fa4"] = tensors
+    static = allow is None
+    cached = plan.lists.get("fa4") if static else None
+    if cached is None:
+        cached = _fa4_inputs(plan.groups, full, partial, plan.groups.allow if static else allow,
+                             call.batch_size, call.num_heads)
+        if static:
+            plan.lists["fa4"] = cached
+    tensors, mask_mod, aux = cached
     perm = plan.groups.perm
     q, k, v = (_permute(t.transpose(1, 2), perm, 1) for t in (call.query, call.key, call.value))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     kw = {} if call.default_scale else {"softmax_scale": call.scale}
+    if mask_mod is not None:
+        kw.update(mask_mod=mask_mod, aux_tensors=aux)
     out, lse = flash_attn_func(q, k, v, block_sparse_tensors=tensors[0],
                                block_sparse_tensors_bwd=tensors[1],
                                return_lse=call.return_lse, **kw)
@@ -663,6 +656,42 @@ def _run_flash4(call: AttentionCall, plan: _Plan, full: torch.Tensor):
     if call.return_lse:
         return out, _permute(lse, inv, 2).float()
     return out
+
+
+def _fa4_inputs(groups: P.GroupLayout, full: torch.Tensor, partial: torch.Tensor,
+                allow: torch.Tensor, batch: int, heads: int) -> tuple:
+    """flash-attn-4's (forward, backward) block lists (per query block / per key block: the
+    full blocks, and the partial ones its ``mask_mod`` masks), the ``mask_mod`` (None without
+    partial blocks) and its aux tensors: the kernel-order group ids and the allow table as
+    int32, of rank 2 (one layout), 3 (per head) or 4 (per batch and head)."""
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    def lists(blocks):
+        cnt, idx = _index_lists(blocks)
+        return cnt, idx[..., :max(1, int(cnt.max()))].contiguous()
+
+    def tensors_of(f, p):
+        f_cnt, f_idx = lists(f)
+        p_cnt, p_idx = lists(p)
+        return BlockSparseTensorsTorch(mask_block_cnt=p_cnt, mask_block_idx=p_idx,
+                                       full_block_cnt=f_cnt, full_block_idx=f_idx,
+                                       block_size=(KERNEL_BLOCK, KERNEL_BLOCK))
+    tensors = (tensors_of(full, partial),
+               tensors_of(full.transpose(-2, -1), partial.transpose(-2, -1)))
+    if not bool(partial.any()):
+        return tensors, None, None
+    from ._fa4_masks import GROUP_MASKS
+
+    bl, hl = allow.shape[:2]
+    if bl == 1 and hl == 1:
+        table = allow[0, 0]
+    elif bl == 1:
+        table = allow[0]
+    else:
+        table = allow.expand(batch, heads, *allow.shape[2:])
+    aux = [groups.group_ids("q", False).to(torch.int32), groups.group_ids("k", False).to(
+        torch.int32), table.to(torch.int32).contiguous()]
+    return tensors, GROUP_MASKS[table.dim()], aux
 
 
 def _run_flex(call: AttentionCall, plan: _Plan, allow: Optional[torch.Tensor]):
@@ -1029,21 +1058,17 @@ class BlockSparseAttention(Strategy):
             allow = topk_allow(call.query, call.key, plan.groups, _geometry(call), opts,
                                call.scale)
         if kernel == "flash4":
-            if allow is None:
-                full = _lists(plan, "partial")[0]
-            else:
-                full, partial = _lists(plan, "partial", allow)
-            if allow is None or not bool(partial.any()):
-                try:
-                    return _run_flash4(call, plan, full)
-                except (ImportError, RuntimeError, ValueError, AssertionError) as err:
-                    if opts.kernel == "flash4" or isinstance(err, torch.OutOfMemoryError):
-                        raise
-                    # auto's choice: flash-attn-4 refused this configuration; Flex from now on
-                    why = f"flash4 failed: {type(err).__name__}: {str(err)[:200]}"
-                    logger.warning("block_sparse: %s; running %s on flex", why, call)
-                    plan.kernel = ("flex", why)
-                    plan.lists.pop("fa4", None)
+            full, partial = _lists(plan, "partial", allow)
+            try:
+                return _run_flash4(call, plan, full, partial, allow)
+            except Exception as err:  # noqa: BLE001 - any refusal: auto falls back, says why
+                if opts.kernel == "flash4" or isinstance(err, torch.OutOfMemoryError):
+                    raise
+                # auto's choice: flash-attn-4 refused this configuration; Flex from now on
+                why = f"flash4 failed: {type(err).__name__}: {str(err)[:200]}"
+                logger.warning("block_sparse: %s; running %s on flex", why, call)
+                plan.kernel = ("flex", why)
+                plan.lists.pop("fa4", None)
             kernel = "flex"
         if kernel == "flex":
             return _run_flex(call, plan, allow)

@@ -72,16 +72,68 @@ def test_block_aligned_tiles_match_fp32_under_the_mask(kernel):
     _check(FLUX, kernel, "tile2d")
 
 
-def test_ragged_tiles_run_on_flex_and_match():
-    _check(RAGGED, "flex", "tile3d")
+@pytest.mark.parametrize("kernel", _kernels())
+def test_ragged_tiles_match_fp32_under_the_mask(kernel):
+    """Ragged tiles make partial 128x128 blocks: flash4 masks them with its mask_mod."""
+    _check(RAGGED, kernel, "tile3d")
+
+
+def test_auto_runs_partial_blocks_on_flash4_with_its_mask_mod():
     q, k, v = _inputs(RAGGED["layout"])
     ex = attnpatch.explain(q, k, v, backend="block_sparse", pattern="tile3d",
                            tile=RAGGED["tile"], window=RAGGED["window"],
                            token_layout=RAGGED["layout"])
     note = registry.get_backend("block_sparse").report_note(ex.call)
-    assert "kernel flex" in note, note
-    if "flash4" in _kernels():  # auto passed flash4 over for the partial blocks
-        assert "partial" in note, note
+    if "flash4" in _kernels():
+        assert "kernel flash4" in note and "partial" in note and "mask_mod" in note, note
+    else:
+        assert "kernel flex" in note, note
+
+
+@pytest.mark.parametrize("kernel", _kernels())
+def test_per_head_layout_of_64_blocks_matches_under_the_mask(kernel):
+    """A per-head user layout of 64-token blocks (every 128x128 kernel block can be partial,
+    the allow table has a head axis), GQA, forward and gradients."""
+    from .test_block_sparse import expand
+    seq, heads = 1000, 4
+    gen = torch.Generator().manual_seed(3)
+    nb = -(-seq // 64)
+    layout = torch.rand(heads, nb, nb, generator=gen) < 0.3
+    layout |= torch.eye(nb, dtype=torch.bool)  # no empty rows
+    q, k, v = (torch.randn(1, h, seq, 128, device="cuda", dtype=torch.bfloat16)
+               for h in (heads, 2, 2))
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = attnpatch.attention(*leaves, backend="block_sparse", block_layout=layout,
+                              block_size=64, kernel=kernel)
+    element = expand(layout, 64, 64, seq, seq)[None].cuda()
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = masked_reference(*ref_leaves, element)[0]
+    bf16 = [t.detach().requires_grad_() for t in (q, k, v)]
+    math_out = attnpatch.attention(*bf16, attn_mask=element, backend="math")
+
+    def err(a, b):
+        return float((a.double() - b).norm() / b.norm())
+    assert err(out, ref) <= 2 * err(math_out, ref) + 1e-3
+    grad = torch.randn_like(ref)
+    ours = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+    theirs = torch.autograd.grad(math_out, bf16, grad.to(out.dtype))
+    want = torch.autograd.grad(ref, ref_leaves, grad)
+    for a, m, w in zip(ours, theirs, want):
+        assert err(a, w) <= 2 * err(m, w) + 1e-3
+
+
+def test_topk_on_flash4_equals_the_mask_path_on_the_same_layout():
+    """top-k chooses its blocks per call (a per-batch, per-head allow table); flash4 runs the
+    chosen layout, partial blocks included, as the exact mask path does."""
+    if "flash4" not in _kernels():
+        pytest.skip("flash-attn-4 not installed")
+    layout = RAGGED["layout"]
+    q, k, v = _inputs(layout, heads=4, kv=4)
+    q, k, v = (torch.cat([t, t.flip(2)]) for t in (q, k, v))  # batch 2, different layouts
+    kw = dict(backend="block_sparse", pattern="topk", keep=0.3, token_layout=layout)
+    fast = attnpatch.attention(q, k, v, kernel="flash4", **kw)
+    exact = attnpatch.attention(q, k, v, kernel="mask", **kw)
+    assert float((fast.float() - exact.float()).norm() / exact.float().norm()) < 1e-2
 
 
 def test_auto_picks_flash4_for_full_blocks():
