@@ -608,6 +608,7 @@ def _lists(plan: _Plan, kind: str, allow: Optional[torch.Tensor] = None):
 def _index_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row of ``blocks`` (..., n, m): the count (int32) and the kept column indices first,
     ascending (int32; the rest follow)."""
+    blocks = blocks.contiguous()  # a transposed layout: standard strides (flash-attn-4 needs them)
     count = blocks.sum(-1, dtype=torch.int32)
     order = torch.sort((~blocks).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
     return count, order
@@ -658,6 +659,10 @@ def _run_flash4(call: AttentionCall, plan: _Plan, full: torch.Tensor, partial: t
     return out
 
 
+#: the largest tile flash-attn-4 uses along a sequence (SM90/SM100 forward and backward)
+_FA4_TILE = 256
+
+
 def _fa4_inputs(groups: P.GroupLayout, full: torch.Tensor, partial: torch.Tensor,
                 allow: torch.Tensor, batch: int, heads: int) -> tuple:
     """flash-attn-4's (forward, backward) block lists (per query block / per key block: the
@@ -689,8 +694,12 @@ def _fa4_inputs(groups: P.GroupLayout, full: torch.Tensor, partial: torch.Tensor
         table = allow[0]
     else:
         table = allow.expand(batch, heads, *allow.shape[2:])
-    aux = [groups.group_ids("q", False).to(torch.int32), groups.group_ids("k", False).to(
-        torch.int32), table.to(torch.int32).contiguous()]
+    def ids(side):
+        # padded past the last kernel tile with a valid group: the kernel may look up rows and
+        # columns of the ragged last block before it masks them by length
+        g = groups.group_ids(side, False).to(torch.int32)
+        return torch.nn.functional.pad(g, (0, 2 * _FA4_TILE - g.numel() % _FA4_TILE))
+    aux = [ids("q"), ids("k"), table.to(torch.int32).contiguous()]
     return tensors, GROUP_MASKS[table.dim()], aux
 
 
