@@ -134,7 +134,9 @@ def tile_layout(geo: Geometry, tile: tuple, window: tuple, text_global: bool,
     """STA (sliding tile attention): image tiles of ``tile`` tokens per (frames, height, width)
     axis (ragged at the far edges), each query tile attending the key tiles of its window
     (``window`` tiles per axis, clamped at the grid edge); tokens reordered so that each tile
-    is contiguous. Text: one group, global unless ``text_global`` is False (then it attends
+    is contiguous, the full tiles first and the ragged edge tiles last (each part in C order of
+    tile coordinates): with a tile of a multiple of 128 tokens, the kernel's 128-token blocks
+    over the full tiles are aligned and whole. Text: one group, global unless ``text_global`` is False (then it attends
     itself only, and image tokens attend image tokens only)."""
     grid = geo.grid
     counts = [-(-g // t) for g, t in zip(grid, tile)]
@@ -152,8 +154,18 @@ def tile_layout(geo: Geometry, tile: tuple, window: tuple, text_global: bool,
     tile_id = (tiles[:, 0] * counts[1] + tiles[:, 1]) * counts[2] + tiles[:, 2]
     local = coords % torch.tensor(tile, device=device)
     local_id = (local[:, 0] * tile[1] + local[:, 1]) * tile[2] + local[:, 2]
-    order = torch.argsort(tile_id * math.prod(tile) + local_id)
-    sizes = torch.bincount(tile_id, minlength=math.prod(counts))
+    # kernel order of the tiles: the full ones first, then the ragged edge tiles (each in C
+    # order of tile coordinates), so that with a tile of a multiple of 128 tokens every kernel
+    # block over the full tiles is 128-aligned and whole (partial blocks only at the ragged end)
+    n_tiles = math.prod(counts)
+    t = torch.arange(n_tiles, device=device)
+    tc = torch.stack([t // (counts[1] * counts[2]), (t // counts[2]) % counts[1],
+                      t % counts[2]], -1)
+    ragged = (tc >= torch.tensor([g // s for g, s in zip(grid, tile)], device=device)).any(-1)
+    tile_order = torch.argsort(ragged.long() * n_tiles + t)  # kernel tile -> tile id
+    rank = torch.empty_like(tile_order).index_put_((tile_order,), t)  # tile id -> kernel tile
+    order = torch.argsort(rank[tile_id] * math.prod(tile) + local_id)
+    sizes = torch.bincount(tile_id, minlength=n_tiles)[tile_order]
     image_bounds = torch.nn.functional.pad(sizes.cumsum(0), (1, 0))
     # tile windows: allowed per axis, combined over the axes (outer products)
     per_axis = []
@@ -163,8 +175,8 @@ def tile_layout(geo: Geometry, tile: tuple, window: tuple, text_global: bool,
         per_axis.append((t[None, :] >= start[:, None]) & (t[None, :] < start[:, None] + wa))
     tiles_allow = (per_axis[0][:, None, None, :, None, None]
                    & per_axis[1][None, :, None, None, :, None]
-                   & per_axis[2][None, None, :, None, None, :]).reshape(
-        math.prod(counts), math.prod(counts))
+                   & per_axis[2][None, None, :, None, None, :]).reshape(n_tiles, n_tiles)
+    tiles_allow = tiles_allow[tile_order[:, None], tile_order[None, :]]
     return _with_text(geo, order, image_bounds, tiles_allow[None, None], text_global,
                       tuple(notes), device)
 

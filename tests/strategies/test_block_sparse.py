@@ -384,6 +384,39 @@ def test_kernel_blocks_classify_full_and_partial_from_groups():
     assert layout.grid == geo.grid
 
 
+def _c_order_tiles(groups: P.GroupLayout, grid: tuple, tile: tuple) -> P.GroupLayout:
+    """The same tile layout with its tile groups in plain C order of tile coordinates (the
+    order before ragged tiles went last): what the kernel blocks would be without it."""
+    counts = [-(-g // t) for g, t in zip(grid, tile)]
+    first = groups.perm[groups.q_bounds[:-1]]  # the first token of each tile group
+    f, h, w = first // (grid[1] * grid[2]), (first // grid[2]) % grid[1], first % grid[2]
+    tile_id = ((f // tile[0]) * counts[1] + h // tile[1]) * counts[2] + w // tile[2]
+    back = torch.argsort(tile_id)  # C-order tile -> group
+    sizes = groups.q_bounds.diff()[back]
+    bounds = torch.nn.functional.pad(sizes.cumsum(0), (1, 0))
+    perm = torch.cat([groups.perm[groups.q_bounds[g]:groups.q_bounds[g + 1]] for g in back])
+    return P.GroupLayout(perm, bounds, bounds, groups.allow[:, :, back[:, None], back[None, :]])
+
+
+def test_ragged_tiles_go_last_so_full_tiles_fill_whole_kernel_blocks():
+    """Wan 720p (21x45x80 tokens) with tiles of 3x8x16 = 384 tokens: 175 full tiles, then the
+    35 ragged ones (240 tokens). Every 128x128 kernel block over the full tiles is whole, so
+    partial blocks (mask work, or Flex instead of FA4) only touch the ragged tail."""
+    grid, tile = (21, 45, 80), (3, 8, 16)
+    geo = P.Geometry(75600, 0, "none", grid)
+    groups = P.tile_layout(geo, tile, (3, 3, 3), True, "cpu")
+    sizes = groups.q_bounds.diff()
+    assert sizes[:175].eq(384).all() and sizes[175:].eq(240).all() and len(sizes) == 210
+    full, partial = groups.kernel_blocks(128, 128)
+    region = 175 * 384 // 128  # kernel blocks of the full tiles
+    assert not partial[0, 0, :region, :region].any()
+    before_full, before_partial = _c_order_tiles(groups, grid, tile).kernel_blocks(128, 128)
+    assert int(partial.sum()) == 2083 and int(before_partial.sum()) == 17424
+    # the same element mask either way: only the kernel's view of it changed
+    assert int((full | partial).sum()) < int((before_full | before_partial).sum())
+    assert abs(groups.density() - 0.1321904761904762) < 1e-12
+
+
 def test_window_larger_than_the_grid_is_clamped_and_reported():
     layout = TokenLayout(0, "none", 1, 4, 6)
     q, k, v = _qkv(layout, seed=6)
