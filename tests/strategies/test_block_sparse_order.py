@@ -13,7 +13,7 @@ import attnpatch
 from attnpatch.strategies import _block_patterns as P
 from attnpatch.strategies import block_sparse as BSP
 
-from ..tiny_models import no_attnpatch_state, randn, rel_error, sd3, seeded
+from ..tiny_models import flux, no_attnpatch_state, randn, rel_error, sd3, seeded
 
 BS = "block_sparse"
 B = 2
@@ -21,8 +21,11 @@ WAN_GRID = (3, 5, 6)  # latent (3, 10, 12) patchified by (1, 2, 2): ragged on ev
 
 
 def _double(kw: dict) -> dict:
-    return {k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
-            for k, v in kw.items()}
+    def f64(v):
+        if isinstance(v, list):
+            return [f64(x) for x in v]
+        return v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+    return {k: f64(v) for k, v in kw.items()}
 
 
 def wan(per_token_timestep: bool = False):
@@ -41,8 +44,21 @@ def wan(per_token_timestep: bool = False):
     return seeded(model).double(), _double(kw)
 
 
-def sd3_double():
+def sd3_double(controlnet: bool = False):
+    """SD3 (text last) in float64; ``controlnet``: with ControlNet residuals (one per block,
+    added to the image tokens)."""
     model, kw = sd3()
+    if controlnet:
+        kw["block_controlnet_hidden_states"] = [randn(B, 64, 16, seed=5 + i) for i in range(2)]
+    return seeded(model).double(), _double(kw)
+
+
+def flux_controlnet():
+    """Flux (text first, ``img_ids``) in float64 with ControlNet residuals for both kinds of
+    block."""
+    model, kw = flux()
+    kw["controlnet_block_samples"] = [randn(B, 16, 32, seed=5)]
+    kw["controlnet_single_block_samples"] = [randn(B, 16, 32, seed=6)]
     return seeded(model).double(), _double(kw)
 
 
@@ -51,6 +67,9 @@ CASES = {
     "wan_ti2v": (lambda: wan(per_token_timestep=True),
                  dict(pattern="tile3d", tile=(2, 2, 4), window=(1, 2, 1))),
     "sd3": (sd3_double, dict(pattern="tile2d", tile=(3, 3), window=(2, 1))),  # text last
+    "sd3_controlnet": (lambda: sd3_double(controlnet=True),
+                       dict(pattern="tile2d", tile=(3, 3), window=(2, 1))),
+    "flux_controlnet": (flux_controlnet, dict(pattern="tile2d", tile=(2, 3), window=(1, 1))),
 }
 GRAD_INPUTS = ("hidden_states", "encoder_hidden_states")
 
@@ -156,8 +175,9 @@ def test_a_forward_that_raises_leaves_no_tile_order_behind():
         assert BSP._PREORDERED.get() is None
 
 
+@pytest.mark.parametrize("fullgraph", [False, True])
 @pytest.mark.parametrize("case", ["wan", "sd3"])
-def test_torch_compile_of_the_model_matches_eager(case):
+def test_torch_compile_of_the_model_matches_eager(case, fullgraph):
     """Under torch.compile the hooks step aside (no ContextVar in a trace) and the calls
     reorder themselves: the compiled model computes what the eager one does."""
     import torch._dynamo
@@ -168,7 +188,7 @@ def test_torch_compile_of_the_model_matches_eager(case):
         with attnpatch.patch(model, backend=BS, **options):
             with torch.no_grad():
                 eager = model(**kw)[0]
-                compiled = torch.compile(model, backend="eager")(**kw)[0]
+                compiled = torch.compile(model, backend="eager", fullgraph=fullgraph)(**kw)[0]
     finally:
         torch._dynamo.reset()
     torch.testing.assert_close(compiled, eager, rtol=1e-12, atol=1e-12)
