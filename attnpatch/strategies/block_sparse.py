@@ -88,12 +88,13 @@ import torch
 
 from .._caches import BoundedCache
 from .._errors import AttnPatchError, BackendUnavailableError
+from .._layout import current_token_layout
 from ..backends.math import reference_attention
 from ..call import AttentionCall
 from ..dispatch import attention, run_backend
 from ..registry import Strategy, get_backend, option_values, register_backend
 from ..pipelines.families import token_order_plan
-from ..pipelines.token_order import token_dim
+from ..pipelines.token_order import TokenOrder, Tokens, token_dim
 from . import _block_patterns as P
 
 __all__ = ["BlockSparseAttention", "BlockSparseOptions", "topk_allow"]
@@ -863,6 +864,8 @@ _PREORDERED: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar(
 #: last; None for a forward they left in the model's order)
 _ORDER_TOKENS: contextvars.ContextVar[tuple] = contextvars.ContextVar(
     "attnpatch_block_sparse_order_tokens", default=())
+#: (grid, tile, device) -> (perm, inverse, tokens): a tile order, kernel position -> token
+_ORDERS = BoundedCache(16)
 
 
 class _TileOrder:
@@ -882,40 +885,40 @@ class _TileOrder:
 
     path = ""
 
-    def __init__(self, plan: Any, tile: tuple):
+    def __init__(self, plan: TokenOrder, tile: tuple):
         self.plan = plan
         self.tile = tile
-        #: (grid, tile, device) -> (perm, inverse), kernel position -> the model's token
-        self.orders: dict = {}
         self.at = [_TileOrderAt(self, path) for path in plan.paths() if path]
 
     def hooks(self) -> list:
         """This model-level hook, then one per submodule the plan names."""
         return [self, *self.at]
 
-    def order(self, device) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]:
-        """(perm, inverse, tokens) of the running forward on ``device``; None outside a
-        reordered forward."""
+    @staticmethod
+    def order(device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(perm, inverse, tokens) of the running forward's tile order on ``device``; None
+        outside a reordered forward (or in a checkpointed block's recompute: the copy of the
+        forward's context it runs in has the order)."""
         key = _PREORDERED.get()
         if key is None:
             return None
         grid, tile = key
-        found = self.orders.get((grid, tile, device))
+        found = _ORDERS.get((grid, tile, device))
         if found is None:
             geo = P.Geometry(math.prod(grid), 0, "none", grid)
             perm = P.tile_layout(geo, tile, (1, 1, 1), True, device).perm
             inv = torch.empty_like(perm)
             inv[perm] = torch.arange(perm.numel(), device=device)
-            found = self.orders[(grid, tile, device)] = (perm, inv, perm.numel())
+            found = _ORDERS.put((grid, tile, device), (perm, inv, perm.numel()))
         return found
 
     def _compiled_parts(self, module: torch.nn.Module) -> bool:
+        """Whether a hooked submodule runs compiled on its own (regional compilation): its
+        hooks can't see the order there, so this forward keeps the model's order."""
         return any(getattr(module.get_submodule(a.path), "_compiled_call_impl", None)
                    is not None for a in self.at)
 
-    def pre(self, module, args, kwargs):
-        from .._layout import current_token_layout
-
+    def pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
         if torch.compiler.is_dynamo_compiling():  # no ContextVar in a trace: calls reorder
             return None
         key = None
@@ -932,7 +935,7 @@ class _TileOrder:
             return None
         return _move_inputs(self, self.plan.enter, "", args, kwargs, False)
 
-    def post(self, module, args, kwargs, output):
+    def post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if torch.compiler.is_dynamo_compiling():
             return None
         stack = _ORDER_TOKENS.get()
@@ -958,7 +961,7 @@ class _TileOrderAt:
         self.owner = owner
         self.path = path
 
-    def pre(self, module, args, kwargs):
+    def pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
         if torch.compiler.is_dynamo_compiling():
             return None
         plan = self.owner.plan
@@ -967,7 +970,7 @@ class _TileOrderAt:
             args, kwargs = moved
         return _move_inputs(self.owner, plan.leave, self.path, args, kwargs, True) or moved
 
-    def post(self, module, args, kwargs, output):
+    def post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if torch.compiler.is_dynamo_compiling() or output is None:
             return None
         plan = self.owner.plan
@@ -980,7 +983,7 @@ class _TileOrderAt:
         return f"<block_sparse tile order at {self.path!r}>"
 
 
-def _move(value: Any, where: Any, order: tuple, inverse: bool) -> Any:
+def _move(value: Any, where: Tokens, order: tuple, inverse: bool) -> Any:
     """``value`` (a tensor, a list or tuple of them, or None) with its image tokens permuted
     into tile order (``inverse``: back)."""
     perm, inv, tokens = order
@@ -1031,10 +1034,14 @@ def _move_inputs(owner: _TileOrder, points: tuple, path: str, args: tuple, kwarg
         else:
             continue
         tensor = _first_tensor(slot[key])
-        if tensor is None and not p.required:
+        if tensor is None:
+            if p.required:
+                raise AttnPatchError(f"block_sparse: the tile order once per forward expected "
+                                     f"the image tokens at {p}, got {slot[key]!r}: pass "
+                                     "reorder='call'")
             continue
         if order is None:
-            order = owner.order(tensor.device if tensor is not None else None)
+            order = owner.order(tensor.device)
             if order is None:
                 return None
         slot[key] = _move(slot[key], p, order, inverse)
@@ -1048,8 +1055,12 @@ def _move_output(owner: _TileOrder, points: tuple, path: str, output: Any, inver
     if not points:
         return None
     tensor = _first_tensor(output)
-    order = owner.order(None if tensor is None else tensor.device)
+    order = None if tensor is None else owner.order(tensor.device)
     if order is None:
+        if tensor is None and _PREORDERED.get() is not None and any(p.required for p in points):
+            raise AttnPatchError(f"block_sparse: the tile order once per forward expected the "
+                                 f"image tokens in the output of {path!r}, got {output!r}: "
+                                 "pass reorder='call'")
         return None
     for p in points:
         if p.index is None:
