@@ -14,7 +14,11 @@ One :class:`Family` record per family says:
 - ``sharding``: a function returning the model's context-parallel plan (module path ->
   diffusers' ``ContextParallelInput``/``ContextParallelOutput``, a dict or a list of pairs);
   by default diffusers' own ``_cp_plan`` where the model class has one (Flux, Flux2,
-  QwenImage, Wan ...), else None; attnpatch's own for SD3 and ``UNet2DConditionModel``.
+  QwenImage, Wan ...), else None; attnpatch's own for SD3 and ``UNet2DConditionModel``;
+- ``token_order``: a function returning the model's :class:`~attnpatch.pipelines.token_order.
+  TokenOrder` (where its image tokens can be put in another order for one forward: the
+  block_sparse tile patterns' per-forward reorder), or None; by default Flux-like models
+  (a forward taking ``hidden_states`` and ``img_ids``) get one, Wan's and SD3's are their own.
 
 Text positions come from the order of the processors' ``torch.cat`` of text and image q/k/v in
 diffusers 0.42 (CogVideoX concatenates in its block). A model outside the table still gets the
@@ -29,9 +33,11 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from .token_order import TokenOrder, img_ids_token_order, sd3_token_order, wan_token_order
+
 __all__ = ["Family", "FAMILIES", "DENOISER_COMPONENTS", "family_of", "model_family",
            "denoiser_components", "text_position", "processor_family", "sharding_plan",
-           "diffusers_cp_plan", "sd3_cp_plan", "unet_cp_plan"]
+           "diffusers_cp_plan", "sd3_cp_plan", "unet_cp_plan", "token_order_plan"]
 
 
 def diffusers_cp_plan(model: Any) -> Optional[dict]:
@@ -97,6 +103,7 @@ class Family:
     grid: str = "latents"
     config: tuple[tuple[str, Any], ...] = ()
     sharding: Callable[[Any], Optional[dict]] = diffusers_cp_plan
+    token_order: Callable[[Any], Optional[TokenOrder]] = img_ids_token_order
 
     def matches(self, model: torch.nn.Module) -> bool:
         """Whether ``model`` (a denoiser) belongs to this family."""
@@ -141,7 +148,7 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("cogvideox", ("CogVideoXTransformer3DModel", "ConsisIDTransformer3DModel"),
            processors=("CogVideoX",), text="first"),
     Family("sd3", ("SD3Transformer2DModel",), processors=("Joint", "SD3"), text="last",
-           sharding=sd3_cp_plan),
+           sharding=sd3_cp_plan, token_order=sd3_token_order),
     Family("hunyuan_image", ("HunyuanImageTransformer2DModel",), processors=("HunyuanImage",),
            text="last"),
     Family("hunyuan_video", ("HunyuanVideoTransformer3DModel",
@@ -154,7 +161,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("motif_video", ("MotifVideoTransformer3DModel",), processors=("MotifVideo",),
            text="last"),
     Family("wan", ("WanTransformer3DModel", "WanVACETransformer3DModel",
-                   "WanAnimateTransformer3DModel"), components=("transformer", "transformer_2")),
+                   "WanAnimateTransformer3DModel"), components=("transformer", "transformer_2"),
+           token_order=wan_token_order),
     Family("pixart", ("PixArtTransformer2DModel",)),
     Family("sana", ("SanaTransformer2DModel", "SanaVideoTransformer3DModel")),
     Family("sd", _UNET_SD, components=("unet",), config=(("addition_embed_type", None),),
@@ -237,4 +245,13 @@ def sharding_plan(model: Any) -> Any:
     diffusers' ``_cp_plan``."""
     family = model_family(model)
     plan = diffusers_cp_plan if family is None else family.sharding
+    return plan(model)
+
+
+def token_order_plan(model: Any) -> Optional[TokenOrder]:
+    """Where a denoiser's image tokens can be reordered for one forward (None: nowhere): its
+    family's plan, else the Flux-like one for a forward taking ``hidden_states`` and
+    ``img_ids``."""
+    family = model_family(model)
+    plan = img_ids_token_order if family is None else family.token_order
     return plan(model)

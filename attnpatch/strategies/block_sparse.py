@@ -59,10 +59,16 @@ FlexAttention (compiled on CUDA) with a ``BlockMask`` built from the block lists
 looks the groups up). ``auto``: flash4 on CUDA where it can, else flex; the mask path on CPU.
 
 **Token order.** A tile pattern permutes the tokens into tile order before the kernel and
-back after, per call; on a denoiser whose forward takes ``img_ids`` (Flux) ``reorder="auto"``
-(default) does it once per forward instead (image tokens, ids and ControlNet residuals at the
-entry, the output at the exit; the calls then permute nothing). Other grid-aware strategies in
-that model would see the tile order: give them ``reorder="call"`` models.
+back after, per call (full tiles first, ragged edge tiles last: with tiles of a multiple of 128
+tokens the kernel blocks over the full tiles are whole). On a denoiser whose family has a
+token-order plan (:mod:`attnpatch.pipelines.token_order`: Flux-like models taking ``img_ids``,
+Wan, SD3) ``reorder="auto"`` (default) does it once per forward instead, where the plan says
+the tokens enter and leave (Flux: image tokens, ids and ControlNet residuals at the entry, the
+output at the exit; Wan: the first block's input, the rotary tables and per-token modulation
+where they are made, back before ``norm_out``; SD3: ``pos_embed``'s output, back before
+``norm_out``); the calls then permute nothing. Under ``torch.compile`` the calls permute
+themselves. Other grid-aware strategies in that model would see the tile order: give them
+``reorder="call"`` models.
 
 **Schedules.** ``dense_steps=N``: in a patched pipeline the first N denoising steps of every
 pipeline call run dense (a forward hook on the denoiser counts steps by its timestep changing;
@@ -83,10 +89,13 @@ import torch
 
 from .._caches import BoundedCache
 from .._errors import AttnPatchError, BackendUnavailableError
+from .._layout import current_token_layout
 from ..backends.math import reference_attention
 from ..call import AttentionCall
 from ..dispatch import attention, run_backend
 from ..registry import Strategy, get_backend, option_values, register_backend
+from ..pipelines.families import token_order_plan
+from ..pipelines.token_order import TokenOrder, Tokens, token_dim
 from . import _block_patterns as P
 
 __all__ = ["BlockSparseAttention", "BlockSparseOptions", "topk_allow"]
@@ -889,67 +898,220 @@ _PREORDERED: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar(
     "attnpatch_block_sparse_preordered", default=None)
 
 
+#: the :class:`_TileOrder` hooks' ``_PREORDERED`` tokens of the running forwards (innermost
+#: last; None for a forward they left in the model's order)
+_ORDER_TOKENS: contextvars.ContextVar[tuple] = contextvars.ContextVar(
+    "attnpatch_block_sparse_order_tokens", default=())
+#: (grid, tile, device) -> (perm, inverse, tokens): a tile order, kernel position -> token
+_ORDERS = BoundedCache(16)
+
+
 class _TileOrder:
-    """Forward hooks on a denoiser that takes ``hidden_states`` (B, N, C) with ``img_ids``
-    (Flux): at its entry the image tokens, their ids (so the rotary tables follow) and any
-    ControlNet residuals go to tile order; at its exit the output comes back. Every op between
-    attentions is per token, so the result is the same as reordering in each attention call,
-    which then finds its tokens in kernel order and permutes nothing."""
+    """A denoiser's image tokens in tile order for the length of each forward, where its
+    family's :class:`~attnpatch.pipelines.token_order.TokenOrder` says they enter and leave.
 
-    def __init__(self, tile: tuple):
+    The model's pre-hook reads the forward's grid (its token layout) and publishes it in
+    ``_PREORDERED`` (before any block runs: gradient checkpointing recomputes blocks in a copy
+    of that context); the plan's tensors go to tile order where they enter (Flux: the model's
+    ``hidden_states``, ``img_ids`` and ControlNet residuals; Wan: ``blocks.0``'s input, the
+    rotary tables and per-token modulation; SD3: ``pos_embed``'s output) and back where they
+    leave. Every op between is per token, so the result is the same as reordering in each
+    attention call, which now finds its tokens in kernel order and permutes nothing. Tables
+    made once per forward (rotary) are reordered once, where they are made. Under
+    ``torch.compile`` (no ContextVar in a trace) or when a hooked submodule is compiled on its
+    own, the calls reorder themselves instead."""
+
+    path = ""
+
+    def __init__(self, plan: TokenOrder, tile: tuple):
+        self.plan = plan
         self.tile = tile
-        self.orders: dict = {}
-        self.entries: list = []
+        self.at = [_TileOrderAt(self, path) for path in plan.paths() if path]
 
-    def _order(self, grid: tuple, device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (grid, device)
-        order = self.orders.get(key)
-        if order is None:
+    def hooks(self) -> list:
+        """This model-level hook, then one per submodule the plan names."""
+        return [self, *self.at]
+
+    @staticmethod
+    def order(device: torch.device) -> Optional[tuple[torch.Tensor, torch.Tensor, int]]:
+        """(perm, inverse, tokens) of the running forward's tile order on ``device``; None
+        outside a reordered forward (or in a checkpointed block's recompute: the copy of the
+        forward's context it runs in has the order)."""
+        key = _PREORDERED.get()
+        if key is None:
+            return None
+        grid, tile = key
+        found = _ORDERS.get((grid, tile, device))
+        if found is None:
             geo = P.Geometry(math.prod(grid), 0, "none", grid)
-            perm = P.tile_layout(geo, self.tile, (1, 1, 1), True, device).perm
+            perm = P.tile_layout(geo, tile, (1, 1, 1), True, device).perm
             inv = torch.empty_like(perm)
             inv[perm] = torch.arange(perm.numel(), device=device)
-            order = self.orders[key] = (perm, inv)
-        return order
+            found = _ORDERS.put((grid, tile, device), (perm, inv, perm.numel()))
+        return found
 
-    def pre(self, module, args, kwargs):
-        from .._layout import _grid_from_ids
+    def _compiled_parts(self, module: torch.nn.Module) -> bool:
+        """Whether a hooked submodule runs compiled on its own (regional compilation): its
+        hooks can't see the order there, so this forward keeps the model's order."""
+        return any(getattr(module.get_submodule(a.path), "_compiled_call_impl", None)
+                   is not None for a in self.at)
 
-        hidden = args[0] if args else kwargs.get("hidden_states")
-        ids = kwargs.get("img_ids")
-        grid = None
-        if (not torch.compiler.is_dynamo_compiling() and torch.is_tensor(hidden)
-                and hidden.dim() == 3 and torch.is_tensor(ids)):
-            grid = _grid_from_ids(ids, hidden.shape[1])
-        if grid is None:
-            self.entries.append(None)
+    def pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
+        if torch.compiler.is_dynamo_compiling():  # no ContextVar in a trace: calls reorder
             return None
-        perm, inv = self._order(grid, hidden.device)
-        kwargs = dict(kwargs)
-        hidden = hidden.index_select(1, perm)
-        if args:
-            args = (hidden, *args[1:])
+        key = None
+        if not self._compiled_parts(module):
+            layout = current_token_layout()
+            grid = None if layout is None else layout.grid
+            if grid is not None and math.prod(grid) > 1:
+                key = (tuple(grid), self.tile)
+        # the ContextVar's token, on a stack of this thread's context (a model may run in
+        # several threads at once); None for a forward left in the model's order
+        token = None if key is None else _PREORDERED.set(key)
+        _ORDER_TOKENS.set((*_ORDER_TOKENS.get(), token))
+        if token is None:
+            return None
+        return _move_inputs(self, self.plan.enter, "", args, kwargs, False)
+
+    def post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if torch.compiler.is_dynamo_compiling():
+            return None
+        stack = _ORDER_TOKENS.get()
+        if not stack:
+            return None
+        _ORDER_TOKENS.set(stack[:-1])
+        token = stack[-1]
+        if token is None:
+            return None
+        try:
+            if output is None:
+                return None
+            return _move_output(self, self.plan.leave, "", output, True)
+        finally:
+            _PREORDERED.reset(token)
+
+
+class _TileOrderAt:
+    """The hooks of a :class:`_TileOrder` on one submodule (``path``): its arguments that enter
+    or leave tile order before it runs, its outputs after."""
+
+    def __init__(self, owner: _TileOrder, path: str):
+        self.owner = owner
+        self.path = path
+
+    def pre(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> Optional[tuple]:
+        if torch.compiler.is_dynamo_compiling():
+            return None
+        plan = self.owner.plan
+        moved = _move_inputs(self.owner, plan.enter, self.path, args, kwargs, False)
+        if moved is not None:
+            args, kwargs = moved
+        return _move_inputs(self.owner, plan.leave, self.path, args, kwargs, True) or moved
+
+    def post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if torch.compiler.is_dynamo_compiling() or output is None:
+            return None
+        plan = self.owner.plan
+        moved = _move_output(self.owner, plan.enter, self.path, output, False)
+        if moved is not None:
+            output = moved
+        return _move_output(self.owner, plan.leave, self.path, output, True) or moved
+
+    def __repr__(self) -> str:
+        return f"<block_sparse tile order at {self.path!r}>"
+
+
+def _move(value: Any, where: Tokens, order: tuple, inverse: bool) -> Any:
+    """``value`` (a tensor, a list or tuple of them, or None) with its image tokens permuted
+    into tile order (``inverse``: back)."""
+    perm, inv, tokens = order
+    if isinstance(value, (list, tuple)):
+        return type(value)(_move(v, where, order, inverse) for v in value)
+    dim = token_dim(value, where, tokens) if torch.is_tensor(value) else None
+    if dim is None:
+        if where.required:
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise AttnPatchError(f"block_sparse: the tile order once per forward expected "
+                                 f"{tokens} image tokens at {where}, got {shape}: pass "
+                                 "reorder='call'")
+        return value
+    index = inv if inverse else perm
+    if index.device != value.device:
+        index = index.to(value.device)
+    return value.index_select(dim, index)
+
+
+def _first_tensor(value: Any) -> Optional[torch.Tensor]:
+    """The first tensor in ``value`` (a tensor, or tuples, lists and ModelOutputs of them)."""
+    if torch.is_tensor(value):
+        return value
+    items = value.values() if hasattr(value, "values") else (
+        value if isinstance(value, (list, tuple)) else ())
+    for v in items:
+        found = _first_tensor(v)
+        if found is not None:
+            return found
+    return None
+
+
+def _move_inputs(owner: _TileOrder, points: tuple, path: str, args: tuple, kwargs: dict,
+                 inverse: bool) -> Optional[tuple[tuple, dict]]:
+    """(args, kwargs) with the plan's arguments at ``path`` moved; None when none is there or
+    no reordered forward runs."""
+    args, kwargs, order = list(args), dict(kwargs), None
+    for p in points:
+        if p.path != path or p.output:
+            continue
+        if p.name is not None and p.name in kwargs:
+            slot, key = kwargs, p.name
+        elif p.index is not None and p.index < len(args):
+            slot, key = args, p.index
+        elif p.required:
+            raise AttnPatchError(f"block_sparse: the tile order once per forward found no "
+                                 f"argument at {p}: pass reorder='call'")
         else:
-            kwargs["hidden_states"] = hidden
-        kwargs["img_ids"] = ids.index_select(-2, perm)
-        for name in ("controlnet_block_samples", "controlnet_single_block_samples"):
-            samples = kwargs.get(name)
-            if samples is not None:
-                kwargs[name] = [s.index_select(1, perm) for s in samples]
-        self.entries.append((_PREORDERED.set((grid, self.tile)), inv))
-        return args, kwargs
+            continue
+        tensor = _first_tensor(slot[key])
+        if tensor is None:
+            if p.required:
+                raise AttnPatchError(f"block_sparse: the tile order once per forward expected "
+                                     f"the image tokens at {p}, got {slot[key]!r}: pass "
+                                     "reorder='call'")
+            continue
+        if order is None:
+            order = owner.order(tensor.device)
+            if order is None:
+                return None
+        slot[key] = _move(slot[key], p, order, inverse)
+    return None if order is None else (tuple(args), kwargs)
 
-    def post(self, module, args, kwargs, output):
-        entry = self.entries.pop() if self.entries else None
-        if entry is None:
-            return None
-        token, inv = entry
-        _PREORDERED.reset(token)
-        if output is None:
-            return None
-        if isinstance(output, tuple):
-            return (output[0].index_select(1, inv), *output[1:])
-        return type(output)(sample=output.sample.index_select(1, inv))
+
+def _move_output(owner: _TileOrder, points: tuple, path: str, output: Any, inverse: bool) -> Any:
+    """``output`` with the plan's outputs at ``path`` moved; None when none is there or no
+    reordered forward runs."""
+    points = [p for p in points if p.path == path and p.output]
+    if not points:
+        return None
+    tensor = _first_tensor(output)
+    order = None if tensor is None else owner.order(tensor.device)
+    if order is None:
+        if tensor is None and _PREORDERED.get() is not None and any(p.required for p in points):
+            raise AttnPatchError(f"block_sparse: the tile order once per forward expected the "
+                                 f"image tokens in the output of {path!r}, got {output!r}: "
+                                 "pass reorder='call'")
+        return None
+    for p in points:
+        if p.index is None:
+            output = _move(output, p, order, inverse)
+        elif isinstance(output, tuple):
+            output = (*output[:p.index], _move(output[p.index], p, order, inverse),
+                      *output[p.index + 1:])
+        elif hasattr(output, "keys"):  # a diffusers ModelOutput
+            name = list(output.keys())[p.index]
+            output = type(output)(**{**output, name: _move(output[name], p, order, inverse)})
+        else:
+            output = _move(output, p, order, inverse)
+    return output
 
 
 # --- the backend --------------------------------------------------------------------------------
@@ -988,19 +1150,20 @@ class BlockSparseAttention(Strategy):
         return _plan(call, opts).reasons
 
     def denoiser_hooks(self, model: torch.nn.Module, options: Any) -> Sequence[Any]:
-        """A tile pattern with ``reorder="auto"`` on a model whose forward takes
-        ``hidden_states`` and ``img_ids`` (Flux): its image tokens in tile order for the whole
-        forward. ``dense_steps``: a step counter on each model whose forward takes a
-        ``timestep`` (the denoisers)."""
+        """A tile pattern with ``reorder="auto"`` on a model whose family has a token-order
+        plan (Flux-like models with ``img_ids``, Wan, SD3: :func:`~attnpatch.pipelines.
+        families.token_order_plan`): its image tokens in tile order for the whole forward.
+        ``dense_steps``: a step counter on each model whose forward takes a ``timestep`` (the
+        denoisers)."""
         if not isinstance(options, BlockSparseOptions):
             return ()
-        params = inspect.signature(model.forward).parameters
-        hooks = []
-        if (options.reorder == "auto" and options.pattern in ("tile2d", "tile3d")
-                and {"hidden_states", "img_ids"} <= set(params)):
-            tile = options.tile if len(options.tile) == 3 else (1, *options.tile)
-            hooks.append(_TileOrder(tile))
-        if options.dense_steps and "timestep" in params:
+        hooks: list = []
+        if options.reorder == "auto" and options.pattern in ("tile2d", "tile3d"):
+            plan = token_order_plan(model)
+            if plan is not None:
+                tile = options.tile if len(options.tile) == 3 else (1, *options.tile)
+                hooks += _TileOrder(plan, tile).hooks()
+        if options.dense_steps and "timestep" in inspect.signature(model.forward).parameters:
             hooks.append(_DenseSteps(options.dense_steps))
         return hooks
 

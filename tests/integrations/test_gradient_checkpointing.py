@@ -9,7 +9,7 @@ import torch
 
 import attnpatch
 
-from ..tiny_models import flux, wan
+from ..tiny_models import flux, sd3, wan
 
 CASES = {
     # joint text first: the recompute must still know the text tokens (dense rows)
@@ -21,6 +21,12 @@ CASES = {
     # tokens put in tile order once per forward: the recompute must find them in that order
     "block_sparse_tile_order_flux": (flux, dict(backend="block_sparse", pattern="tile2d",
                                                 tile=(2, 2), window=(1, 1))),
+    # the first block's pre-hook puts the tokens in tile order inside the checkpointed block:
+    # its recompute must find the forward's order too
+    "block_sparse_tile_order_wan": (wan, dict(backend="block_sparse", pattern="tile3d",
+                                              tile=(1, 2, 2), window=(2, 1, 1))),
+    "block_sparse_tile_order_sd3": (sd3, dict(backend="block_sparse", pattern="tile2d",
+                                              tile=(3, 3), window=(2, 1))),
 }
 
 
