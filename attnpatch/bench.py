@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -165,9 +166,13 @@ def run(suites: Sequence[str], out: Path, quick: bool = False, device: str = "cp
     if settings.resolutions is not None:
         config["resolutions"] = settings.resolutions
     new_rows: list[dict] = []
+    elapsed: dict[str, float] = {}
     for suite in suites:
         log.info("attnpatch bench: suite %s", suite)
+        start = time.monotonic()
         new_rows += runners[suite](device, quick, timing, bar, settings)
+        elapsed[suite] = round(time.monotonic() - start, 1)
+        log.info("attnpatch bench: suite %s took %.1f s", suite, elapsed[suite])
     # a filtered run (--models, --processes) replaces only the rows of the groups it ran
     filtered = {"models": settings.models is not None and settings.model is None,
                 "parallel": tuple(settings.processes) != DEFAULT_PROCESSES}
@@ -178,7 +183,7 @@ def run(suites: Sequence[str], out: Path, quick: bool = False, device: str = "cp
                 groups[entry["suite"]] is None or (entry["groups"] is not None and set(
                     entry["groups"]) <= set(groups[entry["suite"]])))]
     runs += [{"suite": s, "groups": groups[s], "machine": machine,
-              "config": dict(config, suites=[s])} for s in suites]
+              "config": dict(config, suites=[s]), "elapsed_s": elapsed[s]} for s in suites]
     runs.sort(key=lambda e: schema.SUITES.index(e["suite"]))
     kept = [r for r in (previous["rows"] if previous else [])
             if r["suite"] not in suites or (groups[r["suite"]] is not None

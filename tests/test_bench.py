@@ -447,3 +447,16 @@ def test_committed_docs_have_the_markers_and_a_readable_results_file():
     page = (ROOT / "docs" / "BENCHMARKS.md").read_text()
     assert page.count(DOCS_BEGIN) == 1 and page.count(DOCS_END) == 1
     assert page.index(DOCS_BEGIN) < page.index(DOCS_END)
+
+
+def test_parallel_launch_commands():
+    from attnpatch._bench.parallel import launch_command
+
+    one = launch_command(1, ["--quick"], "cpu")
+    two = launch_command(2, ["--quick"], "cuda")
+    for cmd, n in ((one, "1"), (two, "2")):
+        assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+        assert cmd[cmd.index("--num_processes") + 1] == n
+        assert cmd[-3:] == ["-m", "attnpatch._bench.parallel", "--quick"]
+        assert int(cmd[cmd.index("--main_process_port") + 1]) > 0
+    assert "--multi_gpu" not in one and "--multi_gpu" in two

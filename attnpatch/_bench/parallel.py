@@ -35,6 +35,7 @@ import argparse
 import datetime
 import gc
 import json
+import logging
 import os
 import pathlib
 import statistics
@@ -50,6 +51,8 @@ import attnpatch
 
 # random weights made on the device in the dtype, seeded: the same on every rank
 from .models import build as _build
+
+log = logging.getLogger(__name__)
 
 VARIANTS = ("single", "ring", "ulysses", "usp", "diffusers_ring", "diffusers_ulysses")
 
@@ -341,10 +344,10 @@ def _free_port() -> int:
 def launch_command(processes: int, worker_args: list[str], device: str) -> list[str]:
     """The command that runs the worker on ``processes`` processes: ``accelerate launch``
     (``--multi_gpu`` for 2+), or ``torchrun`` when accelerate is not importable."""
+    import importlib.util
+
     port = str(_free_port())
-    try:
-        import accelerate  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("accelerate") is None:
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
                 str(processes), "--master_port", port, "-m", "attnpatch._bench.parallel",
                 *worker_args]
@@ -397,18 +400,17 @@ def parallel_suite(device: str, quick: bool, timing: dict, progress: Callable,
 
 
 def _launch(n: int, device: str, quick: bool, group: str) -> list[dict]:
-    import pathlib as _pathlib
     import subprocess
 
     kind = "cuda" if device == "cuda" else "cpu"
     with tempfile.TemporaryDirectory(prefix="attnpatch-bench-parallel-") as tmp:
-        out = _pathlib.Path(tmp) / "rows.json"
+        out = pathlib.Path(tmp) / "rows.json"
         args = ["--configs", BENCH_CONFIGS[kind], "--out", str(out),
                 "--warmup", "1", "--repeats", "2" if quick else "3"]
         if device != "cuda":
             args.append("--quick")
         cmd = launch_command(n, args, device)
-        root = str(_pathlib.Path(attnpatch.__file__).resolve().parents[1])
+        root = str(pathlib.Path(attnpatch.__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
             p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         if device != "cuda":

@@ -112,7 +112,8 @@ def markdown(results: dict) -> str:
                 f"({rc['device']}), torch {rm['torch']}, diffusers {rm['diffusers']}"
                 f"{', --quick' if rc['quick'] else ''}"
                 f"{', --model ' + rc['model'] if rc.get('model') else ''}"
-                f"{', --budget ' + format(rc['budget_s'], 'g') if rc.get('budget_s') else ''}")
+                f"{', --budget ' + format(rc['budget_s'], 'g') if rc.get('budget_s') else ''}"
+                f"{'; took ' + format(run['elapsed_s'], '.0f') + ' s' if 'elapsed_s' in run else ''}")
         lines.append("")
     for suite in results["config"]["suites"]:
         rows = [r for r in results["rows"] if r["suite"] == suite]

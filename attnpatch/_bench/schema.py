@@ -59,6 +59,7 @@ RUN = {
         "suite": {"type": "string", "enum": list(SUITES)},
         "groups": {"type": ["array", "null"], "items": {"type": "string"}},
         "machine": MACHINE, "config": CONFIG,
+        "elapsed_s": {"type": "number"},  # the suite's wall-clock time in that run
     },
 }
 SCHEMA: dict = {
