@@ -329,6 +329,10 @@ def _line(row: dict) -> str:
 
 #: the configs the bench's parallel suite runs (the worker's default adds flux_4096)
 BENCH_CONFIGS = {"cuda": "flux_2048,wan_720p", "cpu": "flux_tiny"}
+#: environment of a CUDA launch unless already set: NVLink multicast off (it is not available
+#: on every machine, and NCCL / symmetric memory fail at start-up where it is missing)
+NCCL_DEFAULTS = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+                 "NVSHMEM_DISABLE_NVLS": "1"}
 #: wall-clock limit of one launch (seconds)
 LAUNCH_TIMEOUT = {"cuda": 540, "cpu": 180}
 
@@ -415,6 +419,9 @@ def _launch(n: int, device: str, quick: bool, group: str) -> list[dict]:
             p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         if device != "cuda":
             env["OMP_NUM_THREADS"] = "1"
+        else:  # NVLink multicast (NVLS) off unless the caller set these: see NCCL_DEFAULTS
+            for key, value in NCCL_DEFAULTS.items():
+                env.setdefault(key, value)
         failure = None
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True,

@@ -97,13 +97,13 @@ BLOCK_SPARSE_QUICK = {
 #: dilated pattern sets on Flux 2048² besides FLUX_PATTERNS: sparser and denser
 DILATED_FULL.update({
     "flux_2048_sparse": dict(shape=(1, 24, 16896, 128), options=dict(
-        segment_lengths=(1024, 2048, 4096, 16896), dilation_rates=(1, 2, 4, 16))),
+        segment_lengths=(1024, 2048, 4096, 8192), dilation_rates=(1, 2, 4, 8))),
     "flux_2048_dense": dict(shape=(1, 24, 16896, 128), options=dict(
         segment_lengths=(4096, 8192, 16896), dilation_rates=(1, 2, 4))),
 })
 DILATED_QUICK.update({
     "flux_tiny_sparse": dict(shape=(1, 4, 330, 32), options=dict(
-        segment_lengths=(20, 40, 80, 330), dilation_rates=(1, 2, 4, 16))),
+        segment_lengths=(20, 40, 80, 160), dilation_rates=(1, 2, 4, 8))),
     "flux_tiny_dense": dict(shape=(1, 4, 330, 32), options=dict(
         segment_lengths=(80, 160, 330), dilation_rates=(1, 2, 4))),
 })
