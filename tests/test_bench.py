@@ -268,6 +268,32 @@ def test_quick_sparse_window_sweep_and_model_output(quick_all):
     narrow = by["block_sparse tile2d 4x4 window 1x1"]
     assert wide["density"] > narrow["density"]
     assert wide["rel_err_vs_unpatched"] < narrow["rel_err_vs_unpatched"]
+    for m in sparse:  # the tiny Flux has one double and one single block: two attention calls
+        assert len(m["layer_rel_err"]) == 2 and all(0 < e < 2 for e in m["layer_rel_err"])
+        assert m["layer_rel_err_max"] == max(m["layer_rel_err"])
+    assert wide["layer_rel_err_max"] < narrow["layer_rel_err_max"]
+
+
+def test_layer_errors_forward_is_the_sparse_forward():
+    """The per-layer measurement returns the sparse outputs (the forward is the sparse one),
+    and each call's error is the sparse call's against dense attention on the same inputs."""
+    import attnpatch
+    from attnpatch._bench import models
+    from attnpatch._bench.layer_error import NAME, layer_errors
+
+    model = models.flux_net(True, "cpu", torch.float32)
+    kwargs = models.flux_kwargs(model.config, 16, 16, 7, "cpu", torch.float32)
+    options = dict(pattern="tile2d", tile=(4, 4), window=(1, 1), kernel="mask")
+    with torch.no_grad():
+        with attnpatch.patch(model, backend="block_sparse", **options):
+            sparse = model(**kwargs)[0]
+        dense = model(**kwargs)[0]
+        with layer_errors(model, "block_sparse", options) as errors:
+            out = model(**kwargs)[0]
+    torch.testing.assert_close(out, sparse, rtol=1e-5, atol=1e-5)
+    assert (out - dense).norm() > 1e-3 * dense.norm()
+    assert len(errors) == 2 and all(e > 1e-3 for e in errors)
+    assert NAME not in {b.name for b in attnpatch.list_backends()}  # registered for the block
 
 
 def test_psnr_and_ssim_known_cases():

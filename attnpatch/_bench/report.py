@@ -24,6 +24,8 @@ COLUMNS = {
                ("speed-up", "speedup"), ("ideal", "ideal_speedup"),
                ("rel. err vs dense", "rel_err_vs_dense"),
                ("rel. err of the output", "rel_err_vs_unpatched"),
+               ("per-layer err median", "layer_rel_err_median"),
+               ("per-layer err max", "layer_rel_err_max"),
                ("image ms", "generate_ms"), ("PSNR dB", "psnr_db"), ("SSIM", "ssim")],
     "parallel": [("ms (median)", "ms"), ("speed-up vs single", "speedup_vs_single"),
                  ("rel. err vs single", "rel_error_vs_single"), ("processes", "processes"),
@@ -54,7 +56,9 @@ NOTES = {
               "Model-output rows (`flux transformer …: output`): one Flux transformer forward "
               "(full size at 2048² on CUDA, tiny with --quick; random weights) with every "
               "attention layer sparse, the output's error against the unpatched forward and the "
-              "speed-up over patched `sdpa`. Image rows (`--model PATH` only): one image per "
+              "speed-up over patched `sdpa`, and per layer the error of each attention call's output "
+              "against dense attention on the same call (median and max over the layers; the "
+              "list is `layer_rel_err` in results.json). Image rows (`--model PATH` only): one image per "
               "config from the same seed and prompt, PSNR and SSIM against the unpatched image "
               "(SSIM: 11×11 Gaussian window, σ 1.5, C1 = 0.01², C2 = 0.03², per RGB channel and "
               "averaged; PSNR `–` with SSIM 1: identical). Backward and the fused merge: "

@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import statistics
 import time
 from typing import Any, Callable
 
@@ -255,8 +256,12 @@ def model_rows(device: str, quick: bool, timing: dict, progress: Callable) -> li
     CPU; random weights) unpatched, patched with ``sdpa`` (the time reference) and patched
     with each sparse config of :data:`MODEL_FULL` / :data:`MODEL_QUICK` (every attention
     layer): the output's relative error against the unpatched forward, the time and the
-    speed-up over patched ``sdpa``, and the density the strategy reports."""
+    speed-up over patched ``sdpa``, the density the strategy reports, and per layer the
+    relative error of each attention call's output against dense attention on the same call
+    (``layer_rel_err``, in call order, with its median and maximum; one more forward through
+    :func:`attnpatch._bench.layer_error.layer_errors`)."""
     from . import models
+    from .layer_error import layer_errors
 
     tiny = quick or device != "cuda"
     spec = MODEL_QUICK if tiny else MODEL_FULL
@@ -309,8 +314,18 @@ def model_rows(device: str, quick: bool, timing: dict, progress: Callable) -> li
                                               False)
             if strategy == "sdpa":
                 base_ms = stats["median_ms"]
-            elif base_ms is not None:
-                m["speedup"] = base_ms / stats["median_ms"]
+            else:
+                if base_ms is not None:
+                    m["speedup"] = base_ms / stats["median_ms"]
+                # per layer: each attention call's sparse output against dense attention on
+                # the same call (the inputs are the sparse forward's activations)
+                inner = {k: v for k, v in kw.items() if k != "backend"}
+                with torch.no_grad(), layer_errors(model, strategy, inner) as errors:
+                    model(**kwargs)
+                if errors:
+                    m["layer_rel_err"] = errors
+                    m["layer_rel_err_median"] = statistics.median(errors)
+                    m["layer_rel_err_max"] = max(errors)
             out = None
         except Exception as exc:  # report it, keep measuring the others
             log.warning("sparse model %s: %s", label, exc)
