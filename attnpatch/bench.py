@@ -1,13 +1,17 @@
 """``attnpatch bench``: measure the attention backends on this machine and write the evidence.
 
 Suites: ``kernels`` (TFLOP/s per backend on the anchor shapes, forward and forward + backward,
-``auto``'s choice and its share of the best), ``models`` (one Flux / SDXL denoiser forward,
-unpatched diffusers against ``attnpatch.patch``, with the patch overhead), ``sparse``
-(``dilated`` and ``block_sparse`` speed against density, with the error against dense) and
-``parallel`` (context parallelism: needs 2+ CUDA GPUs and ``accelerate launch``; skipped here
-with the reason). Writes ``results.json``, ``report.md`` and PNG charts to ``--out``.
+``auto``'s choice and its share of the best), ``models`` (one Flux / SDXL / SD3 / Wan denoiser
+forward, unpatched diffusers and its own attention backends against ``attnpatch.patch``, with
+the patch overhead), ``sparse`` (``dilated`` and ``block_sparse`` speed against density, the
+error against dense per attention call, per layer and of a Flux forward's output; with
+``--model`` PSNR and SSIM of generated images) and ``parallel`` (``ring`` / ``ulysses`` /
+``usp`` and diffusers' context parallelism on 1, 2 and 4 GPUs, each count launched with
+``accelerate launch``). Writes ``results.json``, ``report.md`` and PNG charts to ``--out``;
+an existing ``results.json`` there keeps the suites not run now.
 
     attnpatch bench --suite all --out docs/bench          # on the GPU machine
+    attnpatch bench --suite models --models flux,sdxl --out docs/bench   # one part per call
     python -m attnpatch.bench --quick --suite kernels --out /tmp/bench   # CPU smoke run
 """
 
