@@ -93,6 +93,11 @@ class Settings:
     width: Optional[int] = None
     prompt: str = "a lighthouse on a rocky coast at dusk, photograph"
     seed: int = 0
+    #: wall-clock seconds for the whole call (``--time-limit``): what is left after it is
+    #: skipped with the reason, and the results are written
+    time_limit: Optional[float] = None
+    #: set by :func:`run` from ``time_limit``
+    deadline: Any = None
 
 
 def timing_options(device: str, quick: bool, budget: Optional[float]) -> dict:
@@ -149,9 +154,12 @@ def run(suites: Sequence[str], out: Path, quick: bool = False, device: str = "cp
     """
     from ._bench import report, schema, sparse, suites as S
 
+    from ._bench.timing import Deadline
+
     settings = settings or Settings()
     if model is not None:
         settings.model = model
+    settings.deadline = Deadline(settings.time_limit)
     if "all" in suites:
         suites = list(schema.SUITES)
     suites = [s for s in schema.SUITES if s in suites]
@@ -169,6 +177,8 @@ def run(suites: Sequence[str], out: Path, quick: bool = False, device: str = "cp
         config["models"] = list(settings.models)
     if settings.resolutions is not None:
         config["resolutions"] = settings.resolutions
+    if settings.time_limit is not None:
+        config["time_limit_s"] = settings.time_limit
     new_rows: list[dict] = []
     elapsed: dict[str, float] = {}
     for suite in suites:
@@ -279,6 +289,10 @@ def _arguments(p: argparse.ArgumentParser) -> None:
                         "pipeline's)")
     p.add_argument("--seed", type=int, default=0,
                    help="--model, sparse suite: the generator seed of every image (default 0)")
+    p.add_argument("--time-limit", type=_positive_float, default=None, metavar="SECONDS",
+                   help="wall-clock seconds for this call: what is not measured by then is "
+                        "skipped with the reason and the results are still written (keep it "
+                        "under a machine's per-command limit, e.g. 480 in 600-second calls)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -316,7 +330,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     settings = Settings(model=args.model, budget=args.budget, models=models,
                         resolutions=args.resolutions, processes=tuple(args.processes),
                         steps=args.steps, height=args.height, width=args.width,
-                        seed=args.seed)
+                        seed=args.seed, time_limit=args.time_limit)
     try:
         results = run([args.suite], Path(args.out), quick=args.quick, device=device,
                       progress=not args.no_progress, settings=settings)

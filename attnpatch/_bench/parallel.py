@@ -51,6 +51,7 @@ import attnpatch
 
 # random weights made on the device in the dtype, seeded: the same on every rank
 from .models import build as _build
+from .timing import over
 
 log = logging.getLogger(__name__)
 
@@ -392,6 +393,8 @@ def parallel_suite(device: str, quick: bool, timing: dict, progress: Callable,
             reason = f"--quick on a CPU runs N=2 only (gloo, tiny model), not N={n}"
         elif device == "cuda" and n > gpus:
             reason = f"needs {n} CUDA GPUs; this machine has {gpus}"
+        elif over(settings):
+            reason = over(settings)
         if reason is not None:
             rows += [_prow(name, v, None, group, reason) for v in VARIANTS]
             bar.update(1)

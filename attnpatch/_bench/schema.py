@@ -49,6 +49,7 @@ CONFIG = {
         "budget_s": {"type": "number"},
         "models": {"type": "array", "items": {"type": "string"}},
         "resolutions": {"type": "integer"},
+        "time_limit_s": {"type": "number"},
     },
 }
 #: one run that wrote rows of a suite (all of them, or the listed groups), with its machine

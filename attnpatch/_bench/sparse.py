@@ -16,7 +16,7 @@ import torch
 import attnpatch
 from attnpatch import TokenLayout
 
-from .timing import rel, timer_stats
+from .timing import over, rel, timer_stats
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +177,8 @@ def sparse_suite(device: str, quick: bool, timing: dict, progress: Callable,
     """Rows of the sparse suite: the attention-call sweep (:func:`kernel_rows`), the
     model-output rows (:func:`model_rows`) and, with ``settings.model``, the image rows
     (:func:`image_rows`: PSNR and SSIM of generated images against the dense one)."""
-    rows = kernel_rows(device, quick, timing, progress)
-    rows += model_rows(device, quick, timing, progress)
+    rows = kernel_rows(device, quick, timing, progress, settings)
+    rows += model_rows(device, quick, timing, progress, settings)
     if getattr(settings, "model", None) is not None:
         rows += image_rows(settings, device, quick, progress)
     else:
@@ -188,7 +188,8 @@ def sparse_suite(device: str, quick: bool, timing: dict, progress: Callable,
     return rows
 
 
-def kernel_rows(device: str, quick: bool, timing: dict, progress: Callable) -> list[dict]:
+def kernel_rows(device: str, quick: bool, timing: dict, progress: Callable,
+                settings: Any = None) -> list[dict]:
     """Per shape and sparse config, one attention call: dense (cuDNN on CUDA; measured once
     per shape, in the same run) and the sparse strategy, forward time (median and spread),
     density (the fraction of query-key pairs computed), speed-up over dense and the relative
@@ -207,6 +208,11 @@ def kernel_rows(device: str, quick: bool, timing: dict, progress: Callable) -> l
         b, h, s, d = config["shape"]
         row = _row(f"{strategy} {label}", strategy, [b, h, s, d])
         bar.set_postfix_str(row["name"])
+        if over(settings):
+            row["skipped"] = over(settings)
+            rows.append(row)
+            bar.update(1)
+            continue
         try:
             if current is None or current[0] != config["shape"]:
                 current = None
@@ -251,7 +257,8 @@ def kernel_rows(device: str, quick: bool, timing: dict, progress: Callable) -> l
     return rows
 
 
-def model_rows(device: str, quick: bool, timing: dict, progress: Callable) -> list[dict]:
+def model_rows(device: str, quick: bool, timing: dict, progress: Callable,
+               settings: Any = None) -> list[dict]:
     """One Flux transformer forward (full size at 2048² on CUDA, tiny with ``quick`` or on a
     CPU; random weights) unpatched, patched with ``sdpa`` (the time reference) and patched
     with each sparse config of :data:`MODEL_FULL` / :data:`MODEL_QUICK` (every attention
@@ -275,6 +282,9 @@ def model_rows(device: str, quick: bool, timing: dict, progress: Callable) -> li
     rows: list[dict] = []
     bar = progress(total=len(variants) + 1, desc="sparse model output")
     bar.set_postfix_str(f"building {name}")
+    if over(settings):
+        bar.close()
+        return [_row(f"{name}: output", label, shape, over(settings)) for label in variants]
     try:
         model = models.flux_net(tiny, device, dtype)
         kwargs = models.flux_kwargs(model.config, gh, gw, text, device, dtype)
@@ -293,6 +303,11 @@ def model_rows(device: str, quick: bool, timing: dict, progress: Callable) -> li
         if opts:
             row["options"] = dict(opts)
         bar.set_postfix_str(label)
+        if over(settings):
+            row["skipped"] = over(settings)
+            rows.append(row)
+            bar.update(1)
+            continue
         try:
             kw = _backend_kwargs(strategy, opts, device)
             with torch.no_grad(), attnpatch.patch(model, **kw) as handle:
@@ -416,6 +431,11 @@ def image_rows(settings: Any, device: str, quick: bool, progress: Callable) -> l
         row = _row(name, strategy, shape, None, config=label)
         row["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
         bar.set_postfix_str(label)
+        if over(settings):
+            row["skipped"] = over(settings)
+            rows.append(row)
+            bar.update(1)
+            continue
         try:
             with attnpatch.patch(pipe, **_backend_kwargs(strategy, opts, device)) as handle:
                 image, ms = generate()

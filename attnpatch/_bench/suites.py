@@ -17,7 +17,7 @@ import torch
 
 import attnpatch
 
-from .timing import rel, timer_stats
+from .timing import over, rel, timer_stats
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +134,9 @@ def kernels_suite(device: str, quick: bool, timing: dict, progress: Callable,
             shape_rows.append(row)
             bar.update(1)
             bar.set_postfix_str(f"{label} {name}")
+            if over(settings):
+                row["skipped"] = over(settings)
+                continue
             if name in why_not:
                 row["skipped"] = why_not[name]
                 continue
@@ -304,6 +307,13 @@ def models_suite(device: str, quick: bool, timing: dict, progress: Callable,
                    desc="models")
     for group, name, make, sizes in entries:
         bar.set_postfix_str(f"building {name}")
+        if over(settings):
+            for row_name, _ in sizes:
+                for variant in variants:
+                    rows.append(dict(_row("models", row_name, variant, name), group=group,
+                                     skipped=over(settings)))
+                    bar.update(1)
+            continue
         try:
             model = make()
         except Exception as exc:  # e.g. diffusers not installed: say it, measure the rest
@@ -317,7 +327,7 @@ def models_suite(device: str, quick: bool, timing: dict, progress: Callable,
             continue
         for row_name, make_inputs in sizes:
             for row in _model_rows(row_name, model, make_inputs, variants, infos, tiny, device,
-                                   timing, bar):
+                                   timing, bar, settings):
                 rows.append(dict(row, group=group))
         model = None  # free it before the next model
         if device == "cuda":
@@ -349,7 +359,7 @@ DIFFUSERS_REFERENCE_BACKENDS = ("_native_math", "flex")
 
 
 def _model_rows(name: str, model, make_inputs: Callable, variants: list[str], infos: dict,
-                tiny: bool, device: str, timing: dict, bar) -> list[dict]:
+                tiny: bool, device: str, timing: dict, bar, settings: Any = None) -> list[dict]:
     """The rows of one model at one resolution: every variant, then the patch overhead."""
     dtype = next(model.parameters()).dtype
     rows = []
@@ -373,6 +383,9 @@ def _model_rows(name: str, model, make_inputs: Callable, variants: list[str], in
         bar.update(1)
         bar.set_postfix_str(f"{name} {variant}")
         kind, _, backend = variant.partition(" ")
+        if over(settings):
+            row["skipped"] = over(settings)
+            continue
         if (kind == "diffusers" and backend in DIFFUSERS_REFERENCE_BACKENDS and device == "cuda"
                 and tokens is not None and tokens > REFERENCE_MAX_SEQ):
             row["skipped"] = (f"materialises the {tokens}x{tokens} scores per head (skipped "
