@@ -491,14 +491,14 @@ def test_parallel_launch_commands():
 def test_time_limit_skips_what_is_left_and_still_writes(tmp_path):
     out = tmp_path / "out"
     assert attnpatch.cli.main(["bench", "--quick", "--suite", "all", "--device", "cpu",
-                               "--no-progress", "--time-limit", "0.001", "--out",
+                               "--no-progress", "--time-limit", "1e-9", "--out",
                                str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert schema.validate(results) == []
-    assert results["config"]["time_limit_s"] == 0.001
+    assert results["config"]["time_limit_s"] == 1e-9
     rows = results["rows"]
     assert {r["suite"] for r in rows} == set(schema.SUITES)
     assert all(r["skipped"] for r in rows)
-    spent = [r for r in rows if "--time-limit of 0.001 s was spent" in r["skipped"]]
+    spent = [r for r in rows if "--time-limit of 1e-09 s was spent" in r["skipped"]]
     assert {r["suite"] for r in spent} == set(schema.SUITES)
     assert "was spent" in (out / "report.md").read_text()
