@@ -81,33 +81,53 @@ def _tiles(prefix: str, shape: tuple, layout: TokenLayout, pattern: str, tile: t
         for w in windows}
 
 
-#: block_sparse density sweeps: Flux 2048² (tiles of 8x16 tokens: a 16 x 8 tile grid) and
-#: Wan 18x48x80 latents (tiles 6x8x8: 3 x 6 x 10 tiles), tile windows from small to large
+#: the configs of ``benchmarks/block_sparse.py`` (its table: Flux 2048² tile2d 7x5 and 5x3, Wan
+#: 18x48x80 tile3d 3x3x3)
 BLOCK_SPARSE_FULL = {
+    "flux_2048_7x5": dict(shape=(1, 24, 16896, 128), layout=_FLUX_2048,
+                          options=dict(pattern="tile2d", tile=(8, 16), window=(7, 5))),
+    "flux_2048_5x3": dict(shape=(1, 24, 16896, 128), layout=_FLUX_2048,
+                          options=dict(pattern="tile2d", tile=(8, 16), window=(5, 3))),
+    "wan_18x48x80": dict(shape=(1, 40, 69120, 128), layout=_WAN_18x48x80,
+                         options=dict(pattern="tile3d", tile=(6, 8, 8), window=(3, 3, 3))),
+}
+BLOCK_SPARSE_QUICK = {
+    "flux_tiny": dict(shape=(1, 2, 528, 32), layout=_FLUX_TINY,
+                      options=dict(pattern="tile2d", tile=(4, 8), window=(3, 3))),
+    "wan_tiny": dict(shape=(1, 2, 384, 32), layout=_WAN_TINY,
+                     options=dict(pattern="tile3d", tile=(1, 2, 4), window=(1, 3, 3))),
+}
+#: the bench's block_sparse density sweeps: Flux 2048² (tiles of 8x16 tokens: a 16 x 8 tile
+#: grid) and Wan 18x48x80 latents (tiles 6x8x8: 3 x 6 x 10 tiles), tile windows from small to
+#: large
+BLOCK_SPARSE_SWEEP_FULL = {
     **_tiles("flux_2048", (1, 24, 16896, 128), _FLUX_2048, "tile2d", (8, 16),
              [(3, 3), (5, 3), (7, 5), (11, 7)]),
     **_tiles("wan_18x48x80", (1, 40, 69120, 128), _WAN_18x48x80, "tile3d", (6, 8, 8),
              [(1, 3, 3), (3, 3, 3), (3, 5, 5), (3, 5, 7)]),
 }
-BLOCK_SPARSE_QUICK = {
+BLOCK_SPARSE_SWEEP_QUICK = {
     **_tiles("flux_tiny", (1, 2, 528, 32), _FLUX_TINY, "tile2d", (4, 8),
              [(1, 1), (3, 1), (3, 3)]),
     **_tiles("wan_tiny", (1, 2, 384, 32), _WAN_TINY, "tile3d", (1, 2, 4),
              [(1, 1, 1), (1, 3, 3), (3, 3, 3)]),
 }
-#: dilated pattern sets on Flux 2048² besides FLUX_PATTERNS: sparser and denser
-DILATED_FULL.update({
+#: the bench's dilated pattern sets: ``benchmarks/dilated.py``'s, and on Flux 2048² a sparser
+#: and a denser set
+DILATED_SWEEP_FULL = {
+    **DILATED_FULL,
     "flux_2048_sparse": dict(shape=(1, 24, 16896, 128), options=dict(
         segment_lengths=(1024, 2048, 4096, 8192), dilation_rates=(1, 2, 4, 8))),
     "flux_2048_dense": dict(shape=(1, 24, 16896, 128), options=dict(
         segment_lengths=(4096, 8192, 16896), dilation_rates=(1, 2, 4))),
-})
-DILATED_QUICK.update({
+}
+DILATED_SWEEP_QUICK = {
+    **DILATED_QUICK,
     "flux_tiny_sparse": dict(shape=(1, 4, 330, 32), options=dict(
         segment_lengths=(20, 40, 80, 160), dilation_rates=(1, 2, 4, 8))),
     "flux_tiny_dense": dict(shape=(1, 4, 330, 32), options=dict(
         segment_lengths=(80, 160, 330), dilation_rates=(1, 2, 4))),
-})
+}
 
 #: the model-output rows: a Flux transformer forward (full size at 2048² on CUDA: 128 x 128
 #: latent tokens and 512 text tokens; tiny on --quick / CPU: 16 x 16 and 7) patched with each
@@ -197,9 +217,9 @@ def kernel_rows(device: str, quick: bool, timing: dict, progress: Callable,
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     dense_name = "sdpa_cudnn" if device == "cuda" else "sdpa"
     cases = [("dilated", label, cfg) for label, cfg in
-             (DILATED_QUICK if quick else DILATED_FULL).items()]
+             (DILATED_SWEEP_QUICK if quick else DILATED_SWEEP_FULL).items()]
     cases += [("block_sparse", label, cfg) for label, cfg in
-              (BLOCK_SPARSE_QUICK if quick else BLOCK_SPARSE_FULL).items()]
+              (BLOCK_SPARSE_SWEEP_QUICK if quick else BLOCK_SPARSE_SWEEP_FULL).items()]
     cases.sort(key=lambda c: tuple(c[2]["shape"]))  # one shape's inputs and dense at a time
     rows = []
     bar = progress(total=len(cases), desc="sparse attention calls")
