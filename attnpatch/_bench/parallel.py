@@ -187,7 +187,12 @@ def run_variant(name: str, make: Callable, model, kwargs, args, device, dtype, w
             times, out = timed(lambda: forward(model), device, args.warmup, args.repeats)
         return times, out, model, ""
     # diffusers' own context parallelism: irreversible, on a fresh model
-    from diffusers import ContextParallelConfig
+    try:
+        from diffusers import ContextParallelConfig
+    except ImportError:
+        import diffusers
+        return None, None, model, (f"diffusers {diffusers.__version__} has no "
+                                   "ContextParallelConfig (a newer diffusers has it)")
 
     if world == 1:
         return None, None, model, "diffusers' ContextParallelConfig needs 2 or more processes"
