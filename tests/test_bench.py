@@ -315,7 +315,7 @@ def test_psnr_and_ssim_known_cases():
     # two flat images: no variance, so SSIM is the luminance term alone
     a, b = torch.full((3, 16, 16), 0.2), torch.full((3, 16, 16), 0.6)
     assert ssim(a, b) == pytest.approx((2 * 0.2 * 0.6 + SSIM_C1) / (0.04 + 0.36 + SSIM_C1))
-    with pytest.raises(ValueError, match="smaller than the 11x11 window"):
+    with pytest.raises(attnpatch.AttnPatchError, match="smaller than the 11x11 window"):
         ssim(torch.rand(3, 8, 8), torch.rand(3, 8, 8))
 
 

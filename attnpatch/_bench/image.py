@@ -10,6 +10,8 @@ import math
 
 import torch
 
+from .._errors import AttnPatchError
+
 #: SSIM constants of Wang et al. 2004 for a dynamic range L = 1: C1 = (0.01 L)², C2 = (0.03 L)²
 SSIM_C1 = 0.01 ** 2
 SSIM_C2 = 0.03 ** 2
@@ -21,7 +23,7 @@ def _batched(x: torch.Tensor, name: str) -> torch.Tensor:
     if x.dim() == 3:
         x = x.unsqueeze(0)
     if x.dim() != 4:
-        raise ValueError(f"{name}: expected an image (C, H, W) or a batch (N, C, H, W), got "
+        raise AttnPatchError(f"{name}: expected an image (C, H, W) or a batch (N, C, H, W), got "
                          f"shape {tuple(x.shape)}")
     return x.double()
 
@@ -31,7 +33,7 @@ def psnr(image: torch.Tensor, reference: torch.Tensor) -> float:
     identical images."""
     a, b = _batched(image, "image"), _batched(reference, "reference")
     if a.shape != b.shape:
-        raise ValueError(f"psnr: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+        raise AttnPatchError(f"psnr: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     mse = float(((a - b) ** 2).mean())
     return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
 
@@ -51,10 +53,10 @@ def ssim(image: torch.Tensor, reference: torch.Tensor) -> float:
     mean over RGB, not luminance). 1 for identical images."""
     a, b = _batched(image, "image"), _batched(reference, "reference")
     if a.shape != b.shape:
-        raise ValueError(f"ssim: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+        raise AttnPatchError(f"ssim: shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
     channels, height, width = a.shape[1:]
     if min(height, width) < SSIM_WINDOW:
-        raise ValueError(f"ssim: images of {height}x{width} are smaller than the "
+        raise AttnPatchError(f"ssim: images of {height}x{width} are smaller than the "
                          f"{SSIM_WINDOW}x{SSIM_WINDOW} window")
     w = gaussian_window().to(a.device)[None, None].expand(channels, 1, -1, -1)
 
