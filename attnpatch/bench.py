@@ -152,7 +152,7 @@ def run(suites: Sequence[str], out: Path, quick: bool = False, device: str = "cp
     Raises :class:`attnpatch._bench.models.ModelPathError` when ``model`` cannot be loaded,
     :class:`AttnPatchError` when ``out/results.json`` is not a results file.
     """
-    from ._bench import report, schema, sparse, suites as S
+    from ._bench import schema, sparse, suites as S
 
     from ._bench.timing import Deadline
 
@@ -207,7 +207,13 @@ def run(suites: Sequence[str], out: Path, quick: bool = False, device: str = "cp
     results: dict = {"schema_version": schema.SCHEMA_VERSION, "machine": machine,
                      "config": dict(config, suites=all_suites), "runs": runs,
                      "rows": rows, "charts": []}
-    results = _finite(results)
+    return _write(_finite(results), out, previous)
+
+
+def _write(results: dict, out: Path, previous: Optional[dict]) -> dict:
+    """Charts (the former ones removed first), results.json, report.md and the docs section."""
+    from ._bench import report, schema
+
     for stale in (previous or {}).get("charts", []):
         (out / stale).unlink(missing_ok=True)  # re-drawn below from the whole file
     results["charts"] = report.charts(results, out)
@@ -218,6 +224,18 @@ def run(suites: Sequence[str], out: Path, quick: bool = False, device: str = "cp
     (out / "report.md").write_text(report.markdown(results))
     report.update_docs(results, out)
     return results
+
+
+def render(out: Path) -> dict:
+    """Write ``out``'s report.md, charts and docs section again from ``out/results.json``
+    (measuring nothing; a schema-1 file is rewritten as schema 2). Raises
+    :class:`AttnPatchError` when there is no results file there."""
+    out = Path(out)
+    previous = _load_previous(out / "results.json")
+    if previous is None:
+        raise AttnPatchError(f"--render-only: {out / 'results.json'} does not exist; run a "
+                             f"suite into --out {out} first")
+    return _write(dict(previous), out, previous)
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -252,8 +270,11 @@ def _csv_ints(text: str) -> list[int]:
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--suite", default="all", choices=SUITE_CHOICES,
+    p.add_argument("--suite", default=None, choices=SUITE_CHOICES,
                    help="which suite to run (default: all)")
+    p.add_argument("--render-only", action="store_true",
+                   help="measure nothing: write report.md, the charts and the docs section "
+                        "again from DIR/results.json (e.g. after copying a GPU run's file in)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="folder for results.json, report.md and the PNG charts; when "
                         "DIR/results.json exists, the suites run now replace its rows of "
@@ -331,6 +352,19 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                         resolutions=args.resolutions, processes=tuple(args.processes),
                         steps=args.steps, height=args.height, width=args.width,
                         seed=args.seed, time_limit=args.time_limit)
+    if args.render_only:
+        if args.suite is not None:
+            parser.error(f"--render-only measures nothing: drop --suite {args.suite}")
+        try:
+            results = render(Path(args.out))
+        except AttnPatchError as exc:
+            parser.error(str(exc))
+        print(f"attnpatch bench: rendered {len(results['rows'])} rows of "
+              f"{', '.join(results['config']['suites'])} from {Path(args.out) / 'results.json'}")
+        for name in ("report.md", *results["charts"]):
+            print(f"wrote {Path(args.out) / name}")
+        return 0
+    args.suite = args.suite or "all"
     try:
         results = run([args.suite], Path(args.out), quick=args.quick, device=device,
                       progress=not args.no_progress, settings=settings)

@@ -502,3 +502,30 @@ def test_time_limit_skips_what_is_left_and_still_writes(tmp_path):
     spent = [r for r in rows if "--time-limit of 1e-09 s was spent" in r["skipped"]]
     assert {r["suite"] for r in spent} == set(schema.SUITES)
     assert "was spent" in (out / "report.md").read_text()
+
+
+def test_render_only_redraws_from_results_json(quick_all, tmp_path, capsys):
+    """A results.json copied in from another machine: --render-only writes the report, the
+    charts and the docs section from it, measuring nothing."""
+    import shutil
+
+    from attnpatch._bench.report import DOCS_BEGIN, DOCS_END
+
+    src, before = quick_all
+    (tmp_path / "bench").mkdir()
+    shutil.copy(src / "results.json", tmp_path / "bench" / "results.json")
+    (tmp_path / "BENCHMARKS.md").write_text(f"intro\n{DOCS_BEGIN}\n{DOCS_END}\n")
+    assert attnpatch.cli.main(["bench", "--render-only", "--out", str(tmp_path / "bench")]) == 0
+    assert "rendered" in capsys.readouterr().out
+    after = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert after == before  # nothing measured
+    assert (tmp_path / "bench" / "report.md").read_text() == (src / "report.md").read_text()
+    assert all((tmp_path / "bench" / c).read_bytes()[:8] == PNG_MAGIC for c in after["charts"])
+    assert "### Models: one denoiser forward" in (tmp_path / "BENCHMARKS.md").read_text()
+    with pytest.raises(SystemExit):
+        attnpatch.cli.main(["bench", "--render-only", "--out", str(tmp_path / "empty")])
+    assert "does not exist; run a suite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        attnpatch.cli.main(["bench", "--render-only", "--suite", "kernels", "--out",
+                            str(tmp_path / "bench")])
+    assert "drop --suite kernels" in capsys.readouterr().err
