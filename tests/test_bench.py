@@ -23,8 +23,10 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def quick_all(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench_all")
+    # --processes 4: the parallel suite says why it skips N=4 here (the 2-process gloo launch
+    # is test_quick_parallel_launches_two_gloo_processes, marked distributed)
     assert attnpatch.cli.main(["bench", "--quick", "--suite", "all", "--device", "cpu",
-                               "--no-progress", "--out", str(out)]) == 0
+                               "--no-progress", "--processes", "4", "--out", str(out)]) == 0
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -37,7 +39,9 @@ def test_quick_all_writes_a_valid_results_json(quick_all):
     assert os.uname().nodename not in machine["platform"]
     assert {r["suite"] for r in results["rows"]} == set(schema.SUITES)
     assert results["config"] == {"suites": list(schema.SUITES), "quick": True,
-                                 "device": "cpu", "model": None}
+                                 "device": "cpu", "model": None, "budget_s": 0.0}
+    assert [(e["suite"], e["groups"]) for e in results["runs"]] == [
+        ("kernels", None), ("models", None), ("sparse", None), ("parallel", ["N=4"])]
 
 
 def test_quick_all_measures_with_spread(quick_all):
@@ -55,8 +59,9 @@ def test_quick_all_measures_with_spread(quick_all):
         patched = by[("models", name, "attnpatch sdpa")]
         assert "patch_overhead_pct" in patched and patched["rel_err_vs_unpatched"] < 1e-5
         assert patched["routed_modules"] > 0
-    sparse = [m for (suite, _, _), m in by.items() if suite == "sparse"]
-    assert {v for (s, _, v) in by if s == "sparse"} == {"dilated", "block_sparse"}
+    sparse = [m for (suite, name, _), m in by.items() if suite == "sparse"
+              and "output" not in name]
+    assert {v for (s, _, v) in by if s == "sparse"} == {"dilated", "block_sparse", "dense sdpa"}
     assert all(0 < m["density"] < 1 and m["speedup"] > 0 and m["rel_err_vs_dense"] > 0
                for m in sparse)
 
@@ -66,13 +71,13 @@ def test_quick_all_skips_say_why(quick_all):
     skipped = [r for r in results["rows"] if r["skipped"] is not None]
     assert all(isinstance(r["skipped"], str) and r["skipped"] for r in skipped)
     parallel = [r for r in results["rows"] if r["suite"] == "parallel"]
-    assert parallel and all(r["skipped"] == "needs 2 CUDA devices; this machine has 0"
-                            for r in parallel)
+    assert parallel and all(r["skipped"] == "--quick on a CPU runs N=2 only (gloo, tiny "
+                            "model), not N=4" for r in parallel)
     reasons = {(r["suite"], r["name"], r["variant"]): r["skipped"] for r in skipped}
     # GPU-only parts: the anchor shapes and the CUDA-only backends
     assert reasons[("kernels", "wan_720p", "*")] == "--quick: tiny shapes only"
     assert "no CUDA device" in reasons[("kernels", "tiny", "sdpa_cudnn")]
-    assert reasons[("models", "flux", "image PSNR/SSIM")] == "not implemented"
+    assert reasons[("sparse", "image PSNR/SSIM", "*")].startswith("needs --model PATH")
 
 
 #: the quick models suite's rows: four models at two tiny resolutions each
@@ -147,10 +152,11 @@ def test_quick_all_report_and_charts(quick_all):
     report = (out / "report.md").read_text()
     for title in ("Kernels", "Models", "Sparse", "Parallel"):
         assert f"## {title}" in report
-    assert "needs 2 CUDA devices; this machine has 0" in report
-    assert "benchmarks/context_parallel.py" in report
+    assert "not N=4" in report
+    assert "accelerate launch --num_processes N" in report
     assert "GPU: none" in report
-    assert "sparse_speedup_vs_error.png" in results["charts"]
+    assert {"sparse_speedup_vs_error.png", "sparse_speedup_vs_density.png"} <= set(
+        results["charts"])
     for chart in results["charts"]:
         assert f"]({chart})" in report
         assert (out / chart).read_bytes()[:8] == PNG_MAGIC
@@ -226,13 +232,300 @@ def test_unloadable_model_path_names_the_argument(tmp_path):
 
 
 def test_schema_validator_reports_problems():
-    bad = {"schema_version": 1, "machine": {}, "config": {"suites": ["kernels"], "quick": 1,
+    bad = {"schema_version": 2, "machine": {}, "runs": [], "config": {"suites": ["kernels"], "quick": 1,
                                                            "device": "cpu", "model": None},
            "rows": [{"suite": "nope", "name": "x", "variant": "y", "shape": [1, "a"],
-                     "metrics": {"ms": [1]}, "skipped": None}], "charts": []}
+                     "metrics": {"ms": ["x"]}, "skipped": None}], "charts": []}
     problems = "\n".join(schema.validate(bad))
     assert "missing required key 'platform'" in problems
     assert "results.config.quick" in problems
     assert "'nope' is not one of" in problems
     assert "results.rows[0].shape[1]" in problems
     assert "results.rows[0].metrics.ms" in problems
+
+
+# --- sparse: density sweep, model output, images --------------------------------------------------
+
+def test_quick_sparse_window_sweep_and_model_output(quick_all):
+    _, results = quick_all
+    rows = [r for r in results["rows"] if r["suite"] == "sparse" and r["skipped"] is None]
+    sweep = [r["metrics"] for r in rows if r["name"].startswith("block_sparse flux_tiny_")]
+    assert len(sweep) == 3  # windows 1x1, 3x1, 3x3 of the same shape, against one dense run
+    assert len({m["dense_fwd_median_ms"] for m in sweep}) == 1
+    densities = [m["density"] for m in sweep]
+    errors = [m["rel_err_vs_dense"] for m in sweep]
+    assert densities == sorted(densities) and errors == sorted(errors, reverse=True)
+    output = [r for r in rows if r["name"].endswith(": output")]
+    by = {r["metrics"]["config"]: r["metrics"] for r in output}
+    assert by["sdpa"]["rel_err_vs_unpatched"] < 1e-5 and "speedup" not in by["sdpa"]
+    sparse = [m for c, m in by.items() if c != "sdpa"]
+    assert len(sparse) == 3 and {r["variant"] for r in output} == {
+        "dense sdpa", "block_sparse", "dilated"}
+    for m in sparse:
+        assert 0 < m["density"] < 1 and m["speedup"] > 0 and m["routed_modules"] > 0
+        assert 1e-6 < m["rel_err_vs_unpatched"] < 1
+    wide = by["block_sparse tile2d 4x4 window 3x3"]
+    narrow = by["block_sparse tile2d 4x4 window 1x1"]
+    assert wide["density"] > narrow["density"]
+    assert wide["rel_err_vs_unpatched"] < narrow["rel_err_vs_unpatched"]
+    for m in sparse:  # the tiny Flux has one double and one single block: two attention calls
+        assert len(m["layer_rel_err"]) == 2 and all(0 < e < 2 for e in m["layer_rel_err"])
+        assert m["layer_rel_err_max"] == max(m["layer_rel_err"])
+    assert wide["layer_rel_err_max"] < narrow["layer_rel_err_max"]
+
+
+def test_layer_errors_forward_is_the_sparse_forward():
+    """The per-layer measurement returns the sparse outputs (the forward is the sparse one),
+    and each call's error is the sparse call's against dense attention on the same inputs."""
+    import attnpatch
+    from attnpatch._bench import models
+    from attnpatch._bench.layer_error import NAME, layer_errors
+
+    model = models.flux_net(True, "cpu", torch.float32)
+    kwargs = models.flux_kwargs(model.config, 16, 16, 7, "cpu", torch.float32)
+    options = dict(pattern="tile2d", tile=(4, 4), window=(1, 1), kernel="mask")
+    with torch.no_grad():
+        with attnpatch.patch(model, backend="block_sparse", **options):
+            sparse = model(**kwargs)[0]
+        dense = model(**kwargs)[0]
+        with layer_errors(model, "block_sparse", options) as errors:
+            out = model(**kwargs)[0]
+    torch.testing.assert_close(out, sparse, rtol=1e-5, atol=1e-5)
+    assert (out - dense).norm() > 1e-3 * dense.norm()
+    assert len(errors) == 2 and all(e > 1e-3 for e in errors)
+    assert NAME not in {b.name for b in attnpatch.list_backends()}  # registered for the block
+
+
+def test_psnr_and_ssim_known_cases():
+    from attnpatch._bench.image import SSIM_C1, psnr, ssim
+
+    gen = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 32, 32, generator=gen)
+    assert psnr(image, image.clone()) == float("inf")
+    assert ssim(image, image.clone()) == pytest.approx(1.0, abs=1e-12)
+    # ±0.1 everywhere (a checkerboard of signs): MSE 0.01, PSNR exactly 20 dB
+    signs = ((torch.arange(32)[:, None] + torch.arange(32)[None, :]) % 2 * 2 - 1).double()
+    flat = torch.full((1, 3, 32, 32), 0.5, dtype=torch.float64)
+    assert psnr(flat + 0.1 * signs, flat) == pytest.approx(20.0, abs=1e-9)
+    # Gaussian noise of σ 0.05: PSNR ≈ -10·log10(σ²) = 26.02 dB
+    noisy = image + 0.05 * torch.randn(image.shape, generator=gen)
+    assert psnr(noisy, image) == pytest.approx(26.02, abs=0.15)
+    noisier = image + 0.2 * torch.randn(image.shape, generator=gen)
+    assert 0 < ssim(noisier, image) < ssim(noisy, image) < 1
+    # two flat images: no variance, so SSIM is the luminance term alone
+    a, b = torch.full((3, 16, 16), 0.2), torch.full((3, 16, 16), 0.6)
+    assert ssim(a, b) == pytest.approx((2 * 0.2 * 0.6 + SSIM_C1) / (0.04 + 0.36 + SSIM_C1))
+    with pytest.raises(attnpatch.AttnPatchError, match="smaller than the 11x11 window"):
+        ssim(torch.rand(3, 8, 8), torch.rand(3, 8, 8))
+
+
+def test_model_path_sparse_images_psnr_ssim(tmp_path):
+    from attnpatch.tiny_pipelines import build_tiny_pipeline
+
+    build_tiny_pipeline("flux").save_pretrained(tmp_path / "flux")
+    out = tmp_path / "out"
+    assert attnpatch.cli.main(["bench", "--quick", "--suite", "sparse", "--device", "cpu",
+                               "--no-progress", "--model", str(tmp_path / "flux"), "--steps",
+                               "2", "--height", "64", "--width", "64", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert schema.validate(results) == []
+    images = [r for r in results["rows"] if r["name"] == "image 64x64, 2 steps"]
+    assert [r["variant"] for r in images] == ["unpatched", "block_sparse", "block_sparse",
+                                              "dilated"]
+    assert all(r["skipped"] is None for r in images), images
+    assert images[0]["metrics"]["generate_ms"] > 0
+    by = {r["metrics"]["config"]: r["metrics"] for r in images[1:]}
+    # 64x64 pixels: a 4x4 token grid; a 5x5 tile window covers it, so that image is the dense one
+    full = by["block_sparse tile2d 1x1 window 5x5"]
+    assert full["identical_to_dense"] and full["psnr_db"] is None and full["ssim"] == 1.0
+    dilated = by["dilated (2, 4, 8, 16) x (1, 2, 4, 8)"]
+    assert not dilated["identical_to_dense"] and 0 < dilated["psnr_db"] < 100
+    assert -1 <= dilated["ssim"] < 1
+    report = (out / "report.md").read_text()
+    assert "| SSIM |" in report and "PSNR dB" in report
+
+
+# --- accumulating --out, options ------------------------------------------------------------------
+
+def _copy(src: pathlib.Path, dst: pathlib.Path) -> pathlib.Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_out_accumulates_one_suite_per_call(quick_all, tmp_path):
+    src, before = quick_all
+    out = _copy(src, tmp_path / "bench")
+    (out / "models_forward_ms.png").unlink()
+    assert attnpatch.cli.main(["bench", "--quick", "--suite", "models", "--models", "flux",
+                               "--resolutions", "1", "--device", "cpu", "--no-progress",
+                               "--out", str(out)]) == 0
+    after = json.loads((out / "results.json").read_text())
+    assert schema.validate(after) == []
+    key = lambda r: (r["suite"], r["name"], r["variant"])  # noqa: E731
+    old = {key(r): r for r in before["rows"]}
+    new = {key(r): r for r in after["rows"]}
+    # the other suites and the other models' rows are the former run's, unchanged
+    for k, row in old.items():
+        if k[0] != "models" or row["group"] != "flux":
+            assert new[k] == row
+    # flux's rows are the new run's: one resolution now
+    flux = {k[1] for k, r in new.items() if k[0] == "models" and r["group"] == "flux"}
+    assert flux == {"flux 64²"}
+    assert new[("models", "flux 64²", "unpatched")]["metrics"] != old[
+        ("models", "flux 64²", "unpatched")]["metrics"]
+    assert after["config"]["suites"] == list(schema.SUITES)
+    runs = [(e["suite"], e["groups"]) for e in after["runs"]]
+    assert runs == [("kernels", None), ("models", None), ("models", ["flux"]),
+                    ("sparse", None), ("parallel", ["N=4"])]
+    report = (out / "report.md").read_text()
+    assert all(f"## {t}" in report for t in ("Kernels", "Models", "Sparse", "Parallel"))
+    assert "- models (flux):" in report
+    # the charts are drawn again from the whole file
+    assert (out / "models_forward_ms.png").read_bytes()[:8] == PNG_MAGIC
+    assert set(after["charts"]) == set(before["charts"])
+
+
+def test_out_with_a_foreign_results_json_names_the_argument(tmp_path, capsys):
+    (tmp_path / "results.json").write_text('{"rows": []}')
+    with pytest.raises(SystemExit) as exc:
+        attnpatch.cli.main(["bench", "--quick", "--suite", "kernels", "--device", "cpu",
+                            "--no-progress", "--out", str(tmp_path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "not a results file" in err and "delete" in err
+    assert (tmp_path / "results.json").read_text() == '{"rows": []}'
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--budget", "0"], ["--budget", "positive number of seconds"]),
+    (["--budget", "abc"], ["--budget", "positive number"]),
+    (["--models", "flux,sdxxl"], ["--models", "sdxxl", "flux,sdxl,sd3,wan"]),
+    (["--resolutions", "3"], ["--resolutions", "choose from 1, 2"]),
+    (["--processes", "0,2"], ["--processes", "positive integers"]),
+    (["--height", "100"], ["--height 100", "multiple of 16"]),
+])
+def test_bad_options_are_argparse_errors(tmp_path, capsys, argv, words):
+    with pytest.raises(SystemExit) as exc:
+        attnpatch.cli.main(["bench", "--suite", "models", "--device", "cpu", "--out",
+                            str(tmp_path / "out"), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_docs_page_regenerated_between_markers(quick_all, tmp_path):
+    from attnpatch._bench.report import DOCS_BEGIN, DOCS_END, update_docs
+
+    out, results = quick_all
+    page = tmp_path / "BENCHMARKS.md"
+    page.write_text(f"# Benchmarks\n\nhand-written intro\n\n{DOCS_BEGIN}\nstale\n{DOCS_END}\n\n"
+                    "## From the scripts\n\nkept as written\n")
+    assert update_docs(results, tmp_path / "bench") == page
+    text = page.read_text()
+    assert "stale" not in text and "hand-written intro" in text and "kept as written" in text
+    section = text.split(DOCS_BEGIN)[1].split(DOCS_END)[0]
+    assert "### Kernels: TFLOP/s per backend" in section and "--quick" in section
+    assert "| tiny | sdpa |" in section
+    assert "](bench/sparse_speedup_vs_error.png)" in section
+    (tmp_path / "plain").mkdir()
+    assert update_docs(results, tmp_path / "plain" / "bench") is None  # no page: nothing
+
+
+@pytest.mark.distributed
+def test_quick_parallel_launches_two_gloo_processes(quick_all, tmp_path):
+    """--suite parallel --quick on CPU: accelerate launch of 2 processes over gloo on a tiny
+    Flux; attnpatch's ring/ulysses/usp equal the single-process forward, diffusers' rows and
+    the counts not run say why; the other suites of the --out file stay."""
+    src, before = quick_all
+    out = _copy(src, tmp_path / "bench")
+    assert attnpatch.cli.main(["bench", "--quick", "--suite", "parallel", "--device", "cpu",
+                               "--no-progress", "--out", str(out)]) == 0
+    after = json.loads((out / "results.json").read_text())
+    assert schema.validate(after) == []
+    rows = [r for r in after["rows"] if r["suite"] == "parallel"]
+    by = {(r["name"], r["variant"]): r for r in rows}
+    for variant in ("single", "ring", "ulysses", "usp"):
+        row = by[("flux_tiny x2", variant)]
+        assert row["skipped"] is None, row
+        assert row["metrics"]["ms"] > 0 and row["metrics"]["processes"] == 2
+        assert row["metrics"]["rel_error_vs_single"] < 1e-5
+        assert row["metrics"]["launcher"] == "accelerate launch"
+    assert "needs an accelerator" in by[("flux_tiny x2", "diffusers_ring")]["skipped"]
+    for n in (1, 4):
+        assert "runs N=2 only" in by[(f"denoiser forward x{n}", "ring")]["skipped"]
+    assert [r for r in after["rows"] if r["suite"] != "parallel"] == [
+        r for r in before["rows"] if r["suite"] != "parallel"]
+    assert "parallel_forward_ms.png" in after["charts"]
+
+
+def test_committed_docs_have_the_markers_and_a_readable_results_file():
+    """docs/bench/results.json (written by an earlier schema) still loads, so the next GPU run
+    into docs/bench keeps its suites; docs/BENCHMARKS.md has the generated section."""
+    from attnpatch._bench.report import DOCS_BEGIN, DOCS_END
+    from attnpatch.bench import _load_previous
+
+    previous = _load_previous(ROOT / "docs" / "bench" / "results.json")
+    assert schema.validate(previous) == []
+    assert {e["suite"] for e in previous["runs"]} >= {"kernels"}
+    page = (ROOT / "docs" / "BENCHMARKS.md").read_text()
+    assert page.count(DOCS_BEGIN) == 1 and page.count(DOCS_END) == 1
+    assert page.index(DOCS_BEGIN) < page.index(DOCS_END)
+
+
+def test_parallel_launch_commands():
+    from attnpatch._bench.parallel import launch_command
+
+    one = launch_command(1, ["--quick"], "cpu")
+    two = launch_command(2, ["--quick"], "cuda")
+    for cmd, n in ((one, "1"), (two, "2")):
+        assert cmd[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+        assert cmd[cmd.index("--num_processes") + 1] == n
+        assert cmd[-3:] == ["-m", "attnpatch._bench.parallel", "--quick"]
+        assert int(cmd[cmd.index("--main_process_port") + 1]) > 0
+    assert "--multi_gpu" not in one and "--multi_gpu" in two
+
+
+def test_time_limit_skips_what_is_left_and_still_writes(tmp_path):
+    out = tmp_path / "out"
+    assert attnpatch.cli.main(["bench", "--quick", "--suite", "all", "--device", "cpu",
+                               "--no-progress", "--time-limit", "1e-9", "--out",
+                               str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert schema.validate(results) == []
+    assert results["config"]["time_limit_s"] == 1e-9
+    rows = results["rows"]
+    assert {r["suite"] for r in rows} == set(schema.SUITES)
+    assert all(r["skipped"] for r in rows)
+    spent = [r for r in rows if "--time-limit of 1e-09 s was spent" in r["skipped"]]
+    assert {r["suite"] for r in spent} == set(schema.SUITES)
+    assert "was spent" in (out / "report.md").read_text()
+
+
+def test_render_only_redraws_from_results_json(quick_all, tmp_path, capsys):
+    """A results.json copied in from another machine: --render-only writes the report, the
+    charts and the docs section from it, measuring nothing."""
+    import shutil
+
+    from attnpatch._bench.report import DOCS_BEGIN, DOCS_END
+
+    src, before = quick_all
+    (tmp_path / "bench").mkdir()
+    shutil.copy(src / "results.json", tmp_path / "bench" / "results.json")
+    (tmp_path / "BENCHMARKS.md").write_text(f"intro\n{DOCS_BEGIN}\n{DOCS_END}\n")
+    assert attnpatch.cli.main(["bench", "--render-only", "--out", str(tmp_path / "bench")]) == 0
+    assert "rendered" in capsys.readouterr().out
+    after = json.loads((tmp_path / "bench" / "results.json").read_text())
+    assert after == before  # nothing measured
+    assert (tmp_path / "bench" / "report.md").read_text() == (src / "report.md").read_text()
+    assert all((tmp_path / "bench" / c).read_bytes()[:8] == PNG_MAGIC for c in after["charts"])
+    assert "### Models: one denoiser forward" in (tmp_path / "BENCHMARKS.md").read_text()
+    with pytest.raises(SystemExit):
+        attnpatch.cli.main(["bench", "--render-only", "--out", str(tmp_path / "empty")])
+    assert "does not exist; run a suite" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        attnpatch.cli.main(["bench", "--render-only", "--suite", "kernels", "--out",
+                            str(tmp_path / "bench")])
+    assert "drop --suite kernels" in capsys.readouterr().err

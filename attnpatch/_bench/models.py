@@ -8,6 +8,8 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 
+from .._errors import AttnPatchError
+
 
 def build(cls, device, dtype, **config):
     """Random weights created directly on ``device`` in ``dtype`` (a 12B model would need 48 GB
@@ -253,7 +255,7 @@ MODELS = {
 }
 
 
-class ModelPathError(ValueError):
+class ModelPathError(AttnPatchError, ValueError):
     """``--model PATH`` could not be loaded or benchmarked."""
 
 

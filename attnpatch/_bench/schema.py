@@ -6,10 +6,12 @@ from __future__ import annotations
 
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SUITES = ("kernels", "models", "sparse", "parallel")
 
-_METRIC = {"type": ["number", "integer", "string", "boolean", "null"]}
+#: a metric: a scalar, or a list of numbers (e.g. the per-layer errors of a model forward)
+_METRIC = {"type": ["number", "integer", "string", "boolean", "null", "array"],
+           "items": {"type": ["number", "null"]}}
 ROW = {
     "type": "object",
     "required": ["suite", "name", "variant", "shape", "metrics", "skipped"],
@@ -20,36 +22,57 @@ ROW = {
         "shape": {"type": ["array", "string", "null"], "items": {"type": "integer"}},
         "metrics": {"type": "object", "additionalProperties": _METRIC},
         "skipped": {"type": ["string", "null"]},
+        # what a filtered run replaces (--models: the model key; --processes: "N=<n>")
+        "group": {"type": ["string", "null"]},
+        "options": {"type": "object"},
+    },
+}
+MACHINE = {
+    "type": "object",
+    "required": ["platform", "cpu", "gpu", "cuda", "torch", "diffusers", "transformers",
+                 "date"],
+    "properties": {
+        "platform": {"type": "string"}, "cpu": {"type": "string"},
+        "gpu": {"type": "string"}, "cuda": {"type": ["string", "null"]},
+        "driver": {"type": ["string", "null"]},
+        "torch": {"type": "string"}, "diffusers": {"type": ["string", "null"]},
+        "transformers": {"type": ["string", "null"]}, "date": {"type": "string"},
+    },
+}
+CONFIG = {
+    "type": "object",
+    "required": ["suites", "quick", "device", "model"],
+    "properties": {
+        "suites": {"type": "array", "items": {"type": "string", "enum": list(SUITES)}},
+        "quick": {"type": "boolean"}, "device": {"type": "string"},
+        "model": {"type": ["string", "null"]},
+        "budget_s": {"type": "number"},
+        "models": {"type": "array", "items": {"type": "string"}},
+        "resolutions": {"type": "integer"},
+        "time_limit_s": {"type": "number"},
+    },
+}
+#: one run that wrote rows of a suite (all of them, or the listed groups), with its machine
+RUN = {
+    "type": "object",
+    "required": ["suite", "groups", "machine", "config"],
+    "properties": {
+        "suite": {"type": "string", "enum": list(SUITES)},
+        "groups": {"type": ["array", "null"], "items": {"type": "string"}},
+        "machine": MACHINE, "config": CONFIG,
+        "elapsed_s": {"type": "number"},  # the suite's wall-clock time in that run
     },
 }
 SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "attnpatch bench results",
     "type": "object",
-    "required": ["schema_version", "machine", "config", "rows", "charts"],
+    "required": ["schema_version", "machine", "config", "runs", "rows", "charts"],
     "properties": {
         "schema_version": {"type": "integer", "enum": [SCHEMA_VERSION]},
-        "machine": {
-            "type": "object",
-            "required": ["platform", "cpu", "gpu", "cuda", "torch", "diffusers",
-                         "transformers", "date"],
-            "properties": {
-                "platform": {"type": "string"}, "cpu": {"type": "string"},
-                "gpu": {"type": "string"}, "cuda": {"type": ["string", "null"]},
-                "driver": {"type": ["string", "null"]},
-                "torch": {"type": "string"}, "diffusers": {"type": ["string", "null"]},
-                "transformers": {"type": ["string", "null"]}, "date": {"type": "string"},
-            },
-        },
-        "config": {
-            "type": "object",
-            "required": ["suites", "quick", "device", "model"],
-            "properties": {
-                "suites": {"type": "array", "items": {"type": "string", "enum": list(SUITES)}},
-                "quick": {"type": "boolean"}, "device": {"type": "string"},
-                "model": {"type": ["string", "null"]},
-            },
-        },
+        "machine": MACHINE,
+        "config": CONFIG,
+        "runs": {"type": "array", "items": RUN},
         "rows": {"type": "array", "items": ROW},
         "charts": {"type": "array", "items": {"type": "string"}},
     },

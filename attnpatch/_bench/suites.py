@@ -17,7 +17,7 @@ import torch
 
 import attnpatch
 
-from .timing import rel, timer_stats
+from .timing import over, rel, timer_stats
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,6 @@ REFERENCE_MAX_SEQ = 8192
 #: attnpatch backends the models suite patches in (besides sdpa, the overhead reference)
 MODEL_BACKENDS = {"cuda": ("auto", "sdpa_cudnn", "flash4", "flash3", "flex"),
                   "cpu": ("auto", "sdpa_math")}
-PARALLEL_VARIANTS = ("ring", "ulysses", "usp", "diffusers_ring", "diffusers_ulysses")
 
 
 def _error(exc: BaseException) -> str:
@@ -105,7 +104,8 @@ def _stats(prefix: str, stats: dict) -> dict:
 
 # --- kernels -------------------------------------------------------------------------------------
 
-def kernels_suite(device: str, quick: bool, timing: dict, progress: Callable) -> list[dict]:
+def kernels_suite(device: str, quick: bool, timing: dict, progress: Callable,
+                  settings: Any = None) -> list[dict]:
     """TFLOP/s per backend, forward and forward + backward, for the anchor shapes (GPU) or a
     tiny shape (``quick`` / CPU); ``auto``'s choice and its share of the best backend."""
     rows = []
@@ -133,6 +133,10 @@ def kernels_suite(device: str, quick: bool, timing: dict, progress: Callable) ->
             row = _row("kernels", label, name, [b, h, s, d], dtype=str(dtype)[6:])
             shape_rows.append(row)
             bar.update(1)
+            bar.set_postfix_str(f"{label} {name}")
+            if over(settings):
+                row["skipped"] = over(settings)
+                continue
             if name in why_not:
                 row["skipped"] = why_not[name]
                 continue
@@ -260,40 +264,56 @@ def _diffusers_skip(model, backend: str) -> Optional[str]:
 
 
 def models_suite(device: str, quick: bool, timing: dict, progress: Callable,
-                 model_path: Optional[str] = None) -> list[dict]:
+                 settings: Any = None) -> list[dict]:
     """One denoiser forward per model and resolution (Flux, SDXL, SD3, Wan at two resolutions
     each; tiny models with ``quick`` or off CUDA): unpatched diffusers, diffusers' own
     ``set_attention_backend(name)`` for every name it defines (rows ``skipped`` with the error
     where one fails: most need CUDA or a package), and ``attnpatch.patch(model, backend=...)``,
     with the patch overhead (patched ``sdpa`` over unpatched) and each output's error against
-    unpatched."""
+    unpatched. ``settings`` (:class:`attnpatch.bench.Settings`): ``model`` (a local pipeline
+    instead of the built-in models), ``models`` (a subset of the built-in ones), ``resolutions``
+    (the first 1 or 2 of each). Every row's ``group`` is its model (what ``--models``
+    replaces in an accumulating ``--out``)."""
     from . import models
 
+    model_path = getattr(settings, "model", None)
+    only = getattr(settings, "models", None)
+    first = getattr(settings, "resolutions", None)
     tiny = quick or device != "cuda"
-    # (name, make the model, [(row name, make its inputs)])
-    entries: list[tuple[str, Callable, list[tuple[str, Callable]]]] = []
+    # (group, name, make the model, [(row name, make its inputs)])
+    entries: list[tuple[str, str, Callable, list[tuple[str, Callable]]]] = []
     if model_path is not None:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         loaded = models.load_denoiser(model_path, device, dtype, tiny)
         cls = type(loaded[0]).__name__
-        entries.append((cls, lambda: loaded[0], [(cls, lambda cfg: loaded[1])]))
+        entries.append(("model", cls, lambda: loaded[0], [(cls, lambda cfg: loaded[1])]))
     else:
         for key, spec in models.MODELS.items():
+            if only is not None and key not in only:
+                continue
             dtype = spec.dtype if device == "cuda" else torch.float32
             sizes = [(f"{key} {res}",
                       lambda cfg, spec=spec, res=res, dtype=dtype:
                       spec.inputs(cfg, res, tiny, device, dtype))
-                     for res in spec.sizes(tiny)]
-            entries.append((key, lambda spec=spec, dtype=dtype: spec.net(tiny, device, dtype),
+                     for res in spec.sizes(tiny)[:first]]
+            entries.append((key, key, lambda spec=spec, dtype=dtype: spec.net(tiny, device, dtype),
                             sizes))
     infos = {i.name: i for i in attnpatch.list_backends()}
     extra = MODEL_BACKENDS["cuda" if device == "cuda" else "cpu"]
     variants = (["unpatched"] + [f"diffusers {b}" for b in diffusers_backends()]
                 + ["attnpatch sdpa"] + [f"attnpatch {b}" for b in extra])
     rows = []
-    bar = progress(total=sum(len(sizes) * len(variants) + 1 for _, _, sizes in entries),
+    bar = progress(total=sum(len(sizes) * len(variants) for *_, sizes in entries),
                    desc="models")
-    for name, make, sizes in entries:
+    for group, name, make, sizes in entries:
+        bar.set_postfix_str(f"building {name}")
+        if over(settings):
+            for row_name, _ in sizes:
+                for variant in variants:
+                    rows.append(dict(_row("models", row_name, variant, name), group=group,
+                                     skipped=over(settings)))
+                    bar.update(1)
+            continue
         try:
             model = make()
         except Exception as exc:  # e.g. diffusers not installed: say it, measure the rest
@@ -301,17 +321,14 @@ def models_suite(device: str, quick: bool, timing: dict, progress: Callable,
             for row_name, _ in sizes:
                 for variant in variants:
                     rows.append(dict(_row("models", row_name, variant, name),
-                                     skipped=f"could not build the model: {_error(exc)}"))
+                                     skipped=f"could not build the model: {_error(exc)}",
+                                     group=group))
                     bar.update(1)
-            rows.append(_row("models", name, "image PSNR/SSIM", name, "not implemented"))
-            bar.update(1)
             continue
         for row_name, make_inputs in sizes:
-            rows += _model_rows(row_name, model, make_inputs, variants, infos, tiny, device,
-                                timing, bar)
-        rows.append(_row("models", name, "image PSNR/SSIM", type(model).__name__,
-                         "not implemented"))
-        bar.update(1)
+            for row in _model_rows(row_name, model, make_inputs, variants, infos, tiny, device,
+                                   timing, bar, settings):
+                rows.append(dict(row, group=group))
         model = None  # free it before the next model
         if device == "cuda":
             torch.cuda.empty_cache()
@@ -319,8 +336,30 @@ def models_suite(device: str, quick: bool, timing: dict, progress: Callable,
     return rows
 
 
+def _self_attention_tokens(kwargs: dict) -> Optional[int]:
+    """The longest self-attention sequence of a denoiser forward with ``kwargs`` (image or
+    video tokens; a UNet's first attention level is at half the latent size), or None."""
+    x = kwargs.get("hidden_states", kwargs.get("sample"))
+    if not isinstance(x, torch.Tensor):
+        return None
+    if "sample" in kwargs and x.dim() == 4:
+        return (x.shape[-2] // 2) * (x.shape[-1] // 2)
+    if x.dim() == 3:
+        return x.shape[1]
+    if x.dim() == 4:  # SD3: 2x2 patches
+        return (x.shape[-2] // 2) * (x.shape[-1] // 2)
+    if x.dim() == 5:  # Wan: (1, 2, 2) patches
+        return x.shape[2] * (x.shape[3] // 2) * (x.shape[4] // 2)
+    return None
+
+
+#: diffusers backends that materialise the S x S scores (math; flex uncompiled): skipped with
+#: a reason above REFERENCE_MAX_SEQ tokens, as the kernels suite skips its reference kernels
+DIFFUSERS_REFERENCE_BACKENDS = ("_native_math", "flex")
+
+
 def _model_rows(name: str, model, make_inputs: Callable, variants: list[str], infos: dict,
-                tiny: bool, device: str, timing: dict, bar) -> list[dict]:
+                tiny: bool, device: str, timing: dict, bar, settings: Any = None) -> list[dict]:
     """The rows of one model at one resolution: every variant, then the patch overhead."""
     dtype = next(model.parameters()).dtype
     rows = []
@@ -337,11 +376,21 @@ def _model_rows(name: str, model, make_inputs: Callable, variants: list[str], in
     desc = (f"{type(model).__name__}{' (tiny)' if tiny else ''}, {str(dtype)[6:]}, "
             f"{first} {tuple(kwargs[first].shape)}")
     outputs: dict[str, torch.Tensor] = {}
+    tokens = _self_attention_tokens(kwargs)
     for variant in variants:
         row = _row("models", name, variant, desc)
         rows.append(row)
         bar.update(1)
+        bar.set_postfix_str(f"{name} {variant}")
         kind, _, backend = variant.partition(" ")
+        if over(settings):
+            row["skipped"] = over(settings)
+            continue
+        if (kind == "diffusers" and backend in DIFFUSERS_REFERENCE_BACKENDS and device == "cuda"
+                and tokens is not None and tokens > REFERENCE_MAX_SEQ):
+            row["skipped"] = (f"materialises the {tokens}x{tokens} scores per head (skipped "
+                              f"above {REFERENCE_MAX_SEQ} tokens, as the kernels suite does)")
+            continue
         if kind == "attnpatch" and backend in infos and not infos[backend].available:
             row["skipped"] = "; ".join(infos[backend].reasons)
             continue
@@ -392,14 +441,9 @@ def _model_rows(name: str, model, make_inputs: Callable, variants: list[str], in
 
 # --- parallel ------------------------------------------------------------------------------------
 
-def parallel_suite(device: str, quick: bool, timing: dict, progress: Callable) -> list[dict]:
-    """Context parallelism needs several processes on 2+ CUDA GPUs: skip rows that say why
-    (``benchmarks/context_parallel.py`` under ``accelerate launch`` measures it)."""
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count < 2:
-        reason = f"needs 2 CUDA devices; this machine has {count}"
-    else:
-        reason = (f"multi-process: run `accelerate launch --multi_gpu --num_processes {count} "
-                  "benchmarks/context_parallel.py` (attnpatch bench runs in one process)")
-    return [_row("parallel", "denoiser forward, 1 vs N GPUs", variant, None, reason)
-            for variant in PARALLEL_VARIANTS]
+def parallel_suite(device: str, quick: bool, timing: dict, progress: Callable,
+                   settings: Any = None) -> list[dict]:
+    """See :func:`attnpatch._bench.parallel.parallel_suite` (accelerate launch per count)."""
+    from .parallel import parallel_suite as run
+
+    return run(device, quick, timing, progress, settings)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -114,3 +114,26 @@ def patched_forwards(model, kw: dict, variants: dict, device: str, budget_s: flo
         result["rel_err_vs_dense"] = rel(outputs[other], outputs[dense])
         result["speedup"] = result[f"{dense}_ms"] / result[f"{other}_ms"]
     return result
+
+
+class Deadline:
+    """The wall-clock limit of one ``attnpatch bench`` call (``--time-limit``): once spent,
+    the suites skip what is left with :meth:`reason`, and the results are still written."""
+
+    def __init__(self, seconds: Optional[float] = None):
+        self.seconds = seconds
+        self.end = None if seconds is None else time.monotonic() + seconds
+
+    def reason(self) -> Optional[str]:
+        """None while time is left; else why a row is not measured."""
+        if self.end is None or time.monotonic() < self.end:
+            return None
+        return (f"not measured: this call's --time-limit of {self.seconds:g} s was spent "
+                "(run it again for this part: fewer --models or --processes, a smaller "
+                "--budget, or --resolutions 1)")
+
+
+def over(settings: Any) -> Optional[str]:
+    """``settings.deadline``'s reason (None without a deadline or while time is left)."""
+    deadline = getattr(settings, "deadline", None)
+    return None if deadline is None else deadline.reason()
