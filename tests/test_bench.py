@@ -58,6 +58,7 @@ def test_quick_all_measures_with_spread(quick_all):
         assert by[("models", name, "unpatched")]["fwd_median_ms"] > 0
         patched = by[("models", name, "attnpatch sdpa")]
         assert "patch_overhead_pct" in patched and patched["rel_err_vs_unpatched"] < 1e-5
+        assert "patch_overhead_paired_pct" in patched and patched["fwd_rounds"] == "alternating"
         assert patched["routed_modules"] > 0
     sparse = [m for (suite, name, _), m in by.items() if suite == "sparse"
               and "output" not in name]
@@ -529,3 +530,25 @@ def test_render_only_redraws_from_results_json(quick_all, tmp_path, capsys):
         attnpatch.cli.main(["bench", "--render-only", "--suite", "kernels", "--out",
                             str(tmp_path / "bench")])
     assert "drop --suite kernels" in capsys.readouterr().err
+
+
+def test_alternating_rounds_enter_every_variant_once_per_round_in_rotating_order():
+    """Each round sets every variant up once and times one call of it; the order rotates, so
+    drift lands on all alike; ratios are paired per round against the first variant."""
+    import contextlib
+
+    from attnpatch._bench.timing import alternating_rounds
+    entered, called = [], []
+
+    def variant(name):
+        @contextlib.contextmanager
+        def enter():
+            entered.append(name)
+            yield
+        return enter, lambda: called.append(name)
+    stats = alternating_rounds({n: variant(n) for n in "abc"}, "cpu", 0.0, warmup=1, min_reps=4)
+    assert entered == called
+    rounds = [called[i:i + 3] for i in range(0, len(called), 3)]
+    assert rounds == [list("abc"), list("abc"), list("bca"), list("cab"), list("abc")]
+    assert all(stats[n]["reps"] == 4 and len(stats[n]["times_ms"]) == 4 for n in "abc")
+    assert set(stats["paired"]) == {"b", "c"} and len(stats["paired"]["b"]) == 4

@@ -7,17 +7,19 @@ Every suite returns rows ``{"suite", "name", "variant", "shape", "metrics", "ski
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import platform
+import statistics
 from typing import Any, Callable, Optional
 
 import torch
 
 import attnpatch
 
-from .timing import over, rel, timer_stats
+from .timing import alternating_rounds, over, rel, timer_stats
 
 log = logging.getLogger(__name__)
 
@@ -358,6 +360,22 @@ def _self_attention_tokens(kwargs: dict) -> Optional[int]:
 DIFFUSERS_REFERENCE_BACKENDS = ("_native_math", "flex")
 
 
+def _variant_context(model, kind: str, backend: str, variant: str) -> Callable:
+    """A factory of the context that sets ``variant`` up on ``model`` (entered once per timed
+    round): nothing, a diffusers backend, or an attnpatch patch (yielding its handle)."""
+    if variant == "unpatched":
+        return contextlib.nullcontext
+    if kind == "diffusers":
+        return lambda: _diffusers_backend(model, backend)
+    return lambda: attnpatch.patch(model, backend=backend)
+
+
+def _round_options(timing: dict) -> dict:
+    """:func:`alternating_rounds` options from the run's :func:`timer_stats` options."""
+    return dict(budget_s=timing.get("budget_s", 0.0), warmup=1,
+                min_reps=timing.get("min_reps", 5), max_reps=timing.get("max_reps", 100))
+
+
 def _model_rows(name: str, model, make_inputs: Callable, variants: list[str], infos: dict,
                 tiny: bool, device: str, timing: dict, bar, settings: Any = None) -> list[dict]:
     """The rows of one model at one resolution: every variant, then the patch overhead."""
@@ -376,6 +394,7 @@ def _model_rows(name: str, model, make_inputs: Callable, variants: list[str], in
     desc = (f"{type(model).__name__}{' (tiny)' if tiny else ''}, {str(dtype)[6:]}, "
             f"{first} {tuple(kwargs[first].shape)}")
     outputs: dict[str, torch.Tensor] = {}
+    timed: dict[str, tuple] = {}
     tokens = _self_attention_tokens(kwargs)
     for variant in variants:
         row = _row("models", name, variant, desc)
@@ -398,25 +417,18 @@ def _model_rows(name: str, model, make_inputs: Callable, variants: list[str], in
             row["skipped"] = _diffusers_skip(model, backend)
             if row["skipped"] is not None:
                 continue
+        enter = _variant_context(model, kind, backend, variant)
         try:
-            with torch.no_grad():
-                if variant == "unpatched":
-                    outputs[variant] = model(**kwargs)[0]
-                    stats = timer_stats(lambda: model(**kwargs), device, **timing)
-                elif kind == "diffusers":
-                    with _diffusers_backend(model, backend):
-                        outputs[variant] = model(**kwargs)[0]
-                        stats = timer_stats(lambda: model(**kwargs), device, **timing)
+            with torch.no_grad(), enter() as handle:
+                outputs[variant] = model(**kwargs)[0]
+                if kind == "diffusers":
                     row["metrics"]["backend_modules"] = sum(
                         n for k, n in _dispatching_processors(model).items() if k)
-                else:
-                    with attnpatch.patch(model, backend=backend) as handle:
-                        outputs[variant] = model(**kwargs)[0]
-                        stats = timer_stats(lambda: model(**kwargs), device, **timing)
-                        report = handle.report()
-                        row["metrics"]["routed_modules"] = len(report.routed)
-                        row["metrics"]["backends_used"] = ",".join(
-                            sorted({r.backend for r in report if r.backend}))
+                elif kind == "attnpatch":
+                    report = handle.report()
+                    row["metrics"]["routed_modules"] = len(report.routed)
+                    row["metrics"]["backends_used"] = ",".join(
+                        sorted({r.backend for r in report if r.backend}))
         except Exception as exc:  # report it, keep measuring the others
             # most diffusers backends fail off CUDA or without their package: expected
             (log.info if kind == "diffusers" else log.warning)(
@@ -425,14 +437,32 @@ def _model_rows(name: str, model, make_inputs: Callable, variants: list[str], in
                 f" (on {device}; most diffusers backends need CUDA or an extra package)"
                 if kind == "diffusers" and device != "cuda" else "")
             continue
-        row["metrics"].update(_stats("fwd", stats))
+        timed[variant] = (enter, lambda: model(**kwargs))
         if "unpatched" in outputs and variant != "unpatched":
             row["metrics"]["rel_err_vs_unpatched"] = rel(outputs[variant], outputs["unpatched"])
-    by = {r["variant"]: r["metrics"] for r in rows}
-    base, patched = by.get("unpatched", {}), by.get("attnpatch sdpa", {})
+    by = {r["variant"]: r for r in rows}
+    if timed and not over(settings):
+        # every variant in alternating rounds: drift lands on all alike (benchmarks/overhead.py)
+        with torch.no_grad():
+            stats = alternating_rounds(timed, device, **_round_options(timing))
+        for variant in timed:
+            metrics = by[variant]["metrics"]
+            metrics.update(_stats("fwd", stats[variant]))
+            metrics["fwd_rounds"] = "alternating"
+            if variant in stats["paired"] and variant != "unpatched":
+                metrics["fwd_paired_vs_first_median"] = statistics.median(
+                    stats["paired"][variant])
+    elif timed:
+        for variant in timed:
+            by[variant]["skipped"] = over(settings)
+    base = by.get("unpatched", {}).get("metrics", {})
+    patched = by.get("attnpatch sdpa", {}).get("metrics", {})
     if "fwd_median_ms" in base and "fwd_median_ms" in patched:
         patched["patch_overhead_pct"] = 100.0 * (
             patched["fwd_median_ms"] / base["fwd_median_ms"] - 1)
+        if "fwd_paired_vs_first_median" in patched and next(iter(timed)) == "unpatched":
+            patched["patch_overhead_paired_pct"] = 100.0 * (
+                patched["fwd_paired_vs_first_median"] - 1)
     kwargs = outputs = None
     if device == "cuda":
         torch.cuda.empty_cache()

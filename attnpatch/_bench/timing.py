@@ -55,6 +55,56 @@ def timer_stats(fn: Callable[[], object], device: str, budget_s: float, warmup: 
     return _spread(times)
 
 
+def alternating_rounds(variants: dict, device: str, budget_s: float, warmup: int = 1,
+                       min_reps: int = 5, max_reps: int = 200) -> dict:
+    """Per-forward milliseconds of each variant, timed in alternating rounds (the method of
+    ``benchmarks/overhead.py``): every round enters each variant once, in an order that
+    rotates from round to round, and times one call of it, so host and clock drift land on
+    every variant alike. ``variants``: name -> (enter, fn), ``enter()`` a context manager that
+    sets the variant up (a patch, a diffusers backend) and ``fn()`` the forward. ``warmup``
+    rounds are not timed; the rounds that fit ``budget_s`` per variant follow (between
+    ``min_reps`` and ``max_reps``; ``min_reps`` on a CPU). Returns name -> :func:`_spread`
+    stats plus ``times_ms``, and ``"paired"``: name -> the per-round ratios to the first
+    variant."""
+    names = list(variants)
+    times: dict[str, list] = {n: [] for n in names}
+
+    def one(name: str) -> float:
+        enter, fn = variants[name]
+        with enter():
+            if device == "cuda":
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                torch.cuda.synchronize()
+                start.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                return start.elapsed_time(end)
+            begin = time.perf_counter()
+            fn()
+            return (time.perf_counter() - begin) * 1e3
+
+    for _ in range(warmup):
+        for name in names:
+            one(name)
+    rounds, total_ms, done = min_reps, 0.0, 0
+    while done < rounds:
+        shift = done % len(names)
+        for name in names[shift:] + names[:shift]:
+            ms = one(name)
+            times[name].append(ms)
+            total_ms += ms
+        done += 1
+        if done == 1 and device == "cuda":  # rounds that fit the budget (per variant)
+            per_round = max(total_ms, 1e-3) / len(names)
+            rounds = max(min_reps, min(max_reps, int(budget_s * 1e3 / per_round)))
+    result = {n: {**_spread(t), "times_ms": t} for n, t in times.items()}
+    base = times[names[0]]
+    result["paired"] = {n: [a / b for a, b in zip(times[n], base)] for n in names[1:]}
+    return result
+
+
 def timer(fn: Callable[[], object], device: str, budget_s: float, warmup: int = 3,
           min_reps: int = 5, max_reps: int = 200) -> float:
     """Median milliseconds of ``fn()`` (see :func:`timer_stats`)."""
