@@ -623,8 +623,32 @@ def _index_lists(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return count, order
 
 
-def _permute(x: torch.Tensor, perm: Optional[torch.Tensor], dim: int) -> torch.Tensor:
-    return x if perm is None else x.index_select(dim, perm)
+class _Reorder(torch.autograd.Function):
+    """``x.index_select(dim, index)`` whose backward is the inverse gather (``inverse``), not
+    ``index_select``'s scatter-add: a permutation's gradient is a permutation too, and a
+    gather is several times faster than the atomic scatter on a GPU."""
+
+    @staticmethod
+    def forward(ctx, x, index, inverse, dim):
+        ctx.dim = dim
+        ctx.save_for_backward(inverse)
+        return x.index_select(dim, index)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(ctx.dim, inverse), None, None, None
+
+
+def _permute(x: torch.Tensor, perm: Optional[torch.Tensor], dim: int,
+             inverse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x`` along ``dim`` in ``perm``'s order; with ``inverse`` (``perm``'s inverse) and a
+    tensor that needs grad, differentiated by a gather."""
+    if perm is None:
+        return x
+    if inverse is not None and x.requires_grad and torch.is_grad_enabled():
+        return _Reorder.apply(x, perm, inverse, dim)
+    return x.index_select(dim, perm)
 
 
 def _inverse(plan: _Plan) -> torch.Tensor:
@@ -653,7 +677,9 @@ def _run_flash4(call: AttentionCall, plan: _Plan, full: torch.Tensor, partial: t
             plan.lists["fa4"] = cached
     tensors, mask_mod, aux = cached
     perm = plan.groups.perm
-    q, k, v = (_permute(t.transpose(1, 2), perm, 1) for t in (call.query, call.key, call.value))
+    inv = None if perm is None else _inverse(plan)
+    q, k, v = (_permute(t.transpose(1, 2), perm, 1, inv)
+               for t in (call.query, call.key, call.value))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     kw = {} if call.default_scale else {"softmax_scale": call.scale}
     if mask_mod is not None:
@@ -661,10 +687,9 @@ def _run_flash4(call: AttentionCall, plan: _Plan, full: torch.Tensor, partial: t
     out, lse = flash_attn_func(q, k, v, block_sparse_tensors=tensors[0],
                                block_sparse_tensors_bwd=tensors[1],
                                return_lse=call.return_lse, **kw)
-    inv = None if perm is None else _inverse(plan)
-    out = _permute(out, inv, 1).transpose(1, 2)
+    out = _permute(out, inv, 1, perm).transpose(1, 2)
     if call.return_lse:
-        return out, _permute(lse, inv, 2).float()
+        return out, _permute(lse, inv, 2, perm).float()
     return out
 
 
@@ -759,7 +784,8 @@ def _run_flex(call: AttentionCall, plan: _Plan, allow: Optional[torch.Tensor]):
             seq_lengths=(call.seq_len_q, call.seq_len_kv))
         if static:
             plan.lists["flex"] = block_mask
-    q, k, v = (_permute(t, perm, 2) for t in (call.query, call.key, call.value))
+    inv = None if perm is None else _inverse(plan)
+    q, k, v = (_permute(t, perm, 2, inv) for t in (call.query, call.key, call.value))
     mask = call.attn_mask
     if mask is not None and perm is not None:
         for dim in (2, 3):  # a broadcast (size-1) dim stays
@@ -768,11 +794,10 @@ def _run_flex(call: AttentionCall, plan: _Plan, allow: Optional[torch.Tensor]):
     result = _run_inner("flex", sub, block_mask=block_mask)
     if perm is None:
         return result
-    inv = _inverse(plan)
     if call.return_lse:
         out, lse = result
-        return _permute(out, inv, 2), _permute(lse, inv, 2)
-    return _permute(result, inv, 2)
+        return _permute(out, inv, 2, perm), _permute(lse, inv, 2, perm)
+    return _permute(result, inv, 2, perm)
 
 
 def _group_mask_mod(groups: P.GroupLayout, box: list, causal: bool) -> Callable:

@@ -708,3 +708,21 @@ def test_pipeline_patch_sparsifies_the_denoiser_and_dense_steps_count_pipeline_s
     assert any(n.startswith("vae.") for n in used), used
     with attnpatch.patch(pipe, backend=BS, dense_steps=1, **opts):
         assert rel_error(run_pipe(pipe, kw), ref) > 1e-4
+
+
+def test_token_permutation_differentiates_by_the_inverse_gather():
+    """The kernels' per-call token permutation: forward = index_select, backward = a gather by
+    the inverse permutation (equal to index_select's scatter-add gradient)."""
+    from attnpatch.strategies import block_sparse as BSP
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(37, generator=gen)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(37)
+    x = torch.randn(2, 3, 37, 5, generator=gen, **F64, requires_grad=True)
+    out = BSP._permute(x, perm, 2, inv)
+    assert torch.equal(out, x.index_select(2, perm))
+    grad = torch.randn_like(out)
+    (ours,) = torch.autograd.grad(out, x, grad)
+    (theirs,) = torch.autograd.grad(x.index_select(2, perm), x, grad)
+    assert torch.equal(ours, theirs)
+    assert torch.autograd.gradcheck(lambda t: BSP._permute(t, perm, 2, inv), (x,))
