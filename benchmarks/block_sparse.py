@@ -304,7 +304,7 @@ WAN = {
                              text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=2,
                              cross_attn_norm=True, qk_norm="rms_norm_across_heads"),
                  latent=(21, 90, 160), text=512,
-                 options=dict(pattern="tile3d", tile=(3, 9, 16), window=(3, 3, 3))),
+                 options=dict(pattern="tile3d", tile=(3, 8, 16), window=(3, 3, 3))),
     "tiny": dict(config=dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
                              in_channels=4, out_channels=4, text_dim=16, freq_dim=32,
                              ffn_dim=32, num_layers=2, cross_attn_norm=True,
