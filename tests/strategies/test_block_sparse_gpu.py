@@ -41,6 +41,26 @@ def _inputs(layout: TokenLayout, heads=4, kv=2, dtype=torch.bfloat16, seed=0):
             for h in (heads, kv, kv)]
 
 
+def _assert_close_to_fp64(out, leaves: list, element: torch.Tensor):
+    """``out`` (from ``leaves`` q, k, v) and its gradients are as close to fp64 attention under
+    the element mask as bf16 attention under the same mask (the math backend) is."""
+    q, k, v = leaves
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = masked_reference(*ref_leaves, element)[0]
+    bf16 = [t.detach().requires_grad_() for t in (q, k, v)]
+    math_out = attnpatch.attention(*bf16, attn_mask=element, backend="math")
+
+    def err(a, b):
+        return float((a.detach().double() - b.detach()).norm() / b.detach().norm())
+    assert err(out, ref) <= 2 * err(math_out, ref) + 1e-3
+    grad = torch.randn_like(ref)
+    ours = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+    theirs = torch.autograd.grad(math_out, bf16, grad.to(out.dtype))
+    want = torch.autograd.grad(ref, ref_leaves, grad)
+    for a, m, w in zip(ours, theirs, want):
+        assert err(a, w) <= 2 * err(m, w) + 1e-3
+
+
 def _check(case: dict, kernel: str, pattern: str, heads: int = 4, kv: int = 2):
     layout = case["layout"]
     q, k, v = _inputs(layout, heads, kv)
@@ -51,20 +71,7 @@ def _check(case: dict, kernel: str, pattern: str, heads: int = 4, kv: int = 2):
     tile = case["tile"] if len(case["tile"]) == 3 else (1, *case["tile"])
     window = case["window"] if len(case["window"]) == 3 else (1, *case["window"])
     element = with_text(tile_mask(layout.grid, tile, window), layout, q.shape[2]).cuda()
-    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = masked_reference(*ref_leaves, element)[0]
-    bf16 = [t.detach().requires_grad_() for t in (q, k, v)]
-    math_out = attnpatch.attention(*bf16, attn_mask=element, backend="math")
-
-    def err(a, b):
-        return float((a.double() - b).norm() / b.norm())
-    assert err(out, ref) <= 2 * err(math_out, ref) + 1e-3
-    grad = torch.randn_like(ref)
-    ours = torch.autograd.grad(out, leaves, grad.to(out.dtype))
-    theirs = torch.autograd.grad(math_out, bf16, grad.to(out.dtype))
-    want = torch.autograd.grad(ref, ref_leaves, grad)
-    for a, m, w in zip(ours, theirs, want):
-        assert err(a, w) <= 2 * err(m, w) + 1e-3
+    _assert_close_to_fp64(out, leaves, element)
 
 
 @pytest.mark.parametrize("kernel", _kernels())
@@ -106,20 +113,7 @@ def test_per_head_layout_of_64_blocks_matches_under_the_mask(kernel):
     out = attnpatch.attention(*leaves, backend="block_sparse", block_layout=layout,
                               block_size=64, kernel=kernel)
     element = expand(layout, 64, 64, seq, seq)[None].cuda()
-    ref_leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = masked_reference(*ref_leaves, element)[0]
-    bf16 = [t.detach().requires_grad_() for t in (q, k, v)]
-    math_out = attnpatch.attention(*bf16, attn_mask=element, backend="math")
-
-    def err(a, b):
-        return float((a.double() - b).norm() / b.norm())
-    assert err(out, ref) <= 2 * err(math_out, ref) + 1e-3
-    grad = torch.randn_like(ref)
-    ours = torch.autograd.grad(out, leaves, grad.to(out.dtype))
-    theirs = torch.autograd.grad(math_out, bf16, grad.to(out.dtype))
-    want = torch.autograd.grad(ref, ref_leaves, grad)
-    for a, m, w in zip(ours, theirs, want):
-        assert err(a, w) <= 2 * err(m, w) + 1e-3
+    _assert_close_to_fp64(out, leaves, element)
 
 
 def test_topk_on_flash4_equals_the_mask_path_on_the_same_layout():
