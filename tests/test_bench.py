@@ -265,6 +265,7 @@ def test_quick_sparse_window_sweep_and_model_output(quick_all):
     for m in sparse:
         assert 0 < m["density"] < 1 and m["speedup"] > 0 and m["routed_modules"] > 0
         assert 1e-6 < m["rel_err_vs_unpatched"] < 1
+        assert m["fwd_rounds"] == "alternating" and m["fwd_reps"] == by["sdpa"]["fwd_reps"]
     wide = by["block_sparse tile2d 4x4 window 3x3"]
     narrow = by["block_sparse tile2d 4x4 window 1x1"]
     assert wide["density"] > narrow["density"]

@@ -45,9 +45,11 @@ NOTES = {
               "as skipped with the error; none applies to models whose attention processors do "
               "not dispatch through diffusers' backends, e.g. SDXL's and SD3's; Hub-kernel "
               "backends are skipped unless ATTNPATCH_BENCH_HUB_KERNELS=1), and "
-              "`attnpatch.patch(model, backend=...)` on the same model and inputs; patch "
-              "overhead is patched `sdpa` over unpatched (the paired measurement is "
-              "`benchmarks/overhead.py`).",
+              "`attnpatch.patch(model, backend=...)` on the same model and inputs. A model's "
+              "variants are timed in alternating rounds (each round sets every variant up and "
+              "times one forward of it, the order rotating), so drift lands on all alike; patch "
+              "overhead is patched `sdpa` over unpatched (`patch_overhead_paired_pct` in "
+              "results.json: the median of the per-round ratios).",
     "sparse": "Forward only. Attention-call rows (`dilated <shape>`, `block_sparse <shape>_<window>`: "
               "tile windows from small to large): density is the fraction of query-key pairs "
               "computed, the speed-up is over dense attention (cuDNN on CUDA) measured in the "
@@ -56,7 +58,7 @@ NOTES = {
               "Model-output rows (`flux transformer …: output`): one Flux transformer forward "
               "(full size at 2048² on CUDA, tiny with --quick; random weights) with every "
               "attention layer sparse, the output's error against the unpatched forward and the "
-              "speed-up over patched `sdpa`, and per layer the error of each attention call's output "
+              "speed-up over patched `sdpa` (timed in alternating rounds), and per layer the error of each attention call's output "
               "against dense attention on the same call (median and max over the layers; the "
               "list is `layer_rel_err` in results.json). Image rows (`--model PATH` only): one image per "
               "config from the same seed and prompt, PSNR and SSIM against the unpatched image "

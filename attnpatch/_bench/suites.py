@@ -19,7 +19,7 @@ import torch
 
 import attnpatch
 
-from .timing import alternating_rounds, over, rel, timer_stats
+from .timing import alternating_rounds, over, rel, round_options, timer_stats
 
 log = logging.getLogger(__name__)
 
@@ -370,12 +370,6 @@ def _variant_context(model, kind: str, backend: str, variant: str) -> Callable:
     return lambda: attnpatch.patch(model, backend=backend)
 
 
-def _round_options(timing: dict) -> dict:
-    """:func:`alternating_rounds` options from the run's :func:`timer_stats` options."""
-    return dict(budget_s=timing.get("budget_s", 0.0), warmup=1,
-                min_reps=timing.get("min_reps", 5), max_reps=timing.get("max_reps", 100))
-
-
 def _model_rows(name: str, model, make_inputs: Callable, variants: list[str], infos: dict,
                 tiny: bool, device: str, timing: dict, bar, settings: Any = None) -> list[dict]:
     """The rows of one model at one resolution: every variant, then the patch overhead."""
@@ -444,7 +438,7 @@ def _model_rows(name: str, model, make_inputs: Callable, variants: list[str], in
     if timed and not over(settings):
         # every variant in alternating rounds: drift lands on all alike (benchmarks/overhead.py)
         with torch.no_grad():
-            stats = alternating_rounds(timed, device, **_round_options(timing))
+            stats = alternating_rounds(timed, device, **round_options(timing))
         for variant in timed:
             metrics = by[variant]["metrics"]
             metrics.update(_stats("fwd", stats[variant]))

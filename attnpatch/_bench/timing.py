@@ -105,6 +105,12 @@ def alternating_rounds(variants: dict, device: str, budget_s: float, warmup: int
     return result
 
 
+def round_options(timing: dict) -> dict:
+    """:func:`alternating_rounds` options from a run's :func:`timer_stats` options."""
+    return dict(budget_s=timing.get("budget_s", 0.0), warmup=1,
+                min_reps=timing.get("min_reps", 5), max_reps=timing.get("max_reps", 100))
+
+
 def timer(fn: Callable[[], object], device: str, budget_s: float, warmup: int = 3,
           min_reps: int = 5, max_reps: int = 200) -> float:
     """Median milliseconds of ``fn()`` (see :func:`timer_stats`)."""
