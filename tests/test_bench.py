@@ -553,3 +553,21 @@ def test_alternating_rounds_enter_every_variant_once_per_round_in_rotating_order
     assert rounds == [list("abc"), list("abc"), list("bca"), list("cab"), list("abc")]
     assert all(stats[n]["reps"] == 4 and len(stats[n]["times_ms"]) == 4 for n in "abc")
     assert set(stats["paired"]) == {"b", "c"} and len(stats["paired"]["b"]) == 4
+
+
+def test_alternating_rounds_drop_a_variant_that_fails_and_time_the_others():
+    import contextlib
+
+    from attnpatch._bench.timing import alternating_rounds
+    calls = {"a": 0, "b": 0}
+
+    def variant(name, fail_after=None):
+        def fn():
+            calls[name] += 1
+            if fail_after is not None and calls[name] > fail_after:
+                raise torch.OutOfMemoryError("round 3")
+        return contextlib.nullcontext, fn
+    stats = alternating_rounds({"a": variant("a"), "b": variant("b", fail_after=3)}, "cpu",
+                               0.0, warmup=1, min_reps=5)
+    assert stats["b"] == {"error": "OutOfMemoryError: round 3"}
+    assert stats["a"]["reps"] == 5 and stats["paired"] == {}

@@ -405,16 +405,21 @@ def parallel_suite(device: str, quick: bool, timing: dict, progress: Callable,
             bar.update(1)
             continue
         bar.set_postfix_str(f"launching {n} process(es)")
-        rows += _launch(n, device, quick, group)
+        deadline = getattr(settings, "deadline", None)
+        rows += _launch(n, device, quick, group, None if deadline is None else deadline.left())
         bar.update(1)
     bar.close()
     return rows
 
 
-def _launch(n: int, device: str, quick: bool, group: str) -> list[dict]:
+def _launch(n: int, device: str, quick: bool, group: str,
+            left: Optional[float] = None) -> list[dict]:
+    """The rows of one launch of ``n`` processes; ``left``: seconds of ``--time-limit`` left
+    (the launch is stopped then, its rows say why)."""
     import subprocess
 
     kind = "cuda" if device == "cuda" else "cpu"
+    timeout = LAUNCH_TIMEOUT[kind] if left is None else max(1.0, min(LAUNCH_TIMEOUT[kind], left))
     with tempfile.TemporaryDirectory(prefix="attnpatch-bench-parallel-") as tmp:
         out = pathlib.Path(tmp) / "rows.json"
         args = ["--configs", BENCH_CONFIGS[kind], "--out", str(out),
@@ -433,14 +438,14 @@ def _launch(n: int, device: str, quick: bool, group: str) -> list[dict]:
         failure = None
         try:
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
-                                  timeout=LAUNCH_TIMEOUT[kind])
+                                  timeout=timeout)
             if proc.returncode != 0 or not out.exists():
                 tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
                 failure = (f"the launch of {n} process(es) failed (exit {proc.returncode}): "
                            + " | ".join(tail)[-400:])
         except subprocess.TimeoutExpired:
-            failure = (f"the launch of {n} process(es) ran past {LAUNCH_TIMEOUT[kind]} s "
-                       "(use fewer --processes per call)")
+            failure = (f"the launch of {n} process(es) ran past {timeout:g} s "
+                       "(use fewer --processes per call, or a larger --time-limit)")
         if failure is not None:
             log.warning("parallel: %s", failure)
             return [_prow(f"denoiser forward x{n}", v, None, group, failure) for v in VARIANTS]

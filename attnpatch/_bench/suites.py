@@ -440,6 +440,9 @@ def _model_rows(name: str, model, make_inputs: Callable, variants: list[str], in
         with torch.no_grad():
             stats = alternating_rounds(timed, device, **round_options(timing))
         for variant in timed:
+            if "error" in stats[variant]:
+                by[variant]["skipped"] = f"failed while timed: {stats[variant]['error']}"
+                continue
             metrics = by[variant]["metrics"]
             metrics.update(_stats("fwd", stats[variant]))
             metrics["fwd_rounds"] = "alternating"

@@ -65,9 +65,11 @@ def alternating_rounds(variants: dict, device: str, budget_s: float, warmup: int
     rounds are not timed; the rounds that fit ``budget_s`` per variant follow (between
     ``min_reps`` and ``max_reps``; ``min_reps`` on a CPU). Returns name -> :func:`_spread`
     stats plus ``times_ms``, and ``"paired"``: name -> the per-round ratios to the first
-    variant."""
+    variant. A variant that raises (say, out of memory in a later round) leaves the rounds:
+    its entry is ``{"error": "<type>: <message>"}`` and the others go on."""
     names = list(variants)
     times: dict[str, list] = {n: [] for n in names}
+    errors: dict[str, str] = {}
 
     def one(name: str) -> float:
         enter, fn = variants[name]
@@ -85,23 +87,36 @@ def alternating_rounds(variants: dict, device: str, budget_s: float, warmup: int
             fn()
             return (time.perf_counter() - begin) * 1e3
 
+    def timed(name: str) -> Optional[float]:
+        try:
+            return one(name)
+        except Exception as exc:  # this variant leaves the rounds; the others go on
+            errors[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
     for _ in range(warmup):
         for name in names:
-            one(name)
+            if name not in errors:
+                timed(name)
     rounds, total_ms, done = min_reps, 0.0, 0
-    while done < rounds:
+    while done < rounds and len(errors) < len(names):
         shift = done % len(names)
         for name in names[shift:] + names[:shift]:
-            ms = one(name)
-            times[name].append(ms)
-            total_ms += ms
+            ms = None if name in errors else timed(name)
+            if ms is not None:
+                times[name].append(ms)
+                total_ms += ms
         done += 1
         if done == 1 and device == "cuda":  # rounds that fit the budget (per variant)
-            per_round = max(total_ms, 1e-3) / len(names)
+            per_round = max(total_ms, 1e-3) / max(1, len(names) - len(errors))
             rounds = max(min_reps, min(max_reps, int(budget_s * 1e3 / per_round)))
-    result = {n: {**_spread(t), "times_ms": t} for n, t in times.items()}
+    result: dict = {n: {"error": errors[n]} if n in errors else {**_spread(t), "times_ms": t}
+                    for n, t in times.items()}
     base = times[names[0]]
-    result["paired"] = {n: [a / b for a, b in zip(times[n], base)] for n in names[1:]}
+    result["paired"] = {n: [a / b for a, b in zip(times[n], base)] for n in names[1:]
+                        if n not in errors and names[0] not in errors}
     return result
 
 
@@ -179,6 +194,10 @@ class Deadline:
     def __init__(self, seconds: Optional[float] = None):
         self.seconds = seconds
         self.end = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> Optional[float]:
+        """Seconds left (None without a limit)."""
+        return None if self.end is None else max(0.0, self.end - time.monotonic())
 
     def reason(self) -> Optional[str]:
         """None while time is left; else why a row is not measured."""

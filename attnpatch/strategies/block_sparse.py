@@ -923,8 +923,8 @@ _PREORDERED: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar(
     "attnpatch_block_sparse_preordered", default=None)
 
 
-#: the :class:`_TileOrder` hooks' ``_PREORDERED`` tokens of the running forwards (innermost
-#: last; None for a forward they left in the model's order)
+#: (hook, token) per running forward: the :class:`_TileOrder` hooks' ``_PREORDERED`` tokens
+#: (innermost last; None for a forward they left in the model's order)
 _ORDER_TOKENS: contextvars.ContextVar[tuple] = contextvars.ContextVar(
     "attnpatch_block_sparse_order_tokens", default=())
 #: (grid, tile, device) -> (perm, inverse, tokens): a tile order, kernel position -> token
@@ -993,7 +993,7 @@ class _TileOrder:
         # the ContextVar's token, on a stack of this thread's context (a model may run in
         # several threads at once); None for a forward left in the model's order
         token = None if key is None else _PREORDERED.set(key)
-        _ORDER_TOKENS.set((*_ORDER_TOKENS.get(), token))
+        _ORDER_TOKENS.set((*_ORDER_TOKENS.get(), (self, token)))
         if token is None:
             return None
         return _move_inputs(self, self.plan.enter, "", args, kwargs, False)
@@ -1002,10 +1002,12 @@ class _TileOrder:
         if torch.compiler.is_dynamo_compiling():
             return None
         stack = _ORDER_TOKENS.get()
-        if not stack:
+        # only this hook's own entry: when an earlier pre-hook raised, this pre never ran
+        # (torch still calls this post), and the top entry is an outer forward's
+        if not stack or stack[-1][0] is not self:
             return None
         _ORDER_TOKENS.set(stack[:-1])
-        token = stack[-1]
+        token = stack[-1][1]
         if token is None:
             return None
         try:

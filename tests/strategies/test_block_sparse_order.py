@@ -175,6 +175,26 @@ def test_a_forward_that_raises_leaves_no_tile_order_behind():
         assert BSP._PREORDERED.get() is None
 
 
+def test_a_pre_hook_that_raises_before_the_order_hook_leaves_the_outer_forwards_entry():
+    """torch runs the order hook's post even when an earlier pre-hook raised and its pre never
+    ran: the post must not pop (and reset) an outer reordered forward's entry."""
+    model, kw = wan()
+
+    def refuse(module, args, kwargs):
+        raise RuntimeError("an earlier pre-hook refuses")
+    with attnpatch.patch(model, backend=BS, **CASES["wan"][1]):
+        handle = model.register_forward_pre_hook(refuse, with_kwargs=True, prepend=True)
+        outer = (object(), None)
+        reset = BSP._ORDER_TOKENS.set((outer,))
+        try:
+            with pytest.raises(RuntimeError, match="earlier pre-hook"), torch.no_grad():
+                model(**kw)
+            assert BSP._ORDER_TOKENS.get() == (outer,)
+        finally:
+            BSP._ORDER_TOKENS.reset(reset)
+            handle.remove()
+
+
 @pytest.mark.parametrize("fullgraph", [False, True])
 @pytest.mark.parametrize("case", ["wan", "sd3"])
 def test_torch_compile_of_the_model_matches_eager(case, fullgraph):
