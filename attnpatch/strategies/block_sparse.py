@@ -892,7 +892,6 @@ class _DenseSteps:
         self.steps = steps
         self.last: Optional[float] = None
         self.step = 0
-        self.tokens: list = []
 
     def pre(self, module, args, kwargs):
         if torch.compiler.is_dynamo_compiling():  # compiled: no step count, every step sparse
@@ -902,20 +901,31 @@ class _DenseSteps:
             t = t.flatten()[0].item() if t.numel() else None
         value = None if t is None else float(t)
         if value is None:  # no timestep: not a denoising step
-            self.tokens.append(_DENSE_NOW.set(False))
-            return None
-        if self.last is None or value > self.last:
-            self.step = 0
-        elif value != self.last:
-            self.step += 1
-        self.last = value
-        self.tokens.append(_DENSE_NOW.set(self.step < self.steps))
+            dense = False
+        else:
+            if self.last is None or value > self.last:
+                self.step = 0
+            elif value != self.last:
+                self.step += 1
+            self.last = value
+            dense = self.step < self.steps
+        # the token on a stack of this thread's context (two threads may run the model)
+        _DENSE_TOKENS.set((*_DENSE_TOKENS.get(), (self, _DENSE_NOW.set(dense))))
         return None
 
     def post(self, module, args, kwargs, output):
-        if not torch.compiler.is_dynamo_compiling() and self.tokens:
-            _DENSE_NOW.reset(self.tokens.pop())
+        if torch.compiler.is_dynamo_compiling():
+            return None
+        stack = _DENSE_TOKENS.get()
+        if stack and stack[-1][0] is self:  # only its own entry (its pre may not have run)
+            _DENSE_TOKENS.set(stack[:-1])
+            _DENSE_NOW.reset(stack[-1][1])
         return None
+
+
+#: (hook, token) per running forward: the :class:`_DenseSteps` hooks' ``_DENSE_NOW`` tokens
+_DENSE_TOKENS: contextvars.ContextVar[tuple] = contextvars.ContextVar(
+    "attnpatch_block_sparse_dense_tokens", default=())
 
 
 #: (grid, tile) while a patched denoiser runs with its image tokens already in that tile order

@@ -694,6 +694,52 @@ def test_auto_falls_back_to_flex_when_flash4_fails(caplog):
     assert rel_error(out, masked_reference(q, k, v, element)[0]) <= 1e-5
 
 
+def test_dense_steps_in_two_threads_at_once_keep_each_forwards_own_state():
+    """Two threads inside one patched denoiser at once, the one that entered first leaving
+    first: each forward's dense/sparse state is reset in its own context, never the other's."""
+    import threading
+    model, kw = flux()
+    barrier = threading.Barrier(2, timeout=30)
+    entered: list = []
+    first_done = threading.Event()
+    errors: list = []
+    outs: list = []
+
+    def enter(module, args, kwargs):  # after block_sparse's own pre-hook on the model
+        entered.append(threading.get_ident())
+
+    def hold(module, args, kwargs):  # both inside; the later one waits for the first to end
+        barrier.wait()
+        if threading.get_ident() == entered[1]:
+            first_done.wait(timeout=30)
+
+    def work():
+        try:
+            outs.append(run(model, kw))
+        except Exception as err:  # surfaced in the main thread below
+            errors.append(err)
+        finally:
+            if threading.get_ident() == entered[0]:
+                first_done.set()
+    opts = dict(pattern="tile2d", tile=(2, 2), window=(1, 1), dense_steps=1)
+    with attnpatch.patch(model, backend=BS, **opts):
+        hooks = [model.register_forward_pre_hook(enter, with_kwargs=True),
+                 model.transformer_blocks[0].register_forward_pre_hook(hold, with_kwargs=True)]
+        try:
+            threads = [threading.Thread(target=work) for _ in range(2)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+        finally:
+            for h in hooks:
+                h.remove()
+        assert not errors, errors
+        # one timestep throughout: step 0 of one call, dense in both forwards
+        dense = run(model, kw)
+    assert len(outs) == 2 and all(rel_error(o, dense) <= 1e-6 for o in outs)
+
+
 def test_pipeline_patch_sparsifies_the_denoiser_and_dense_steps_count_pipeline_steps():
     """``patch(pipe, backend="block_sparse", ...)`` routes the denoiser (the VAE, whose calls
     have no grid, stays on auto); with ``dense_steps`` equal to the number of steps the images
