@@ -136,8 +136,8 @@ def tile_layout(geo: Geometry, tile: tuple, window: tuple, text_global: bool,
     (``window`` tiles per axis, clamped at the grid edge); tokens reordered so that each tile
     is contiguous, the full tiles first and the ragged edge tiles last (each part in C order of
     tile coordinates): with a tile of a multiple of 128 tokens, the kernel's 128-token blocks
-    over the full tiles are aligned and whole. Text: one group, global unless ``text_global`` is False (then it attends
-    itself only, and image tokens attend image tokens only)."""
+    over the full tiles are aligned and whole. Text: one group, global unless ``text_global``
+    is False (then it attends itself only, and image tokens attend image tokens only)."""
     grid = geo.grid
     counts = [-(-g // t) for g, t in zip(grid, tile)]
     notes = []
