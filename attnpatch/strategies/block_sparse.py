@@ -655,9 +655,14 @@ def _inverse(plan: _Plan) -> torch.Tensor:
     """The inverse of the plan's token permutation (cached on the plan)."""
     inv = plan.lists.get("inverse")
     if inv is None:
-        perm = plan.groups.perm
-        inv = plan.lists["inverse"] = torch.empty_like(perm)
-        inv[perm] = torch.arange(perm.numel(), device=perm.device)
+        inv = plan.lists["inverse"] = _inverse_of(plan.groups.perm)
+    return inv
+
+
+def _inverse_of(perm: torch.Tensor) -> torch.Tensor:
+    """The inverse of the permutation ``perm`` (a 1-D long tensor)."""
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
     return inv
 
 
@@ -881,6 +886,27 @@ _DENSE_NOW: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "attnpatch_block_sparse_dense_step", default=False)
 
 
+class _HookTokens:
+    """The ContextVar tokens that forward pre-hooks set and their post-hooks reset, as (hook,
+    token) on a stack of the running thread's context (innermost forward last): forwards of
+    one model in several threads at once, and a post-hook whose pre never ran (an earlier
+    pre-hook raised; torch still calls the post), never reset another forward's token."""
+
+    def __init__(self, name: str):
+        self.var: contextvars.ContextVar[tuple] = contextvars.ContextVar(name, default=())
+
+    def push(self, hook: Any, token: Any) -> None:
+        self.var.set((*self.var.get(), (hook, token)))
+
+    def pop(self, hook: Any) -> tuple[bool, Any]:
+        """(True, token) of ``hook``'s entry if it is the innermost one, else (False, None)."""
+        stack = self.var.get()
+        if not stack or stack[-1][0] is not hook:
+            return False, None
+        self.var.set(stack[:-1])
+        return True, stack[-1][1]
+
+
 class _DenseSteps:
     """Forward hooks on a denoiser that count denoising steps by its ``timestep``: the step
     advances when the timestep changes (CFG passes of one step share it), and a timestep that
@@ -909,23 +935,20 @@ class _DenseSteps:
                 self.step += 1
             self.last = value
             dense = self.step < self.steps
-        # the token on a stack of this thread's context (two threads may run the model)
-        _DENSE_TOKENS.set((*_DENSE_TOKENS.get(), (self, _DENSE_NOW.set(dense))))
+        _DENSE_TOKENS.push(self, _DENSE_NOW.set(dense))
         return None
 
     def post(self, module, args, kwargs, output):
         if torch.compiler.is_dynamo_compiling():
             return None
-        stack = _DENSE_TOKENS.get()
-        if stack and stack[-1][0] is self:  # only its own entry (its pre may not have run)
-            _DENSE_TOKENS.set(stack[:-1])
-            _DENSE_NOW.reset(stack[-1][1])
+        found, token = _DENSE_TOKENS.pop(self)
+        if found:
+            _DENSE_NOW.reset(token)
         return None
 
 
-#: (hook, token) per running forward: the :class:`_DenseSteps` hooks' ``_DENSE_NOW`` tokens
-_DENSE_TOKENS: contextvars.ContextVar[tuple] = contextvars.ContextVar(
-    "attnpatch_block_sparse_dense_tokens", default=())
+#: the :class:`_DenseSteps` hooks' ``_DENSE_NOW`` tokens
+_DENSE_TOKENS = _HookTokens("attnpatch_block_sparse_dense_tokens")
 
 
 #: (grid, tile) while a patched denoiser runs with its image tokens already in that tile order
@@ -933,10 +956,9 @@ _PREORDERED: contextvars.ContextVar[Optional[tuple]] = contextvars.ContextVar(
     "attnpatch_block_sparse_preordered", default=None)
 
 
-#: (hook, token) per running forward: the :class:`_TileOrder` hooks' ``_PREORDERED`` tokens
-#: (innermost last; None for a forward they left in the model's order)
-_ORDER_TOKENS: contextvars.ContextVar[tuple] = contextvars.ContextVar(
-    "attnpatch_block_sparse_order_tokens", default=())
+#: the :class:`_TileOrder` hooks' ``_PREORDERED`` tokens (None for a forward they left in the
+#: model's order)
+_ORDER_TOKENS = _HookTokens("attnpatch_block_sparse_order_tokens")
 #: (grid, tile, device) -> (perm, inverse, tokens): a tile order, kernel position -> token
 _ORDERS = BoundedCache(16)
 
@@ -980,9 +1002,7 @@ class _TileOrder:
         if found is None:
             geo = P.Geometry(math.prod(grid), 0, "none", grid)
             perm = P.tile_layout(geo, tile, (1, 1, 1), True, device).perm
-            inv = torch.empty_like(perm)
-            inv[perm] = torch.arange(perm.numel(), device=device)
-            found = _ORDERS.put((grid, tile, device), (perm, inv, perm.numel()))
+            found = _ORDERS.put((grid, tile, device), (perm, _inverse_of(perm), perm.numel()))
         return found
 
     def _compiled_parts(self, module: torch.nn.Module) -> bool:
@@ -1000,10 +1020,8 @@ class _TileOrder:
             grid = None if layout is None else layout.grid
             if grid is not None and math.prod(grid) > 1:
                 key = (tuple(grid), self.tile)
-        # the ContextVar's token, on a stack of this thread's context (a model may run in
-        # several threads at once); None for a forward left in the model's order
         token = None if key is None else _PREORDERED.set(key)
-        _ORDER_TOKENS.set((*_ORDER_TOKENS.get(), (self, token)))
+        _ORDER_TOKENS.push(self, token)
         if token is None:
             return None
         return _move_inputs(self, self.plan.enter, "", args, kwargs, False)
@@ -1011,13 +1029,7 @@ class _TileOrder:
     def post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if torch.compiler.is_dynamo_compiling():
             return None
-        stack = _ORDER_TOKENS.get()
-        # only this hook's own entry: when an earlier pre-hook raised, this pre never ran
-        # (torch still calls this post), and the top entry is an outer forward's
-        if not stack or stack[-1][0] is not self:
-            return None
-        _ORDER_TOKENS.set(stack[:-1])
-        token = stack[-1][1]
+        _, token = _ORDER_TOKENS.pop(self)
         if token is None:
             return None
         try:

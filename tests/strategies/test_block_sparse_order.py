@@ -185,13 +185,13 @@ def test_a_pre_hook_that_raises_before_the_order_hook_leaves_the_outer_forwards_
     with attnpatch.patch(model, backend=BS, **CASES["wan"][1]):
         handle = model.register_forward_pre_hook(refuse, with_kwargs=True, prepend=True)
         outer = (object(), None)
-        reset = BSP._ORDER_TOKENS.set((outer,))
+        reset = BSP._ORDER_TOKENS.var.set((outer,))
         try:
             with pytest.raises(RuntimeError, match="earlier pre-hook"), torch.no_grad():
                 model(**kw)
-            assert BSP._ORDER_TOKENS.get() == (outer,)
+            assert BSP._ORDER_TOKENS.var.get() == (outer,)
         finally:
-            BSP._ORDER_TOKENS.reset(reset)
+            BSP._ORDER_TOKENS.var.reset(reset)
             handle.remove()
 
 
