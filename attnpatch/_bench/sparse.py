@@ -16,7 +16,7 @@ import torch
 import attnpatch
 from attnpatch import TokenLayout
 
-from .timing import alternating_rounds, over, rel, round_options, timer_stats
+from .timing import over, rel, rounds_into_rows, timer_stats
 
 log = logging.getLogger(__name__)
 
@@ -364,22 +364,12 @@ def model_rows(device: str, quick: bool, timing: dict, progress: Callable,
         rows.append(row)
         by_label[label] = row
         bar.update(1)
-    if timed and not over(settings):
-        # every config's forward in alternating rounds: drift lands on all alike
-        with torch.no_grad():
-            stats = alternating_rounds(timed, device, **round_options(timing))
-        for label in timed:
-            if "error" in stats[label]:
-                by_label[label]["skipped"] = f"failed while timed: {stats[label]['error']}"
-                continue
-            m = by_label[label]["metrics"]
-            m.update({f"fwd_{key}": val for key, val in stats[label].items()})
-            m["fwd_rounds"] = "alternating"
-            if label in stats["paired"]:  # the median of the per-round ratios to sdpa
-                m["speedup"] = 1.0 / statistics.median(stats["paired"][label])
-    elif timed:
-        for label in timed:
-            by_label[label]["skipped"] = over(settings)
+    # every config's forward in alternating rounds: drift lands on all alike
+    rounds_into_rows(timed, by_label, device, timing, settings)
+    for label, row in by_label.items():  # speed-up: the median of the per-round ratios to sdpa
+        paired = row["metrics"].get("fwd_paired_vs_first_median")
+        if label != "sdpa" and paired and "sdpa" in timed:
+            row["metrics"]["speedup"] = 1.0 / paired
     bar.close()
     model = kwargs = reference = None
     if device == "cuda":

@@ -12,14 +12,13 @@ import datetime
 import logging
 import os
 import platform
-import statistics
 from typing import Any, Callable, Optional
 
 import torch
 
 import attnpatch
 
-from .timing import alternating_rounds, over, rel, round_options, timer_stats
+from .timing import over, rel, rounds_into_rows, timer_stats
 
 log = logging.getLogger(__name__)
 
@@ -435,23 +434,8 @@ def _model_rows(name: str, model, make_inputs: Callable, variants: list[str], in
         if "unpatched" in outputs and variant != "unpatched":
             row["metrics"]["rel_err_vs_unpatched"] = rel(outputs[variant], outputs["unpatched"])
     by = {r["variant"]: r for r in rows}
-    if timed and not over(settings):
-        # every variant in alternating rounds: drift lands on all alike (benchmarks/overhead.py)
-        with torch.no_grad():
-            stats = alternating_rounds(timed, device, **round_options(timing))
-        for variant in timed:
-            if "error" in stats[variant]:
-                by[variant]["skipped"] = f"failed while timed: {stats[variant]['error']}"
-                continue
-            metrics = by[variant]["metrics"]
-            metrics.update(_stats("fwd", stats[variant]))
-            metrics["fwd_rounds"] = "alternating"
-            if variant in stats["paired"] and variant != "unpatched":
-                metrics["fwd_paired_vs_first_median"] = statistics.median(
-                    stats["paired"][variant])
-    elif timed:
-        for variant in timed:
-            by[variant]["skipped"] = over(settings)
+    # every variant in alternating rounds: drift lands on all alike (benchmarks/overhead.py)
+    rounds_into_rows(timed, by, device, timing, settings)
     base = by.get("unpatched", {}).get("metrics", {})
     patched = by.get("attnpatch sdpa", {}).get("metrics", {})
     if "fwd_median_ms" in base and "fwd_median_ms" in patched:

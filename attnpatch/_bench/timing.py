@@ -120,10 +120,34 @@ def alternating_rounds(variants: dict, device: str, budget_s: float, warmup: int
     return result
 
 
-def round_options(timing: dict) -> dict:
-    """:func:`alternating_rounds` options from a run's :func:`timer_stats` options."""
-    return dict(budget_s=timing.get("budget_s", 0.0), warmup=1,
-                min_reps=timing.get("min_reps", 5), max_reps=timing.get("max_reps", 100))
+def rounds_into_rows(timed: dict, rows: dict, device: str, timing: dict,
+                     settings: Any = None) -> None:
+    """Times ``timed`` (name -> (enter, fn), see :func:`alternating_rounds`) with the run's
+    :func:`timer_stats` options ``timing`` and writes each row's (``rows``: name -> a result
+    row with ``metrics`` and ``skipped``) ``fwd_*`` stats, ``fwd_rounds`` and
+    ``fwd_paired_vs_first_median`` (the median of its per-round ratios to the first variant).
+    A variant that failed while timed, or every one once ``settings``' deadline is spent, is
+    skipped with why."""
+    if not timed:
+        return
+    reason = over(settings)
+    if reason:
+        for name in timed:
+            rows[name]["skipped"] = reason
+        return
+    with torch.no_grad():
+        stats = alternating_rounds(timed, device, budget_s=timing.get("budget_s", 0.0),
+                                   warmup=1, min_reps=timing.get("min_reps", 5),
+                                   max_reps=timing.get("max_reps", 100))
+    for name in timed:
+        if "error" in stats[name]:
+            rows[name]["skipped"] = f"failed while timed: {stats[name]['error']}"
+            continue
+        metrics = rows[name]["metrics"]
+        metrics.update({f"fwd_{key}": val for key, val in stats[name].items()})
+        metrics["fwd_rounds"] = "alternating"
+        if stats["paired"].get(name):
+            metrics["fwd_paired_vs_first_median"] = statistics.median(stats["paired"][name])
 
 
 def timer(fn: Callable[[], object], device: str, budget_s: float, warmup: int = 3,
