@@ -146,6 +146,9 @@ def bench_shape(label, config, device, dtype, budget_s, quick):
         variants.append(("block_sparse kernel=auto", sparse))
         if plan.order is not None:
             variants.append(("block_sparse auto, tokens pre-ordered", dict(sparse, pre=True)))
+            # the Flex path without its per-call permute: what is left of its gap to plain Flex
+            variants.append(("block_sparse kernel=flex, tokens pre-ordered",
+                             dict(sparse, kernel="flex", pre=True)))
     else:
         variants.append(("block_sparse kernel=mask", dict(sparse, kernel="mask")))
         if plan.order is not None:

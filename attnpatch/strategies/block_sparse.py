@@ -651,6 +651,17 @@ def _permute(x: torch.Tensor, perm: Optional[torch.Tensor], dim: int,
     return x.index_select(dim, perm)
 
 
+def _permute_tokens(x: torch.Tensor, perm: Optional[torch.Tensor],
+                    inverse: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x`` (B, H, S, D) along S in ``perm``'s order, gathered in ``x``'s memory order: an input
+    in (B, S, H, D) memory (as diffusers passes it) stays in that memory, as plain Flex reads it
+    (a gather along S of that memory into (B, H, S, D) memory is a transposing copy, slower, and
+    gives the kernel other strides)."""
+    if perm is not None and x.stride(1) < x.stride(2):
+        return _permute(x.transpose(1, 2), perm, 1, inverse).transpose(1, 2)
+    return _permute(x, perm, 2, inverse)
+
+
 def _inverse(plan: _Plan) -> torch.Tensor:
     """The inverse of the plan's token permutation (cached on the plan)."""
     inv = plan.lists.get("inverse")
@@ -676,8 +687,10 @@ def _run_flash4(call: AttentionCall, plan: _Plan, full: torch.Tensor, partial: t
     static = allow is None
     cached = plan.lists.get("fa4") if static else None
     if cached is None:
+        # a top-k layout is built per call: its backward lists only when a backward can follow
+        backward = static or call.requires_grad
         cached = _fa4_inputs(plan.groups, full, partial, plan.groups.allow if static else allow,
-                             call.batch_size, call.num_heads)
+                             call.batch_size, call.num_heads, backward)
         if static:
             plan.lists["fa4"] = cached
     tensors, mask_mod, aux = cached
@@ -703,11 +716,12 @@ _FA4_TILE = 256
 
 
 def _fa4_inputs(groups: P.GroupLayout, full: torch.Tensor, partial: torch.Tensor,
-                allow: torch.Tensor, batch: int, heads: int) -> tuple:
+                allow: torch.Tensor, batch: int, heads: int, backward: bool = True) -> tuple:
     """flash-attn-4's (forward, backward) block lists (per query block / per key block: the
-    full blocks, and the partial ones its ``mask_mod`` masks), the ``mask_mod`` (None without
-    partial blocks) and its aux tensors: the kernel-order group ids and the allow table as
-    int32, of rank 2 (one layout), 3 (per head) or 4 (per batch and head)."""
+    full blocks, and the partial ones its ``mask_mod`` masks; the backward's None unless
+    ``backward``), the ``mask_mod`` (None without partial blocks) and its aux tensors: the
+    kernel-order group ids and the allow table as int32, of rank 2 (one layout), 3 (per head)
+    or 4 (per batch and head)."""
     from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
 
     def lists(blocks):
@@ -721,7 +735,8 @@ def _fa4_inputs(groups: P.GroupLayout, full: torch.Tensor, partial: torch.Tensor
                                        full_block_cnt=f_cnt, full_block_idx=f_idx,
                                        block_size=(KERNEL_BLOCK, KERNEL_BLOCK))
     tensors = (tensors_of(full, partial),
-               tensors_of(full.transpose(-2, -1), partial.transpose(-2, -1)))
+               tensors_of(full.transpose(-2, -1), partial.transpose(-2, -1)) if backward
+               else None)
     if not bool(partial.any()):
         return tensors, None, None
     from ._fa4_masks import GROUP_MASKS
@@ -790,7 +805,7 @@ def _run_flex(call: AttentionCall, plan: _Plan, allow: Optional[torch.Tensor]):
         if static:
             plan.lists["flex"] = block_mask
     inv = None if perm is None else _inverse(plan)
-    q, k, v = (_permute(t, perm, 2, inv) for t in (call.query, call.key, call.value))
+    q, k, v = (_permute_tokens(t, perm, inv) for t in (call.query, call.key, call.value))
     mask = call.attn_mask
     if mask is not None and perm is not None:
         for dim in (2, 3):  # a broadcast (size-1) dim stays
@@ -801,8 +816,8 @@ def _run_flex(call: AttentionCall, plan: _Plan, allow: Optional[torch.Tensor]):
         return result
     if call.return_lse:
         out, lse = result
-        return _permute(out, inv, 2, perm), _permute(lse, inv, 2, perm)
-    return _permute(result, inv, 2, perm)
+        return _permute_tokens(out, inv, perm), _permute(lse, inv, 2, perm)
+    return _permute_tokens(result, inv, perm)
 
 
 def _group_mask_mod(groups: P.GroupLayout, box: list, causal: bool) -> Callable:

@@ -250,6 +250,20 @@ def test_tile3d_ragged_tiles_equal_the_per_token_definition(name, tile, window):
     assert rel_error(flex, out) <= 1e-5
 
 
+def test_flex_reorders_tokens_in_the_callers_memory_order():
+    """Inputs in (B, S, H, D) memory, as diffusers passes them: the Flex path permutes the
+    tokens in that memory (no transposing copy) and returns the output in it, equal to the
+    exact mask path."""
+    layout = LAYOUTS["text_first"]
+    q, k, v = (t.transpose(1, 2).contiguous() for t in _qkv(layout, seed=2,
+                                                           dtype=torch.float32))
+    kw = dict(backend="block_sparse", pattern="tile3d", tile=(1, 2, 4), window=(1, 3, 1),
+              token_layout=layout, block_size=16, layout="bshd")
+    out = attnpatch.attention(q, k, v, kernel="flex", **kw)
+    assert out.is_contiguous()
+    assert rel_error(out, attnpatch.attention(q, k, v, kernel="mask", **kw)) <= 1e-5
+
+
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_tile2d_is_per_frame_and_text_local_keeps_modalities_apart(name):
     layout = LAYOUTS[name]

@@ -130,6 +130,26 @@ def test_topk_on_flash4_equals_the_mask_path_on_the_same_layout():
     assert float((fast.float() - exact.float()).norm() / exact.float().norm()) < 1e-2
 
 
+def test_topk_gradients_on_flash4_equal_the_mask_path_on_the_same_layout():
+    """top-k's per-batch, per-head layout (a rank-4 allow table in flash4's ``mask_mod``)
+    through flash4's backward: the input gradients of the chosen layout equal the exact mask
+    path's (which expands the same choice to an element mask)."""
+    if "flash4" not in _kernels():
+        pytest.skip("flash-attn-4 not installed")
+    layout = RAGGED["layout"]
+    q, k, v = _inputs(layout, heads=4, kv=4, seed=1)
+    q, k, v = (torch.cat([t, t.flip(2)]) for t in (q, k, v))
+    kw = dict(backend="block_sparse", pattern="topk", keep=0.3, token_layout=layout)
+    grad = torch.randn_like(q)
+    results = []
+    for kernel in ("flash4", "mask"):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = attnpatch.attention(*leaves, kernel=kernel, **kw)
+        results.append((out, *torch.autograd.grad(out, leaves, grad)))
+    for fast, exact in zip(*results):
+        assert float((fast.float() - exact.float()).norm() / exact.float().norm()) < 2e-2
+
+
 def test_auto_picks_flash4_for_full_blocks():
     if "flash4" not in _kernels():
         pytest.skip("flash-attn-4 not installed")
