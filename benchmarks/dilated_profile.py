@@ -23,29 +23,28 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout this script is in, not another install
 import attnpatch  # noqa: E402
 from attnpatch._bench.sparse import FLUX_PATTERNS  # noqa: E402
+from benchmarks._timing import timer  # noqa: E402
+
+#: calls back to back between the CUDA events of a pipelined time (as `benchmarks/dilated.py`)
+PIPELINED = 10
+#: seconds of timed runs per measurement
+BUDGET_S = 0.5
 
 
 def timing(fn, n: int = 30) -> tuple[float, float, float]:
-    """(synced, pipelined, host) median milliseconds per call of ``fn``."""
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    synced, host = [], []
+    """(synced, pipelined, host) median milliseconds per call of ``fn``: CUDA events around
+    one call, around ``PIPELINED`` calls back to back (per call), and the host's own time of
+    one call (no sync)."""
+    synced = timer(fn, "cuda", BUDGET_S, min_reps=n)
+    pipelined = timer(lambda: [fn() for _ in range(PIPELINED)], "cuda", BUDGET_S) / PIPELINED
+    host = []
     for _ in range(n):
-        start.record()
+        torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
         host.append((time.perf_counter() - t0) * 1e3)
-        end.record()
-        torch.cuda.synchronize()
-        synced.append(start.elapsed_time(end))
-    start.record()
-    for _ in range(n):
-        fn()
-    end.record()
     torch.cuda.synchronize()
-    return sorted(synced)[n // 2], start.elapsed_time(end) / n, sorted(host)[n // 2]
+    return synced, pipelined, sorted(host)[n // 2]
 
 
 def main() -> None:
