@@ -20,7 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout this script is in, not another install
 sys.path.insert(0, str(ROOT / "examples"))
 import attnpatch  # noqa: E402
-from benchmarks.kernels import cuda_time  # noqa: E402
+from benchmarks.attention_kernels import cuda_time  # noqa: E402
 from key_split_strategy import KeySplit  # noqa: E402,F401  (registers "key_split")
 
 INNER = ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "math")

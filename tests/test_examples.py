@@ -107,3 +107,31 @@ def test_text_encoders_benchmark_smoke(tmp_path):
             row = by[(model, f"patch({backend})")]
             assert row["routed"] == "2/2" and row["rel_err_vs_unpatched"] < 2e-2, row
     assert "ERROR" not in out
+
+
+def _probed_package_names() -> set[str]:
+    """Top-level names diffusers and transformers probe for optional packages
+    (``_is_package_available("kernels")`` ...), read from their own import_utils sources, plus
+    every installed distribution's top-level names."""
+    import importlib.metadata
+    import re
+
+    import diffusers.utils.import_utils as diffusers_imports
+    import transformers.utils.import_utils as transformers_imports
+
+    names = set(importlib.metadata.packages_distributions())
+    for module in (diffusers_imports, transformers_imports):
+        source = pathlib.Path(module.__file__).read_text()
+        names.update(re.findall(r"_is_package_available\(\s*[\"']([\w.]+)[\"']", source))
+    return names
+
+
+def test_script_folders_shadow_no_package():
+    """``python benchmarks/x.py`` puts ``benchmarks/`` first on sys.path, so a script named like
+    a package the libraries probe is imported in its place (``benchmarks/kernels.py`` broke every
+    benchmark once transformers 5.25 began importing the ``kernels`` package it found)."""
+    probed = _probed_package_names()
+    assert "kernels" in probed  # the probe reader works on the names that bit us
+    scripts = [p for folder in (ROOT / "benchmarks", EXAMPLES) for p in folder.glob("*.py")]
+    shadowing = sorted(str(p.relative_to(ROOT)) for p in scripts if p.stem in probed)
+    assert not shadowing, f"rename these scripts, they shadow a package: {shadowing}"
