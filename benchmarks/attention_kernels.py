@@ -1,8 +1,8 @@
 """Forward TFLOP/s per backend for the anchor shapes, and the dispatcher's per-call overhead.
 
-Run on a CUDA machine: ``python benchmarks/attention_kernels.py --out benchmarks/results``. Times with CUDA
-events after warm-up, median of repeated runs; every variant of one shape runs in the same
-process on the same inputs, after a correctness check against the math backend.
+Run on a CUDA machine: ``python benchmarks/attention_kernels.py --out benchmarks/results``.
+Times with CUDA events after warm-up, median of repeated runs; every variant of one shape runs
+in the same process on the same inputs, after a correctness check against the math backend.
 """
 
 from __future__ import annotations

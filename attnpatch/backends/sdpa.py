@@ -199,7 +199,6 @@ class SDPAFlashBackend(_ForcedSDPA):
             call.is_causal, False, scale=scale)[:2]
         return (out[..., :d] if out.shape[-1] != d else out), lse
 
-
     def backward(self, call, grad_out, out, lse, **options):
         q, k, v = _kernel_inputs(call)
         if call.device.type == "cpu":
