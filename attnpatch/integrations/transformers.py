@@ -1,8 +1,8 @@
 """transformers: one ``AttentionInterface`` function and its mask function, under one name.
 
 ``ATTN_NAME`` is registered in ``AttentionInterface`` (the attention call) and in
-``AttentionMaskInterface`` (``sdpa_mask``: models then build a 4-D bool mask, True = attend;
-without it transformers silently drops padding masks for unknown implementations). A patched
+``AttentionMaskInterface`` (:func:`attnpatch_mask`: models then build a 4-D bool mask, True =
+attend; without it transformers silently drops padding masks for unknown implementations). A patched
 model's configs are switched to ``ATTN_NAME`` with ``set_attn_implementation``; each config's
 previous ``_attn_implementation`` is restored exactly on unpatch, and the global registrations
 (a :class:`Registration` site on the module-level :data:`REGISTRY`, counted per patch) are
@@ -14,12 +14,22 @@ The function gets ``module``, so records (and backends) are per attention module
 mask, ``scaling`` as the scale (T5: 1.0), ``dropout`` as the model passes it (0.0 in eval), GQA
 (fewer key/value heads), output (B, S, H, D) and no weights. ``softcap`` (Gemma 2's
 ``attn_logit_softcapping``) becomes the call's softcap: backends that compute it run it, others
-refuse it with a reason. Attention sinks (``s_aux``, GPT-OSS) are computed by no backend: a
-module whose forward passes them is refused when it is patched (:func:`unsupported_reason`).
+refuse it with a reason. What no backend computes is refused, never dropped: a module whose
+forward passes attention sinks (``s_aux=``, GPT-OSS; ``sinks=``, Inkling 2) or the key indices of
+a sparse indexer (``indices=``/``block_indices=``: DeepSeek-V3.2 and its kin fold them into the
+mask only for "eager" and "sdpa") is refused when it is patched (:func:`unsupported_reason`), and
+any other tensor keyword the function does not know raises at the call.
+
+The mask function (:func:`attnpatch_mask`) is ``sdpa_mask`` that leaves a causal mask out (None:
+the call's ``is_causal``) only where the queries and keys are the same positions. So a None mask
+with more keys than queries means queries cut from the end after the mask was built (Gemma 4's
+``logits_to_keep`` slicing, which transformers allows for every implementation but "sdpa"): the
+call runs bottom-right causal, the rows the full causal mask had for those queries.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 import types
 from typing import Any, Iterator, Optional
@@ -28,12 +38,15 @@ import torch
 
 from .._errors import AttnPatchError
 from .._record import RECORD_KEY, ModuleRecord
-from .._sites import Site, held
+from .._sites import MISSING, ProcessSite, Site, held
 from ..dispatch import dispatch_call, dispatch_eager
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["ATTN_NAME", "is_pretrained_model", "is_attention_module", "unsupported_reason",
            "REGISTRY", "Registration", "registered", "cannot_switch", "ImplementationSite",
-           "module_record", "attnpatch_attention"]
+           "module_record", "attnpatch_attention", "attnpatch_mask", "UNSUPPORTED_KEYWORDS",
+           "IGNORED_KEYWORDS"]
 
 #: the implementation name; avoids the substrings (flash, sdpa, flex_attention) and the
 #: org/repo pattern that make transformers take special code paths
@@ -85,8 +98,24 @@ def is_attention_module(module: Any) -> bool:
 
 
 #: keywords an attention module may pass to its attention function that no attnpatch backend
-#: computes: (what they are, the module attribute that holds them, None where a layer has none)
-UNSUPPORTED_KEYWORDS = {"s_aux": ("attention sinks", "sinks")}
+#: computes: (what they are, the module attribute that holds them, None where a layer has none;
+#: None: no such attribute, the keyword alone refuses the module)
+UNSUPPORTED_KEYWORDS = {
+    "s_aux": ("attention sinks", "sinks"),
+    "sinks": ("attention sinks", None),
+    "indices": ("the key indices of a sparse attention indexer", None),
+    "block_indices": ("the key block indices of a sparse attention indexer", None),
+}
+
+#: keywords transformers passes that the call needs no value of: the mask already holds them
+#: (sliding windows, packed sequences), or only other kernels read them, as for
+#: ``sdpa_attention_forward``; a tensor under any keyword outside these and the handled ones
+#: is refused at the call
+IGNORED_KEYWORDS = frozenset({
+    "sliding_window", "position_ids", "cache_position", "cu_seq_lens_q", "cu_seq_lens_k",
+    "max_length_q", "max_length_k", "use_cache", "output_attentions", "output_hidden_states",
+    "output_router_logits", "return_dict", "deterministic", "layer_idx", "target_dtype",
+})
 
 
 def _keywords_passed(fn: types.FunctionType) -> set[str]:
@@ -102,16 +131,16 @@ def _keywords_passed(fn: types.FunctionType) -> set[str]:
 def unsupported_reason(module: Any, name: str = "") -> Optional[str]:
     """Why ``module`` (a transformers attention module) cannot be routed through attnpatch, or
     None. Found by inspecting its class's forward (behind decorators), so that ``patch()`` can
-    refuse it before anything changes instead of failing at the first forward: today, a forward
-    that passes attention sinks (``s_aux=``, as GPT-OSS does), which no backend computes. A
-    module whose ``sinks`` attribute is None (MiMo-V2-Flash's full-attention layers pass
-    ``s_aux=self.sinks`` = None) is not refused."""
+    refuse it before anything changes instead of failing at the first forward: a forward that
+    passes a keyword of :data:`UNSUPPORTED_KEYWORDS` (attention sinks, sparse indexer indices),
+    which no backend computes. A module whose ``sinks`` attribute is None (MiMo-V2-Flash's
+    full-attention layers pass ``s_aux=self.sinks`` = None) is not refused."""
     forward = getattr(type(module), "forward", None)
     passed = set()
     for f in _functions_behind(forward):
         passed |= _keywords_passed(f)
     found = [kw for kw, (_, attr) in UNSUPPORTED_KEYWORDS.items()
-             if kw in passed and getattr(module, attr, True) is not None]
+             if kw in passed and (attr is None or getattr(module, attr, True) is not None)]
     if not found:
         return None
     what = ", ".join(f"{UNSUPPORTED_KEYWORDS[kw][0]} ({kw}=)" for kw in found)
@@ -149,9 +178,7 @@ def attnpatch_attention(module, query, key, value, attention_mask, dropout=0.0, 
         return _passthrough(module, query, key, value, attention_mask, impl, dropout=dropout,
                             scaling=scaling, is_causal=is_causal, position_bias=position_bias,
                             cache=cache, **kwargs)
-    if kwargs.get("s_aux") is not None:  # patch() refuses such modules; this is the backstop
-        raise AttnPatchError(f"{record.name}: attention sinks (s_aux) are not computed by any "
-                             "attnpatch backend; exclude this module from the patch")
+    _refuse_unknown(record, kwargs)
     softcap = kwargs.get("softcap")  # Gemma 2: attn_logit_softcapping (None when off)
     if cache is not None:
         from transformers.generation.continuous_batching.cache import PagedAttentionCache
@@ -162,10 +189,10 @@ def attnpatch_attention(module, query, key, value, attention_mask, dropout=0.0, 
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     is_causal = bool(q_len > 1 and attention_mask is None and is_causal)
-    if is_causal and kv_len > q_len:  # empty static cache prefill: the keys after q_len are unused
-        key, value = key[:, :, :q_len], value[:, :, :q_len]
-        if position_bias is not None:
-            position_bias = position_bias[..., :q_len]
+    if is_causal and kv_len > q_len:  # queries cut from the end (see the module docstring)
+        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(
+            kv_len - q_len)
+        is_causal = False
     if position_bias is not None:
         from transformers.integrations.sdpa_attention import create_position_bias_mask
         attention_mask = create_position_bias_mask(position_bias, attention_mask, is_causal,
@@ -182,10 +209,42 @@ def attnpatch_attention(module, query, key, value, attention_mask, dropout=0.0, 
     return out.transpose(1, 2).contiguous(), None
 
 
+def _refuse_unknown(record: ModuleRecord, kwargs: dict) -> None:
+    """Raise for a keyword whose value no backend computes (patch() refuses the modules that
+    name one in their forward; this is the backstop) or a tensor under a keyword this function
+    does not know; warn once per module for ``output_attentions=True`` (no weights come back,
+    as with "sdpa")."""
+    for kw, value in kwargs.items():
+        if value is None:
+            continue
+        if kw in UNSUPPORTED_KEYWORDS:
+            raise AttnPatchError(f"{record.name}: {UNSUPPORTED_KEYWORDS[kw][0]} ({kw}=) are not "
+                                 "computed by any attnpatch backend; exclude this module from "
+                                 f"the patch (patch(..., exclude={record.name!r}))")
+        if isinstance(value, torch.Tensor) and kw not in IGNORED_KEYWORDS and kw != "softcap":
+            raise AttnPatchError(f"{record.name}: its attention function was passed {kw}= (a "
+                                 "tensor) that attnpatch does not know how to compute, and "
+                                 "dropping it could change the result; exclude this module "
+                                 f"from the patch (patch(..., exclude={record.name!r}))")
+    if kwargs.get("output_attentions") and not record.extra.get("warned_output_attentions"):
+        record.extra["warned_output_attentions"] = True
+        logger.warning("%s: output_attentions=True, but attnpatch backends return no attention "
+                       "weights (None, as with 'sdpa'); exclude this module from the patch to "
+                       "get them from its 'eager' implementation", record.name)
+
+
+def attnpatch_mask(batch_size: int, q_length: int, kv_length: int, *args,
+                   allow_is_causal_skip: bool = True, **kwargs):
+    """``sdpa_mask`` (the 4-D bool mask, True = attend) that skips a causal mask (returns
+    None) only for one query or queries at the keys' own positions: a None mask then never
+    stands for top-left causal over a longer, partly empty cache."""
+    from transformers.masking_utils import sdpa_mask
+    same = q_length == 1 or q_length == kv_length
+    return sdpa_mask(batch_size, q_length, kv_length, *args,
+                     allow_is_causal_skip=allow_is_causal_skip and same, **kwargs)
+
+
 # --- global registration (a site on a module-level holder) -------------------------------------
-
-_MISSING = object()
-
 
 class _Holder:
     """Where the site of attnpatch's entries in transformers' registries is kept: one per
@@ -196,7 +255,7 @@ class _Holder:
 REGISTRY = _Holder()
 
 
-class Registration(Site):
+class Registration(ProcessSite):
     """``ATTN_NAME`` in ``AttentionInterface`` and ``AttentionMaskInterface``; restore puts back
     exactly what those two mappings held under the name before."""
 
@@ -204,22 +263,22 @@ class Registration(Site):
 
     def __init__(self):
         super().__init__(REGISTRY)
-        self.saved: tuple = (_MISSING, _MISSING)
+        self.saved: tuple = (MISSING, MISSING)
 
     def apply(self) -> None:
         from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-        self.saved = (AttentionInterface._global_mapping.get(ATTN_NAME, _MISSING),
-                      AttentionMaskInterface._global_mapping.get(ATTN_NAME, _MISSING))
+        from transformers.masking_utils import AttentionMaskInterface
+        self.saved = (AttentionInterface._global_mapping.get(ATTN_NAME, MISSING),
+                      AttentionMaskInterface._global_mapping.get(ATTN_NAME, MISSING))
         AttentionInterface.register(ATTN_NAME, attnpatch_attention)
-        AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+        AttentionMaskInterface.register(ATTN_NAME, attnpatch_mask)
 
     def restore(self) -> None:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface
         for mapping, saved in zip((AttentionInterface._global_mapping,
                                    AttentionMaskInterface._global_mapping), self.saved):
-            if saved is _MISSING:
+            if saved is MISSING:
                 mapping.pop(ATTN_NAME, None)
             else:
                 mapping[ATTN_NAME] = saved
@@ -281,7 +340,7 @@ class ImplementationSite(Site):
                 f"{type(model).__name__}: excluding only some of its attention modules needs its "
                 f"current implementation to be 'eager' or 'sdpa' (it is {original!r}); include or "
                 "exclude the whole model")
-        self.saved = [(cfg, cfg.__dict__.get("_attn_implementation_internal", _MISSING))
+        self.saved = [(cfg, cfg.__dict__.get("_attn_implementation_internal", MISSING))
                       for cfg in _configs(model)]
         try:
             model.set_attn_implementation(ATTN_NAME)
@@ -305,7 +364,7 @@ class ImplementationSite(Site):
         for cfg, value in self.saved:
             if cfg.__dict__.get("_attn_implementation_internal") != ATTN_NAME:
                 continue
-            if value is _MISSING:
+            if value is MISSING:
                 cfg.__dict__.pop("_attn_implementation_internal", None)
             else:
                 cfg.__dict__["_attn_implementation_internal"] = value

@@ -11,7 +11,7 @@ from attnpatch import AttnPatchError
 from attnpatch.integrations import transformers as itf
 from tests.conftest import is_dense
 from tests.tiny_models import (TRANSFORMERS, TRANSFORMERS_MODULES, counting_backend, llama,
-                               no_attnpatch_state, rel_error, run)
+                               no_attnpatch_state, rel_error, run, seeded)
 
 pytest.importorskip("transformers")
 
@@ -362,3 +362,128 @@ def test_excluding_the_sink_modules_is_the_fix_the_error_names():
     with pytest.raises(AttnPatchError, match="leave no attention module"):
         attnpatch.patch(model, exclude=["layers.0.self_attn", "layers.1.self_attn"])
     assert no_attnpatch_state(model) == []
+
+
+def _new_model(name: str):
+    """A transformers class that only newer releases have (the min CI leg pins an older one)."""
+    import transformers
+    cls = getattr(transformers, name, None)
+    if cls is None:
+        pytest.skip(f"transformers {transformers.__version__} has no {name}")
+    return cls
+
+
+def deepseek_v32():
+    import transformers
+    config = _new_model("DeepseekV32Config")(
+        vocab_size=64, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+        n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=2, kv_lora_rank=16,
+        q_lora_rank=16, qk_rope_head_dim=8, v_head_dim=8, qk_nope_head_dim=8, head_dim=8,
+        index_topk=4, index_head_dim=8, index_n_heads=2, first_k_dense_replace=1,
+        max_position_embeddings=64)
+    return seeded(transformers.DeepseekV32Model(config))
+
+
+def inkling2():
+    import transformers
+    config = _new_model("Inkling2TextConfig")(
+        vocab_size=64, unpadded_vocab_size=64, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, swa_num_attention_heads=4,
+        swa_num_key_value_heads=2, swa_head_dim=8, sliding_window_size=4, d_rel=4, rel_extent=8,
+        moe_intermediate_size=16, n_routed_experts=4, num_experts_per_tok=2,
+        n_layers_per_attn_res_block=1, max_position_embeddings=64, eos_token_id=1)
+    return seeded(transformers.Inkling2TextModel(config))
+
+
+@pytest.mark.parametrize("factory, what", [
+    (deepseek_v32, r"the key indices of a sparse attention indexer \(indices=\)"),
+    (inkling2, r"attention sinks \(sinks=\)")])
+def test_keywords_no_backend_computes_are_refused_at_patch_time(factory, what):
+    """DeepSeek-V3.2's indexer folds its top-k keys into the mask only for "eager"/"sdpa" and
+    passes ``indices=`` to any other implementation; Inkling 2 passes per-token ``sinks=``.
+    Dropping either changed the output by 0.4-0.8 (relative): patch() refuses such a model
+    before anything changes, naming the module, what it passes and the fix."""
+    model = factory()
+    ids = torch.randint(3, 60, (1, 10), generator=torch.Generator().manual_seed(0))
+    kw = dict(input_ids=ids)
+    ref = run(model, kw)
+    with pytest.raises(AttnPatchError, match=r"layers\.0\.self_attn \(\w+\) passes " + what
+                       + r" to its attention function, which no attnpatch backend computes: "
+                         r"exclude it"):
+        attnpatch.patch(model, backend="math")
+    assert not itf.registered()
+    assert no_attnpatch_state(model) == []
+    assert torch.equal(run(model, kw), ref)
+
+
+def test_unknown_tensor_keywords_raise_at_the_call():
+    """The backstop inside the attention function: a keyword no backend computes, or a tensor
+    under a keyword the function does not know, raises naming it and the module; the keywords
+    the mask already holds (``position_ids``, packed-sequence lengths) pass."""
+    model, kw = llama()
+    module = model.layers[0].self_attn
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=torch.Generator().manual_seed(i))
+               for i in range(3))
+    with attnpatch.patch(model, backend="math"):
+        out, _ = itf.attnpatch_attention(module, q, k, v, None, position_ids=torch.arange(5),
+                                         cu_seq_lens_q=torch.tensor([0, 5]), sliding_window=4)
+        assert out.shape == (2, 5, 4, 8)
+        with pytest.raises(AttnPatchError, match=r"layers\.0\.self_attn: the key indices of a "
+                                                 r"sparse attention indexer \(indices=\)"):
+            itf.attnpatch_attention(module, q, k, v, None, indices=torch.zeros(2, 5, 2))
+        with pytest.raises(AttnPatchError, match=r"layers\.0\.self_attn: its attention function "
+                                                 r"was passed router_bias= \(a tensor\).*exclude"):
+            itf.attnpatch_attention(module, q, k, v, None, router_bias=torch.ones(1))
+
+
+def test_gemma4_queries_cut_to_logits_to_keep_stay_causal():
+    """Gemma 4 cuts its KV-shared layers' queries to the last ``logits_to_keep`` after building
+    the masks (for every implementation but "sdpa"); a mask left out as causal then arrives
+    with more keys than queries. Those queries are the last ones: bottom-right causal, what
+    the full mask's rows give (this was top-left with the keys cut, 0.26 off)."""
+    import transformers
+    config = _new_model("Gemma4TextConfig")(
+        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        sliding_window=16, vocab_size_per_layer_input=64, hidden_size_per_layer_input=8,
+        num_kv_shared_layers=2, per_layer_config=None,
+        layer_types=["sliding_attention", "full_attention"] * 2)
+    model = seeded(transformers.Gemma4ForCausalLM(config))
+    ids = torch.randint(3, 64, (1, 10), generator=torch.Generator().manual_seed(0))
+    for keep in (0, 1, 3):
+        with torch.no_grad():
+            ref = model(input_ids=ids, logits_to_keep=keep).logits
+            with attnpatch.patch(model, backend="math"):
+                out = model(input_ids=ids, logits_to_keep=keep).logits
+        assert out.shape == ref.shape and rel_error(out, ref) < 1e-5, keep
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generate_with_each_cache_equals_unpatched(cache):
+    """A static cache's prefill has more keys than queries (the empty slots after them): its
+    mask is built in full, never left to the call's causal flag."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = seeded(LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)))
+    ids = torch.randint(3, 60, (2, 6), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=5, do_sample=False, output_scores=True,
+              return_dict_in_generate=True, cache_implementation=cache, pad_token_id=0)
+    with torch.no_grad():
+        ref = model.generate(ids, **kw)
+        with attnpatch.patch(model, backend="math") as handle:
+            out = model.generate(ids, **kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert rel_error(torch.stack(out.scores), torch.stack(ref.scores)) < 1e-5
+    assert all(r.calls > 0 for r in handle.report())
+
+
+def test_output_attentions_warns_once_per_module(caplog):
+    model, kw = llama()
+    with attnpatch.patch(model, backend="math"):
+        with caplog.at_level("WARNING", logger="attnpatch.integrations.transformers"):
+            run(model, dict(kw, output_attentions=True))
+            run(model, dict(kw, output_attentions=True))
+    warned = [r.getMessage() for r in caplog.records if "output_attentions" in r.getMessage()]
+    assert len(warned) == 2 and warned[0].startswith("layers.0.self_attn: output_attentions=True")
