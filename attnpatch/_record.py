@@ -131,7 +131,8 @@ class ModuleRecord(Site):
 
     def report(self) -> "ModuleReport":
         note, routed = self.note_text, self.routed
-        if routed and self.replaced():
+        undone = routed and self.refs == 0  # released by every patch that held it
+        if routed and not undone and self.replaced():
             routed = False
             note = ("processor replaced after patch() (set_attn_processor, "
                     "fuse_qkv_projections, ...): not routed now; call patch() again"
@@ -144,7 +145,8 @@ class ModuleRecord(Site):
                             fallbacks={k: list(v) for k, v in self.fallbacks.items()},
                             requested=self.requested(), backends=dict(self.backends),
                             routed=routed, kind=self.kind, module_type=self.module_type,
-                            processor=self.processor, note=note, notes=list(self.notes))
+                            processor=self.processor, note=note, notes=list(self.notes),
+                            undone=undone)
 
     def __repr__(self) -> str:
         return f"<ModuleRecord {self.name} {self.kind} routed={self.routed} calls={self.calls}>"
@@ -159,7 +161,9 @@ class ModuleReport:
     per backend, ``fallbacks`` maps every backend ``auto`` passed over to its reasons.
     ``routed`` is False for a module attnpatch could not route; ``note`` says why. ``notes``:
     what the backends said about the calls they ran (e.g. a dilated pattern set and its
-    fraction of dense FLOPs, or that a cross-attention call ran dense).
+    fraction of dense FLOPs, or that a cross-attention call ran dense). ``undone``: the patch
+    was undone since (``unpatch()``, the end of its ``with`` block); the rest tells what ran
+    while it was active.
     """
 
     name: str
@@ -174,6 +178,7 @@ class ModuleReport:
     processor: str = ""
     note: Optional[str] = None
     notes: list[str] = field(default_factory=list)
+    undone: bool = False
 
 
 class PatchReport(list):
@@ -207,8 +212,9 @@ class PatchReport(list):
         lines = ["  ".join(c.ljust(w) for c, w in zip(row[:5], widths)) + "  " + row[5]
                  for row in rows]
         routed = len(self.routed)
+        undone = " while patched (the patch is undone now)" if any(r.undone for r in self) else ""
         lines.append(f"{routed}/{len(self)} attention modules routed through attnpatch, "
-                     f"{sum(r.calls for r in self)} calls")
+                     f"{sum(r.calls for r in self)} calls{undone}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:

@@ -19,7 +19,30 @@ import torch
 
 from ._errors import AttnPatchError
 
-__all__ = ["Site", "held", "acquire", "release", "ForwardHooks"]
+__all__ = ["MISSING", "Site", "ProcessSite", "held", "acquire", "release", "ForwardHooks"]
+
+
+class _Missing:
+    """The type of :data:`MISSING`."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+    def __copy__(self) -> "_Missing":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "_Missing":
+        return self
+
+    def __reduce__(self) -> str:
+        return "MISSING"
+
+
+#: "nothing was there" in a site's saved values: one object that copy, deepcopy and pickle keep
+#: (a deep copy of a patched model compares its copied saved values against this same object)
+MISSING = _Missing()
 
 
 class Site:
@@ -48,6 +71,20 @@ class Site:
         """True when the change no longer holds (undone from outside, or never made): the next
         :func:`acquire` makes a new site instead of counting in to this one."""
         return False
+
+
+class ProcessSite(Site):
+    """A site on a process-wide object (a library's registry): ``copy.deepcopy`` of a patch
+    that holds it (a patched model deep-copied, an EMA copy) holds this same site, counted in
+    once more, instead of a copy whose release would undo the process-wide change while the
+    original still needs it (or the original's release undo it under the copy)."""
+
+    __slots__ = ()
+
+    def __deepcopy__(self, memo: dict) -> "ProcessSite":
+        memo[id(self)] = self  # deepcopy memoizes no object that is its own copy: count once
+        self.refs += 1
+        return self
 
 
 def held(obj: Any, key: str) -> Optional[Site]:

@@ -36,7 +36,7 @@ import torch
 from . import registry
 from ._errors import AttnPatchError
 from ._record import RECORD_KEY, ModuleRecord, PatchReport
-from ._sites import ForwardHooks, Site, acquire, held, release
+from ._sites import MISSING, ForwardHooks, Site, acquire, held, release
 from .integrations import diffusers as dif
 from .integrations import modules as mods
 from .integrations import transformers as tf
@@ -45,7 +45,6 @@ __all__ = ["patch", "unpatch", "set_attention_backend", "PatchHandle"]
 
 logger = logging.getLogger(__name__)
 
-_MISSING = object()
 _METHODS = ("set_attention_backend", "reset_attention_backend")
 BackendSpec = Union[str, tuple, dict, None]
 
@@ -368,14 +367,14 @@ class _Methods(Site):
 
     def apply(self) -> None:
         slots = vars(self.obj)
-        self.saved = {n: slots.get(n, _MISSING) for n in _METHODS}
+        self.saved = {n: slots.get(n, MISSING) for n in _METHODS}
         slots["set_attention_backend"] = types.MethodType(_obj_set_backend, self.obj)
         slots["reset_attention_backend"] = types.MethodType(_obj_reset_backend, self.obj)
 
     def restore(self) -> None:
         slots = vars(self.obj)
         for n, value in self.saved.items():
-            if value is _MISSING:
+            if value is MISSING:
                 slots.pop(n, None)
             else:
                 slots[n] = value

@@ -11,8 +11,8 @@ import torch
 
 import attnpatch
 from attnpatch import AttnPatchError
-from tests.tiny_models import (clip_text, flux, no_attnpatch_state, processors_of, rel_error, run,
-                               sd15)
+from tests.tiny_models import (clip_text, counting_backend, flux, llama, no_attnpatch_state,
+                               processors_of, rel_error, run, sd15)
 
 pytest.importorskip("diffusers")
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,3 +253,52 @@ def test_auto_with_an_option_no_backend_takes_is_refused_at_patch_time():
 def test_backend_names_are_case_insensitive():
     assert attnpatch.registry.canonical_name("SDPA") == "sdpa"
     assert attnpatch.registry.canonical_name("_Native_Cudnn") == "sdpa_cudnn"
+
+
+@pytest.mark.parametrize("factory", [flux, clip_text], ids=["diffusers", "transformers"])
+def test_report_after_the_with_block_tells_what_ran(factory):
+    """``print(handle.report())`` after the ``with`` block: the modules ran through attnpatch
+    while patched, so they are reported as routed, with their calls, and the footer says the
+    patch is undone (they used to read "NOT ROUTED ... replaced after patch()", blaming the
+    user)."""
+    model, kw = factory()
+    with attnpatch.patch(model, backend="math") as handle:
+        run(model, kw)
+        during = handle.report()
+    after = handle.report()
+    assert [(r.name, r.backend, r.calls, r.routed, r.note) for r in after] == [
+        (r.name, r.backend, r.calls, r.routed, r.note) for r in during]
+    assert all(r.routed and r.calls == 1 and r.undone for r in after)
+    assert not any(r.undone for r in during)
+    assert "NOT ROUTED" not in str(after)
+    assert str(after).endswith(f"{len(after)}/{len(after)} attention modules routed through "
+                               f"attnpatch, {len(after)} calls while patched (the patch is "
+                               "undone now)")
+
+
+@pytest.mark.parametrize("factory", [flux, llama], ids=["diffusers", "transformers"])
+def test_deepcopy_of_a_patched_model_is_patched_and_unpatches_on_its_own(factory):
+    """``copy.deepcopy`` of a patched model (an EMA copy): the copy runs patched, keeps running
+    after the original is unpatched (transformers: the copy holds the shared registration
+    too), and ``attnpatch.unpatch(copy)`` restores it exactly (diffusers' own
+    ``set_attention_backend`` visible again: the saved "nothing was there" survives deepcopy)."""
+    import copy
+
+    from attnpatch.integrations import transformers as itf
+    model, kw = factory()
+    ref = run(model, kw)
+    with counting_backend() as counting:
+        handle = attnpatch.patch(model, backend="counting")
+        twin = copy.deepcopy(model)
+        assert rel_error(run(twin, kw), ref) < 1e-6
+        handle.unpatch()
+        assert no_attnpatch_state(model) == []
+        before = counting.calls
+        assert rel_error(run(twin, kw), ref) < 1e-6
+        assert counting.calls > before  # the copy still runs through attnpatch
+    attnpatch.unpatch(twin)
+    assert no_attnpatch_state(twin) == [] and not itf.registered()
+    assert "set_attention_backend" not in vars(twin)
+    assert rel_error(run(twin, kw), ref) < 1e-6
+    if hasattr(twin, "config") and hasattr(twin.config, "_attn_implementation"):
+        assert twin.config._attn_implementation == model.config._attn_implementation
