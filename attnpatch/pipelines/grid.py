@@ -20,6 +20,7 @@ token count without a grid.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Optional
 
 import torch
@@ -27,7 +28,7 @@ import torch
 from .._layout import ForwardInfo
 from .families import model_family
 
-__all__ = ["GRID_SOURCES", "forward_info", "patch_sizes", "grid_from_latents",
+__all__ = ["GRID_SOURCES", "forward_info", "forward_arguments", "positional_names", "patch_sizes", "grid_from_latents",
            "grid_from_img_shapes", "grid_from_img_ids", "grid_from_thwl_ids"]
 
 #: (model, hidden_states, forward kwargs, text tokens) -> ForwardInfo, or None when the source
@@ -124,16 +125,44 @@ GRID_SOURCES: dict[str, GridSource] = {
 }
 
 
+#: a module class -> the names of its forward's positional parameters (after self)
+_POSITIONAL: dict[type, tuple] = {}
+
+
+def positional_names(module: Any) -> tuple:
+    """The names of ``type(module).forward``'s positional parameters, in order (after self)."""
+    cls = type(module)
+    names = _POSITIONAL.get(cls)
+    if names is None:
+        try:
+            params = list(inspect.signature(cls.forward).parameters.values())[1:]  # self
+        except (TypeError, ValueError, AttributeError):  # no readable forward signature
+            params = []
+        names = _POSITIONAL[cls] = tuple(
+            p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+    return names
+
+
+def forward_arguments(module: Any, args: tuple, kwargs: dict) -> dict:
+    """One forward's arguments by name (what a hook with ``with_kwargs=True`` gets): ``args``
+    named by :func:`positional_names`, then ``kwargs``; so a value reads the same whether it
+    was passed by name or by place (Flux takes ``timestep`` fourth, a UNet second). Extra
+    positional values (``*args``) stay unnamed."""
+    if not args:
+        return kwargs
+    return {**dict(zip(positional_names(module), args)), **kwargs}
+
+
 def forward_info(model: Any, args: tuple, kwargs: dict) -> Optional[ForwardInfo]:
-    """The latent grid (in tokens) and text length of one denoiser forward, from its inputs."""
+    """The latent grid (in tokens) and text length of one denoiser forward, from its inputs
+    (by name or by place)."""
+    kwargs = forward_arguments(model, args, kwargs)
     hs = kwargs.get("hidden_states", kwargs.get("sample"))
     if hs is None and args:
         hs = args[0]
     if not isinstance(hs, torch.Tensor):
         return None
     ehs = kwargs.get("encoder_hidden_states")
-    if ehs is None and len(args) > 2 and isinstance(args[2], torch.Tensor):
-        ehs = args[2]  # UNet2DConditionModel(sample, timestep, encoder_hidden_states)
     text = ehs.shape[1] if isinstance(ehs, torch.Tensor) and ehs.dim() == 3 else 0
     family = model_family(model)
     order = list(GRID_SOURCES)

@@ -95,6 +95,7 @@ from ..call import AttentionCall
 from ..dispatch import attention, run_backend
 from ..registry import Strategy, get_backend, option_values, register_backend
 from ..pipelines.families import token_order_plan
+from ..pipelines.grid import forward_arguments, positional_names
 from ..pipelines.token_order import TokenOrder, Tokens, token_dim
 from . import _block_patterns as P
 
@@ -161,15 +162,15 @@ class BlockSparseOptions:
     report says so)."""
 
     block_layout: Any = None
-    block_size: Any = 128
+    block_size: Any = None
     pattern: Optional[str] = None
     tile: Any = None
     window: Any = None
     stride: Optional[int] = None
     global_tokens: Any = 0
     keep: Optional[float] = None
-    sink: bool = True
-    text: str = "global"
+    sink: Optional[bool] = None
+    text: Optional[str] = None
     mask_mod: Optional[Callable] = None
     empty_rows: str = "error"
     kernel: str = "auto"
@@ -190,7 +191,6 @@ class BlockSparseOptions:
             raise AttnPatchError(f"block_sparse: block_layout must be a bool torch.Tensor (H or "
                                  f"1, n_q_blocks, n_k_blocks) or None, got "
                                  f"{type(layout).__name__}")
-        set_(self, "block_size", _ints("block_size", self.block_size, 2))
         if self.mask_mod is not None:
             if not callable(self.mask_mod):
                 raise AttnPatchError(f"block_sparse: mask_mod must be a callable "
@@ -210,6 +210,26 @@ class BlockSparseOptions:
                                  f"option of pattern={pattern!r}: drop one of them")
         if layout is not None and pattern is not None:
             raise AttnPatchError("block_sparse: pass block_layout= or pattern=, not both")
+        # an option the call would not read is refused, not ignored (defaults: None = not given)
+        if self.block_size is not None and pattern in ("tile2d", "tile3d", "mask_mod"):
+            raise AttnPatchError(
+                f"block_sparse: block_size is not an option of pattern={pattern!r} ("
+                + ("its blocks are its tiles: set tile=" if pattern != "mask_mod" else
+                   "it runs on FlexAttention's 128-token blocks") + ")")
+        set_(self, "block_size", _ints("block_size", 128 if self.block_size is None
+                                       else self.block_size, 2))
+        if self.sink is not None and pattern != "radial":
+            given = pattern or ("block_layout" if layout is not None else "no pattern")
+            raise AttnPatchError(f"block_sparse: sink is an option of pattern='radial', not of "
+                                 f"{given!r}")
+        if self.text is not None and pattern in (None, "mask_mod"):
+            raise AttnPatchError(
+                "block_sparse: text is an option of the patterns built from the call's "
+                "TokenLayout (tile2d, tile3d, local1d, strided, global_tokens, radial, topk), "
+                f"not of {'a block_layout' if layout is not None else pattern or 'no pattern'}: "
+                "write the text rows and columns into the layout yourself")
+        set_(self, "sink", True if self.sink is None else self.sink)
+        set_(self, "text", "global" if self.text is None else self.text)
         if pattern in ("tile2d", "tile3d"):
             axes = 2 if pattern == "tile2d" else 3
             set_(self, "tile", _ints("tile", self.tile if self.tile is not None
@@ -409,7 +429,10 @@ def _build(call: AttentionCall, opts: BlockSparseOptions) -> _Plan:
     elif opts.pattern is None:
         return _Plan(None, "dense", "no block_layout or pattern: the full layout (dense)")
     elif opts.pattern == "mask_mod":
-        return _Plan(None, "mask_mod", f"mask_mod {getattr(opts.mask_mod, '__name__', '')}")
+        plan = _Plan(None, "mask_mod", f"mask_mod {getattr(opts.mask_mod, '__name__', '')}")
+        if opts.empty_rows == "error" and not _meta(call):
+            plan.refusal = _mask_mod_empty_rows(call, opts.mask_mod)
+        return plan
     elif _is_cross(call):
         return _Plan(None, "dense", f"{opts.pattern}: cross-attention ({call.seq_len_q} queries, "
                      f"{call.seq_len_kv} keys) runs dense")
@@ -772,9 +795,11 @@ def _run_flex(call: AttentionCall, plan: _Plan, allow: Optional[torch.Tensor]):
                 return user(b, h, q, k) & (q >= k)
         block_mask = plan.lists.get("flex")
         if block_mask is None:
+            # per batch element and head: a mask_mod may read b and h, and a BlockMask built
+            # for (b, h) = (0, 0) alone would skip (or leave unmasked) the others' blocks
             block_mask = plan.lists["flex"] = create_block_mask(
-                mask_mod, None, None, call.seq_len_q, call.seq_len_kv, device=call.device,
-                _compile=call.device.type == "cuda")
+                mask_mod, call.batch_size, call.num_heads, call.seq_len_q, call.seq_len_kv,
+                device=call.device, _compile=call.device.type == "cuda")
         sub = call.replace(is_causal=False)
         return _run_inner("flex", sub, block_mask=block_mask)
     groups = plan.groups
@@ -862,12 +887,15 @@ def _combined_mask(call: AttentionCall, element: torch.Tensor) -> torch.Tensor:
     return mask.masked_fill(~element, float("-inf"))
 
 
-def _mask_mod_elements(call: AttentionCall, mask_mod: Callable) -> torch.Tensor:
-    """bool (B, H, Sq, Sk) from a Flex-style ``mask_mod`` evaluated on broadcast indices."""
+def _mask_mod_elements(call: AttentionCall, mask_mod: Callable,
+                       rows: Optional[range] = None) -> torch.Tensor:
+    """bool (B, H, Sq, Sk) from a Flex-style ``mask_mod`` evaluated on broadcast indices (only
+    the query ``rows``, when given: (B, H, len(rows), Sk))."""
     dev = call.device
+    rows = range(call.seq_len_q) if rows is None else rows
     b = torch.arange(call.batch_size, device=dev)[:, None, None, None]
     h = torch.arange(call.num_heads, device=dev)[None, :, None, None]
-    q = torch.arange(call.seq_len_q, device=dev)[None, None, :, None]
+    q = torch.arange(rows.start, rows.stop, device=dev)[None, None, :, None]
     k = torch.arange(call.seq_len_kv, device=dev)[None, None, None, :]
     try:
         out = torch.as_tensor(mask_mod(b, h, q, k), device=dev)
@@ -877,7 +905,32 @@ def _mask_mod_elements(call: AttentionCall, mask_mod: Callable) -> torch.Tensor:
                              "with elementwise tensor ops") from err
     if out.dtype != torch.bool:
         raise AttnPatchError(f"block_sparse: mask_mod must return bool, got {out.dtype}")
-    return out.expand(call.batch_size, call.num_heads, call.seq_len_q, call.seq_len_kv)
+    shape = (call.batch_size, call.num_heads, len(rows), call.seq_len_kv)
+    try:
+        return out.expand(shape)
+    except RuntimeError as err:
+        raise AttnPatchError(f"block_sparse: mask_mod returned shape {tuple(out.shape)}, which "
+                             f"does not broadcast to (batch, heads, queries, keys) = {shape}: "
+                             "combine its index arguments elementwise") from err
+
+
+def _mask_mod_empty_rows(call: AttentionCall, mask_mod: Callable) -> Optional[str]:
+    """A description of the query rows ``mask_mod`` (with ``is_causal``) leaves without a key,
+    or None; evaluated over chunks of query rows (never the whole B·H·Sq·Sk mask at once)."""
+    chunk = max(1, (1 << 24) // max(1, call.batch_size * call.num_heads * call.seq_len_kv))
+    for start in range(0, call.seq_len_q, chunk):
+        rows = range(start, min(start + chunk, call.seq_len_q))
+        keep = _mask_mod_elements(call, mask_mod, rows)
+        if call.is_causal:
+            q = torch.arange(rows.start, rows.stop, device=call.device)[:, None]
+            keep = keep & (torch.arange(call.seq_len_kv, device=call.device)[None, :] <= q)
+        empty = ~keep.any(-1)
+        if bool(empty.any()):
+            b, h, row = empty.nonzero()[0].tolist()
+            return (f"mask_mod{' with is_causal' if call.is_causal else ''} leaves query rows "
+                    f"without any key (first: batch {b}, head {h}, query {start + row}): let "
+                    "each query see a key, or pass empty_rows='zeros' (out 0, lse -inf there)")
+    return None
 
 
 def _element_mask(call: AttentionCall, opts: BlockSparseOptions, plan: _Plan
@@ -937,7 +990,7 @@ class _DenseSteps:
     def pre(self, module, args, kwargs):
         if torch.compiler.is_dynamo_compiling():  # compiled: no step count, every step sparse
             return None
-        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        t = forward_arguments(module, args, kwargs).get("timestep")  # by name or by place
         if torch.is_tensor(t):
             t = t.flatten()[0].item() if t.numel() else None
         value = None if t is None else float(t)
@@ -1039,7 +1092,7 @@ class _TileOrder:
         _ORDER_TOKENS.push(self, token)
         if token is None:
             return None
-        return _move_inputs(self, self.plan.enter, "", args, kwargs, False)
+        return _move_inputs(self, self.plan.enter, "", module, args, kwargs, False)
 
     def post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if torch.compiler.is_dynamo_compiling():
@@ -1067,10 +1120,11 @@ class _TileOrderAt:
         if torch.compiler.is_dynamo_compiling():
             return None
         plan = self.owner.plan
-        moved = _move_inputs(self.owner, plan.enter, self.path, args, kwargs, False)
+        moved = _move_inputs(self.owner, plan.enter, self.path, module, args, kwargs, False)
         if moved is not None:
             args, kwargs = moved
-        return _move_inputs(self.owner, plan.leave, self.path, args, kwargs, True) or moved
+        return _move_inputs(self.owner, plan.leave, self.path, module, args, kwargs,
+                            True) or moved
 
     def post(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if torch.compiler.is_dynamo_compiling() or output is None:
@@ -1118,18 +1172,22 @@ def _first_tensor(value: Any) -> Optional[torch.Tensor]:
     return None
 
 
-def _move_inputs(owner: _TileOrder, points: tuple, path: str, args: tuple, kwargs: dict,
-                 inverse: bool) -> Optional[tuple[tuple, dict]]:
-    """(args, kwargs) with the plan's arguments at ``path`` moved; None when none is there or
-    no reordered forward runs."""
+def _move_inputs(owner: _TileOrder, points: tuple, path: str, module: torch.nn.Module,
+                 args: tuple, kwargs: dict, inverse: bool) -> Optional[tuple[tuple, dict]]:
+    """(args, kwargs) of ``module`` (at ``path``) with the plan's arguments moved, found by
+    name or by place; None when none is there or no reordered forward runs."""
     args, kwargs, order = list(args), dict(kwargs), None
     for p in points:
         if p.path != path or p.output:
             continue
+        index = p.index
+        if index is None and p.name is not None and args:  # passed by place?
+            names = positional_names(module)
+            index = names.index(p.name) if p.name in names else None
         if p.name is not None and p.name in kwargs:
             slot, key = kwargs, p.name
-        elif p.index is not None and p.index < len(args):
-            slot, key = args, p.index
+        elif index is not None and index < len(args):
+            slot, key = args, index
         elif p.required:
             raise AttnPatchError(f"block_sparse: the tile order once per forward found no "
                                  f"argument at {p}: pass reorder='call'")

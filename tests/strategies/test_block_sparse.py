@@ -6,6 +6,7 @@ Flux / SD3 / Wan models, gradients, the Flex path, bad input."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -17,9 +18,10 @@ from attnpatch import TokenLayout, registry
 from attnpatch.call import AttentionCall
 from attnpatch.registry import Backend, register_backend, unregister_backend
 from attnpatch.strategies import _block_patterns as P
+from attnpatch.strategies import block_sparse as BSP
 
 from ..conftest import make_inputs, reference, rel_error
-from ..tiny_models import flux, flux_pipeline, run, run_pipe, sd3, wan
+from ..tiny_models import flux, flux_pipeline, output_of, run, run_pipe, sd3, wan
 
 BS = "block_sparse"
 F64 = dict(dtype=torch.float64)
@@ -241,8 +243,7 @@ def test_tile3d_ragged_tiles_equal_the_per_token_definition(name, tile, window):
     layout = LAYOUTS[name]
     q, k, v = _qkv(layout)
     seq = q.shape[2]
-    out = bs(q, k, v, pattern="tile3d", tile=tile, window=window, token_layout=layout,
-             block_size=16)
+    out = bs(q, k, v, pattern="tile3d", tile=tile, window=window, token_layout=layout)
     element = with_text(tile_mask(layout.grid, tile, window), layout, seq)
     torch.testing.assert_close(out, masked_reference(q, k, v, element)[0], rtol=0, atol=1e-12)
     flex = bs(q.float(), k.float(), v.float(), pattern="tile3d", tile=tile, window=window,
@@ -258,7 +259,7 @@ def test_flex_reorders_tokens_in_the_callers_memory_order():
     q, k, v = (t.transpose(1, 2).contiguous() for t in _qkv(layout, seed=2,
                                                            dtype=torch.float32))
     kw = dict(backend="block_sparse", pattern="tile3d", tile=(1, 2, 4), window=(1, 3, 1),
-              token_layout=layout, block_size=16, layout="bshd")
+              token_layout=layout, layout="bshd")
     out = attnpatch.attention(q, k, v, kernel="flex", **kw)
     assert out.is_contiguous()
     assert rel_error(out, attnpatch.attention(q, k, v, kernel="mask", **kw)) <= 1e-5
@@ -507,6 +508,70 @@ def test_bad_input_is_refused_with_the_fix():
         q.requires_grad_(), k, v, pattern="local1d", kernel="flex"))
 
 
+@pytest.mark.parametrize("kw, match", [
+    (dict(pattern="local1d", sink=False), "sink is an option of pattern='radial', not of 'local1d'"),
+    (dict(sink=False), "sink is an option of pattern='radial', not of 'no pattern'"),
+    (dict(block_layout=torch.ones(1, 1, 1, dtype=torch.bool), text="local"),
+     "text is an option of the patterns built from the call's TokenLayout"),
+    (dict(pattern="tile2d", block_size=64), "block_size is not an option of pattern='tile2d'"),
+    (dict(mask_mod=lambda b, h, q, k: q >= k, block_size=64),
+     "block_size is not an option of pattern='mask_mod'")])
+def test_an_option_the_call_would_not_read_is_refused(kw, match):
+    q, k, v, _ = make_inputs(batch=1, heads=2, seq_q=20, head_dim=8)
+    with pytest.raises(attnpatch.AttnPatchError, match=re.escape(match)):
+        bs(q, k, v, **kw)
+
+
+def test_mask_mod_rows_without_keys_and_bad_shapes_are_refused_with_the_fix():
+    q, k, v, _ = make_inputs(batch=2, heads=2, seq_q=9, head_dim=8, **F64)
+    above = lambda b, h, q_idx, kv_idx: kv_idx > q_idx  # noqa: E731  (the last row: no key)
+    assert any("mask_mod leaves query rows without any key (first: batch 0, head 0, query 8)"
+               in r and "empty_rows='zeros'" in r for r in _reasons(q, k, v, mask_mod=above))
+    out = bs(q, k, v, mask_mod=above, empty_rows="zeros")
+    assert (out[:, :, 8] == 0).all()
+    i = torch.arange(9)
+    torch.testing.assert_close(out[:, :, :8], masked_reference(
+        q, k, v, (i[None, :] > i[:, None])[None, None])[0][:, :, :8], rtol=0, atol=1e-12)
+    # is_causal on top: keys at or after the query keep only the diagonal (no row empty),
+    # keys after it keep nothing
+    at_or_after = lambda b, h, q_idx, kv_idx: kv_idx >= q_idx  # noqa: E731
+    assert not _reasons(q, k, v, mask_mod=at_or_after, is_causal=True)
+    assert any("mask_mod with is_causal leaves query rows without any key (first: batch 0, "
+               "head 0, query 0)" in r for r in _reasons(q, k, v, mask_mod=above,
+                                                         is_causal=True))
+    with pytest.raises(attnpatch.AttnPatchError, match=r"mask_mod returned shape \(1, 1, 9, 3\)"):
+        bs(q, k, v, mask_mod=lambda b, h, q_idx, kv_idx: (q_idx >= kv_idx)[..., :3],
+           empty_rows="zeros")
+
+
+def test_flex_block_mask_of_a_mask_mod_covers_every_head_and_batch():
+    """A ``mask_mod`` that reads ``h`` (head 0 causal, head 1 anti-causal) and ``b``: the Flex
+    ``BlockMask`` must keep, for each (batch, head), every block holding a pair that head
+    attends (a mask built for (0, 0) alone made compiled Flex skip head 1's blocks: 2.9 off)."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    seq = 3 * 128 - 5
+    q, k, v, _ = make_inputs(batch=2, heads=2, seq_q=seq, head_dim=8, dtype=torch.float32)
+
+    def per_head(b, h, q_idx, kv_idx):
+        return torch.where(h == b, kv_idx <= q_idx, kv_idx >= q_idx)
+    out = bs(q, k, v, mask_mod=per_head, kernel="flex")
+    masks = [p.lists["flex"] for p in BSP._PLANS.values()
+             if p.mode == "mask_mod" and "flex" in p.lists]
+    assert masks, "the flex path built no BlockMask"
+    block_mask = masks[-1]
+    elements = create_mask(per_head, 2, 2, seq, seq, device="cpu")
+    blocks = torch.nn.functional.pad(elements, (0, 384 - seq, 0, 384 - seq)).unflatten(
+        2, (3, 128)).unflatten(4, (3, 128)).any(5).any(3)
+    kept = block_mask.to_dense().bool()
+    assert kept.shape == blocks.shape and (kept | ~blocks).all()
+    i = torch.arange(seq)
+    element = torch.stack([torch.stack([i[None, :] <= i[:, None], i[None, :] >= i[:, None]]),
+                           torch.stack([i[None, :] >= i[:, None], i[None, :] <= i[:, None]])])
+    ref = masked_reference(q.double(), k.double(), v.double(), element)[0]
+    assert rel_error(out, ref) <= 1e-5
+
+
 # --- patched models ----------------------------------------------------------------------------
 
 class _Expected(Backend):
@@ -619,6 +684,29 @@ def test_dense_steps_run_the_first_steps_of_each_pipeline_call_dense():
         attnpatch.attention(*make_inputs()[:3], backend=BS, pattern="local1d", dense_steps=-1)
 
 
+def test_dense_steps_read_a_positional_timestep_at_its_place_in_the_forward():
+    """Flux's forward takes ``timestep`` fourth: called positionally, the steps still count
+    (they were read from the second argument, the prompt embeddings, so every step ran
+    dense)."""
+    model, kw = flux()
+    order = ["hidden_states", "encoder_hidden_states", "pooled_projections", "timestep",
+             "img_ids", "txt_ids"]
+
+    def forward(t, positional):
+        args = {**kw, "timestep": torch.tensor([t] * kw["timestep"].shape[0])}
+        if positional:
+            rest = {n: a for n, a in args.items() if n not in order}
+            with torch.no_grad():
+                return output_of(model(*[args[n] for n in order], **rest)).clone()
+        return run(model, args)
+    schedule = [0.9, 0.7, 0.5, 0.3]
+    dense = {t: forward(t, False) for t in schedule}
+    with attnpatch.patch(model, backend=BS, pattern="tile2d", tile=(2, 2), window=(1, 1),
+                         dense_steps=2):
+        errors = [rel_error(forward(t, True), dense[t]) for t in schedule]
+    assert [e <= 1e-6 for e in errors] == [True, True, False, False], errors
+
+
 @pytest.mark.parametrize("fullgraph", [False, True])
 def test_torch_compile_of_a_patched_model_matches_eager(fullgraph):
     import torch._dynamo
@@ -660,7 +748,7 @@ def test_random_tile_layouts_equal_the_per_token_definition(c):
     layout = TokenLayout(c["text"], c["position"] if c["text"] else "none", *c["grid"])
     q, k, v = _qkv(layout, heads=2, kv=1, seed=c["seed"])
     out = bs(q, k, v, pattern="tile3d", tile=c["tile"], window=c["window"], text=c["text_mode"],
-             token_layout=layout, block_size=4)
+             token_layout=layout)
     element = with_text(tile_mask(c["grid"], c["tile"], c["window"]), layout, q.shape[2],
                         c["text_mode"] == "global")
     torch.testing.assert_close(out, masked_reference(q, k, v, element)[0], rtol=0, atol=1e-12)
