@@ -712,10 +712,13 @@ def _gather_sum(grads: list, maps: list, per_query_head: list, group: int, dtype
 _COMPILED = BoundedCache(256)
 
 
-def _compiled(fn, plan: _Plan):
-    """``torch.compile(fn)`` for one plan: its own code object, so each plan's shapes get their
-    own dynamo cache (no recompile limit shared across a model's calls)."""
-    key = (fn.__name__, plan)
+def _compiled(fn, plan: _Plan, signature: tuple):
+    """``torch.compile(fn)`` for one plan and one ``signature`` (what else its graph is
+    specialised on: batch size, dtype, head dims, memory order): its own code object, so each
+    gets its own dynamo cache. Keyed by the plan alone, a model's varying batch sizes
+    (``num_images_per_prompt``, CFG on or off) recompiled one code object until dynamo's
+    recompile limit, a hard error under ``fullgraph=True``."""
+    key = (fn.__name__, plan, signature)
     compiled = _COMPILED.get(key)
     if compiled is None:
         code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_COMPILED)}")
@@ -790,7 +793,9 @@ class _Run:
         parts = self.plan.parts
         out_maps = [p.row_map("q", heads, seq, bshd, st) for p, (_, st) in zip(parts, outs)]
         lse_maps = [p.row_map("q", heads, seq, bshd, st) for p, (_, st) in zip(parts, lses)]
-        out, lse = _compiled(_gather_merge, self.plan)(
+        signature = (batch, call.dtype, call.head_dim_v, bshd,
+                     tuple(st for _, st in outs), tuple(st for _, st in lses))
+        out, lse = _compiled(_gather_merge, self.plan, signature)(
             [o for o, _ in outs], [lse[..., 0] for lse, _ in lses], out_maps, lse_maps,
             call.dtype, False)
         return (out.transpose(1, 2), lse.transpose(1, 2)) if bshd else (out, lse)
@@ -841,11 +846,13 @@ class _Run:
         """(dq, dk, dv) by one compiled gather-sum each, in the memory order of q, k and v."""
         call = self.call
         batch, heads, seq = call.batch_size, call.num_heads, call.seq_len_q
-        summed = _compiled(_gather_sum, self.plan)
         grads = []
         for i, t in enumerate((q, k, v)):
             transposed = _order(t)[0] == 1
             rows = [_row_view(d[i], batch) for d in parts]
+            summed = _compiled(_gather_sum, self.plan, (
+                batch, i == 0, t.dtype, tuple(t.shape[1:]), transposed,
+                tuple(st for _, st in rows), tuple(r.dtype for r, _ in rows)))
             per_query = [i > 0 and p.heads is not None for p in self.plan.parts]
             maps = [p.row_map("q" if i == 0 else "k", heads if i == 0 or pq else t.shape[1],
                               seq, transposed, st)

@@ -491,6 +491,27 @@ def test_gradients_are_the_definitions(compile):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+def test_compiled_merge_takes_any_number_of_batch_sizes():
+    """The fused merge and gradient sums compile once per plan and signature: a plan called
+    with more batch sizes than dynamo's recompile limit (here lowered to 2) keeps working
+    (one code object per plan recompiled per batch size until a hard fullgraph error)."""
+    import torch._dynamo
+    config = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    opts = dict(backend="dilated", segment_lengths=(4, 8), dilation_rates=(1, 2), inner="math")
+    with config.patch({limit: 2}):
+        for batch in (1, 2, 3, 4):
+            q, k, v, _ = make_inputs(batch=batch, heads=4, kv_heads=2, seq_q=12, head_dim=8,
+                                     seed=batch, requires_grad=True, dtype=torch.float32)
+            out = attnpatch.attention(q, k, v, compile=True, **opts)
+            ref = attnpatch.attention(q, k, v, compile=False, **opts)
+            grad = torch.randn_like(out)
+            for a, b in zip(torch.autograd.grad(out, (q, k, v), grad),
+                            torch.autograd.grad(ref, (q, k, v), grad)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_detach_weights_is_torchscales_backward():
     """``detach_weights=True``: out = Σ_i w_i·out_i with the weights w_i = softmax_i(lse_i)
     detached (torchscale's LongNet), each out_i the pattern's own attention."""
