@@ -700,7 +700,11 @@ class _ContextParallel(Strategy):
     uses_ulysses: ClassVar[bool] = False
 
     def __init__(self):
-        self._plans: dict = {}  # the same keys on every rank: hits and misses agree
+        #: the plans of each process group (by id): every rank of a group makes the same calls
+        #: in it, so its ranks' caches hit and miss alike (one cache shared by a rank's groups
+        #: filled and emptied differently on ranks in different groups: one rank then ran the
+        #: first call's check exchange while another went on to the ring, and both waited)
+        self._plans: dict[int, dict] = {}
 
     def availability_reasons(self) -> list[str]:
         reasons = super().availability_reasons()
@@ -783,7 +787,8 @@ def _attention(backend: _ContextParallel, call: AttentionCall, opts):
     grad = any(rows[0][_FIELDS.index(f"grad {t}")] for t in ("query", "key", "value"))
     key = (id(comm.pg), ring_degree, ulysses_degree, tuple(map(tuple, rows)), grad,
            VERSION[0])
-    plan = backend._plans.get(key)
+    plans = backend._plans.setdefault(id(comm.pg), {})
+    plan = plans.get(key)
     if plan is None:  # first call of this configuration (on every rank alike)
         plan = _plan(rows, comm.rank, ring_degree, ulysses_degree, call.is_causal)
         message = _precheck(backend, call, plan, opts.inner, grad)
@@ -792,9 +797,9 @@ def _attention(backend: _ContextParallel, call: AttentionCall, opts):
         if any(row[0] for row in rows):
             _raise_failures(comm, rows, message, None, call.device,
                             f"the inner kernel {opts.inner!r} cannot run every block")
-        if len(backend._plans) >= 256:
-            backend._plans.clear()
-        backend._plans[key] = plan
+        if len(plans) >= 256:
+            plans.clear()
+        plans[key] = plan
         logger.debug("%s plan on %s: %s", backend.name, comm.who(comm.rank), plan)
     return _run_plan(backend, call, comm, plan, opts.inner, grad)
 

@@ -84,22 +84,33 @@ def _expand(model: torch.nn.Module, path: str) -> list[str]:
     return paths
 
 
-def split_piece(x: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
-    """This rank's piece of ``x`` split in ``size`` along ``dim`` (``torch.tensor_split``)."""
+def split_piece(x: torch.Tensor, dim: int, rank: int, size: int, what: str = "a tensor"
+                ) -> torch.Tensor:
+    """This rank's piece of ``x`` split in ``size`` along ``dim`` (``torch.tensor_split``).
+    Raises when ``x`` has fewer than ``size`` entries there: some rank would get an empty
+    piece (an attention with no tokens). ``x`` is the same on every rank before the split, so
+    every rank raises alike (none is left waiting in a collective)."""
+    if x.shape[dim] < size:
+        raise AttnPatchError(
+            f"context parallel over {size} ranks: {what} has {x.shape[dim]} entries along dim "
+            f"{dim} (shape {tuple(x.shape)}), fewer than the ranks, so some rank would get "
+            "none: give it at least one per rank (e.g. pad the prompt to the tokenizer's "
+            "max_length) or use fewer ranks")
     return x.tensor_split(size, dim=dim)[rank]
 
 
-def _piece(x: Any, spec: Any, rank: int, size: int) -> Any:
+def _piece(x: Any, spec: Any, rank: int, size: int, what: str) -> Any:
     if isinstance(x, (list, tuple)):
         if not isinstance(spec, (list, tuple)) or len(spec) != len(x):
             raise AttnPatchError(f"context-parallel plan: a sequence of {len(x)} inputs needs "
                                  f"a list of as many ContextParallelInput, got {spec!r}")
-        return type(x)(_piece(t, s, rank, size) for t, s in zip(x, spec))
+        return type(x)(_piece(t, s, rank, size, f"{what}[{i}]")
+                       for i, (t, s) in enumerate(zip(x, spec)))
     if not isinstance(x, torch.Tensor) or spec is None:
         return x
     if spec.expected_dims is not None and x.dim() != spec.expected_dims:
         return x  # diffusers' semantics: another rank of tensor is not split
-    return split_piece(x, spec.split_dim, rank, size)
+    return split_piece(x, spec.split_dim, rank, size, what)
 
 
 class GatherOp(torch.autograd.Function):
@@ -154,18 +165,24 @@ class _SplitInputs:
             self._index = {name: i for i, name in enumerate(params)}
         return self._index
 
+    def _what(self, module: torch.nn.Module, name: str) -> str:
+        return f"{type(module).__name__}.forward's {name}" + (
+            f" (at {self.path})" if self.path else "")
+
     def pre(self, module, args, kwargs):
         args = list(args)
         for name, spec in self.specs.items():
             if name in kwargs:
-                kwargs[name] = _piece(kwargs[name], spec, self.comm.rank, self.comm.size)
+                kwargs[name] = _piece(kwargs[name], spec, self.comm.rank, self.comm.size,
+                                      self._what(module, name))
                 continue
             index = self._positions(module).get(name)
             if index is None:
                 raise AttnPatchError(f"context-parallel plan: {type(module).__name__}.forward "
                                      f"({self.path or 'the model'}) has no input {name!r}")
             if index < len(args):
-                args[index] = _piece(args[index], spec, self.comm.rank, self.comm.size)
+                args[index] = _piece(args[index], spec, self.comm.rank, self.comm.size,
+                                     self._what(module, name))
         return tuple(args), kwargs
 
     def __repr__(self) -> str:
@@ -184,7 +201,8 @@ class _SplitOutputs:
         single = isinstance(output, torch.Tensor)
         items = [output] if single else list(output)
         for index, spec in self.specs.items():
-            items[index] = _piece(items[index], spec, self.comm.rank, self.comm.size)
+            items[index] = _piece(items[index], spec, self.comm.rank, self.comm.size,
+                                  f"{type(module).__name__}'s output {index}")
         return items[0] if single else type(output)(items)
 
     def __repr__(self) -> str:

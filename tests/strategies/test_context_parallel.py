@@ -23,6 +23,7 @@ from attnpatch import AttnPatchError, register_backend
 from attnpatch.backends.math import MathBackend
 from attnpatch.strategies.context_parallel import (RingOptions, UlyssesOptions, USPOptions,
                                                    resolve_group)
+from attnpatch.strategies.cp_hooks import split_piece
 
 from ..conftest import reference, rel_error
 from .conftest import check_kernel_results, ring_of_one, run_ranks, simulated_ranks
@@ -320,7 +321,29 @@ def _worker(rank: int, world: int) -> dict:
         results["ring-of-one"] = ring_of_one(groups[1], "cpu", CPU_INNERS,
                                              (torch.bfloat16, torch.float32))
     results["faults"] = _faults(rank, groups[2], groups[3])
+    results["plan-caches"] = _plan_caches(rank)
     return results
+
+
+def _plan_caches(rank: int) -> dict:
+    """Rank 0 is in two groups, ranks 1 and 2 in one each: rank 0 makes more first calls of
+    new shapes (plans) than ranks 1 or 2, past the cache's 256. Its group A's plans must still
+    hit and miss as rank 1's do, or one rank runs the first call's check exchange while the
+    other is in the ring (both waited until the timeout)."""
+    import torch.distributed as dist
+    group_a, group_b = dist.new_group([0, 1]), dist.new_group([0, 2])
+
+    def call(group, seq):
+        q = torch.randn(1, 2, seq, 8, generator=torch.Generator().manual_seed(seq))
+        return attnpatch.attention(q, q, q, backend="ring", group=group, inner="math",
+                                   timeout=TIMEOUT)
+    if rank in (0, 1):
+        for seq in range(1, 201):
+            call(group_a, seq)
+    if rank in (0, 2):
+        for seq in range(1, 101):
+            call(group_b, seq)
+    return _fault(lambda: call(group_a, 1)) if rank in (0, 1) else {"raised": None}
 
 
 @pytest.fixture(scope="module")
@@ -414,6 +437,23 @@ def test_a_rank_that_never_arrives_makes_the_others_raise_within_the_group_timeo
 
 
 # --- in this process: options and an uninitialized torch.distributed ---------------------------
+@pytest.mark.distributed
+def test_plan_caches_agree_across_ranks_in_different_groups(ranks):
+    for r in ranks[:3]:
+        assert r["plan-caches"]["raised"] is None, r["plan-caches"]
+
+
+def test_a_split_that_leaves_a_rank_nothing_raises_naming_the_input():
+    """Two prompt tokens over three ranks: the plan's split would give one rank no keys. The
+    input is the same on every rank before the split, so every rank raises this alike."""
+    text = torch.randn(1, 2, 8)
+    for rank in range(3):
+        with pytest.raises(AttnPatchError, match=r"context parallel over 3 ranks: the prompt has "
+                                                 r"2 entries along dim 1 .*fewer than the ranks"):
+            split_piece(text, 1, rank, 3, "the prompt")
+    assert [split_piece(text, 1, r, 2).shape[1] for r in range(2)] == [1, 1]
+
+
 def test_not_initialized_is_a_reason_naming_the_fix():
     q = torch.randn(1, 2, 4, 8)
     for name in ("ring", "ulysses", "usp"):
