@@ -36,6 +36,8 @@ _CONTEXT: contextvars.ContextVar[Optional[tuple[str, dict]]] = contextvars.Conte
 # TokenLayout it was selected for, or _UNREAD when the backend does not read layouts)
 _CACHE = BoundedCache(4096)
 _UNREAD = object()
+#: the key of a bool where a number belongs (scale=True: True == 1 would hit 1's entry)
+_BOOL = object()
 
 
 @contextlib.contextmanager
@@ -143,7 +145,8 @@ def dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, ba
         # Everything that decides validity or selection: the option values, every tensor's
         # shape, dtype, device and requires-grad (the mask's too), the flags and the grad mode
         # (k/v dtypes: the math backend would cast a mismatch instead of raising). Non-bool
-        # flags key as None, which is never cached, so validate() names them every time.
+        # flags key as None and bool numbers as _BOOL, never cached, so validate() names
+        # them every time.
         grad = _grad_enabled()
         key_ = (name, _option_key(options) if options else (), _VERSION[0], query.shape,
                 key.shape, value.shape, query.dtype, key.dtype, value.dtype, query.device,
@@ -151,8 +154,11 @@ def dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, ba
                 None if attn_mask is None else (attn_mask.shape, attn_mask.dtype,
                                                 attn_mask.device,
                                                 grad and attn_mask.requires_grad),
-                is_causal if is_causal.__class__ is bool else None, scale, dropout_p, layout,
-                return_lse if return_lse.__class__ is bool else None, softcap,
+                is_causal if is_causal.__class__ is bool else None,
+                _BOOL if scale.__class__ is bool else scale,
+                _BOOL if dropout_p.__class__ is bool else dropout_p, layout,
+                return_lse if return_lse.__class__ is bool else None,
+                _BOOL if softcap.__class__ is bool else softcap,
                 grad and (query.requires_grad or key.requires_grad or value.requires_grad))
         entry = _CACHE.get(key_)
     except (AttributeError, TypeError):  # not tensors / unhashable flags: let validate() say so
@@ -233,6 +239,9 @@ def dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, ba
             if _passes_through(selection.backend, err):
                 raise
             raise _failed(selection.backend, call, err) from err
+    if return_lse is True and query.dtype is torch.float64 and result[1].dtype is not (
+            torch.float64):  # one lse dtype per input dtype, whichever kernel ran
+        result = (result[0], result[1].double())
     if layout == "bshd":
         if return_lse:
             result = (result[0].transpose(1, 2), result[1])
@@ -494,7 +503,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
     backends that read it (grid-aware strategies); calls from patched models get theirs.
 
     Returns the output (B, H, Sq, Dv) (or (B, Sq, H, Dv)), and with ``return_lse=True`` also the
-    log-sum-exp (B, H, Sq) in float32.
+    log-sum-exp (B, H, Sq) in float32 (float64 for float64 inputs).
     Raises :class:`AttnPatchError` for bad input, :class:`BackendUnavailableError` when the
     requested backend (or every ``auto`` candidate) cannot run the call.
     """

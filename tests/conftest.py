@@ -170,7 +170,8 @@ def check_or_refuse(backend: str, q, k, v, attn_mask=None, *, grad: bool = False
     assert rel_error(out.detach(), ref_out.detach()) <= tol, (
         f"{backend}: out error {rel_error(out.detach(), ref_out.detach()):.2e} > {tol:.0e}")
     if lse is not None:
-        assert lse.shape == ref_lse.shape and lse.dtype == torch.float32
+        want = torch.float64 if dtype == torch.float64 else torch.float32
+        assert lse.shape == ref_lse.shape and lse.dtype == want, (lse.dtype, want)
         torch.testing.assert_close(lse.detach().double(), ref_lse.detach(),
                                    rtol=max(tol, 1e-5), atol=max(tol, 1e-5))
     if grad:

@@ -267,6 +267,17 @@ def test_a_warm_cache_still_refuses_bad_input():
         attnpatch.attention(q, k, v, backend="math", is_causal=1)
 
 
+def test_a_bool_number_is_refused_even_when_its_int_is_cached():
+    """True == 1 and False == 0: the selection cache keys a bool where a number belongs apart,
+    so validate() refuses it every time (dropout_p=True ran as p=1.0, all zeros)."""
+    q, k, v, _ = make_inputs(seq_q=9)
+    for name, ok, bad in (("scale", 1, True), ("dropout_p", 0, False), ("dropout_p", 1, True),
+                          ("softcap", 1, True)):
+        attnpatch.attention(q, k, v, backend="math", **{name: ok})
+        with pytest.raises(attnpatch.AttnPatchError, match=f"{name} must be"):
+            attnpatch.attention(q, k, v, backend="math", **{name: bad})
+
+
 # --- softcap ----------------------------------------------------------------------------------
 def test_softcap_is_part_of_the_cache_key():
     q, k, v, _ = make_inputs(seq_q=13, seq_k=17, head_dim=16)

@@ -59,12 +59,20 @@ def _causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-def _block_mask(mask_mod: Callable, batch: Optional[int], heads: Optional[int], seq_q: int,
+def _block_mask(mask_mod: Optional[Callable], causal: bool, batch: int, heads: int, seq_q: int,
                 seq_k: int, device: torch.device):
-    key = (mask_mod, batch, heads, seq_q, seq_k, device)
+    """The cached BlockMask of the user's ``mask_mod`` (None: none) with ``causal`` on top.
+    A user mask_mod may read b and h: its mask is built per batch element and head (one for
+    (b, h) = (0, 0) alone makes the compiled kernel skip the others' blocks); the causal
+    pattern alone reads neither and is built once for all."""
+    key = (mask_mod, causal, batch, heads, seq_q, seq_k, device)
     block_mask = _BLOCK_MASKS.get(key)
     if block_mask is None:
-        block_mask = _flex_module.create_block_mask(mask_mod, batch, heads, seq_q, seq_k,
+        if mask_mod is None:
+            fn, batch_, heads_ = _causal, None, None
+        else:
+            fn, batch_, heads_ = _and_causal(mask_mod) if causal else mask_mod, batch, heads
+        block_mask = _flex_module.create_block_mask(fn, batch_, heads_, seq_q, seq_k,
                                                     device=device)
         _BLOCK_MASKS.put(key, block_mask)
     return block_mask
@@ -150,13 +158,9 @@ class FlexBackend(Backend):
 
     def forward(self, call: AttentionCall, block_mask=None, mask_mod=None, score_mod=None,
                 compile: Optional[bool] = None, kernel_options: Optional[dict] = None, **_: Any):
-        if mask_mod is not None and call.is_causal:
-            mask_mod = _and_causal(mask_mod)
-        elif mask_mod is None and block_mask is None and call.is_causal:
-            mask_mod = _causal
-        if mask_mod is not None:
-            block_mask = _block_mask(mask_mod, None, None, call.seq_len_q, call.seq_len_kv,
-                                     call.device)
+        if mask_mod is not None or (block_mask is None and call.is_causal):
+            block_mask = _block_mask(mask_mod, call.is_causal, call.batch_size, call.num_heads,
+                                     call.seq_len_q, call.seq_len_kv, call.device)
         elif block_mask is not None and call.is_causal:
             raise AttnPatchError("flex: is_causal=True with a prebuilt block_mask is ambiguous: "
                                  "fold the causal pattern into the BlockMask, or pass mask_mod=")

@@ -38,9 +38,12 @@ def _sdpa(call: AttentionCall):
     if is_causal and mask is not None:  # SDPA refuses both at once; fold the pattern in
         mask, is_causal = call.combined_mask(), False
     if mask is not None and mask.dtype not in (torch.bool, call.dtype) and (
-            call.device.type != "cpu" or mask.dtype != torch.float32):
-        # SDPA on CPU adds a float32 mask in float32 (math and flash kernels); CUDA's fused
-        # kernels need the query's dtype (the efficient one raises otherwise)
+            call.device.type != "cpu" or mask.dtype != torch.float32
+            or call.dtype == torch.float64):
+        # SDPA on CPU adds a float32 mask to half-precision scores in float32 (math and flash
+        # kernels), but to float64 queries wrongly (off by ~2 from 16 keys on, torch 2.13):
+        # those get the mask in float64. CUDA's fused kernels need the query's dtype (the
+        # efficient one raises otherwise)
         mask = cast_bias(mask, call.dtype)
     # scale=None where the caller gave none: SDPA's own default is not bitwise our float
     return F.scaled_dot_product_attention(

@@ -71,6 +71,18 @@ def test_lse_matches_reference_or_refuses(backend, structure):
         assert checked is None
 
 
+@pytest.mark.parametrize("seq", [4, 17, 64])
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_float64_with_a_float32_mask_matches_reference_or_refuses(backend, seq):
+    """A float32 additive mask on float64 inputs (a mask built once, reused across dtypes):
+    exact, and the lse float64 like every float64 call's (torch's CPU SDPA added such a mask
+    wrongly from 16 keys on: 2.5 off, silently)."""
+    q, k, v, mask = make_inputs(batch=2, heads=2, seq_q=seq, head_dim=8, dtype=torch.float64,
+                                mask="float", seed=seq)
+    check_or_refuse(backend, q, k, v, mask.float(), return_lse=registry.get_backend(
+        backend).supports_lse)
+
+
 @pytest.mark.parametrize("structure", ["plain", "gqa", "bool", "float", "key_padding", "causal",
                                        "causal+bool"])
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -107,3 +107,19 @@ def test_batch_zero_matches_sdpa(mask, is_causal):
     out = attnpatch.attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, backend="flex",
                               layout="bshd")
     assert out.shape == expected.transpose(1, 2).shape
+
+
+def test_a_mask_mod_reading_head_and_batch_is_exact_when_compiled():
+    """The BlockMask of a user ``mask_mod`` is built per batch element and head: compiled
+    (the CUDA default; here inductor on CPU) the kernel skips blocks by it, and one built for
+    (b, h) = (0, 0) alone skipped the other heads' blocks (1.4 off)."""
+    q, k, v, _ = make_inputs(batch=2, heads=2, seq_q=256, head_dim=16, dtype=torch.float32)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return torch.where(h == b, kv_idx < 128, kv_idx >= 128)
+    out = attnpatch.attention(q, k, v, backend="flex", mask_mod=mask_mod, compile=True)
+    i = torch.arange(256)
+    first, second = (i < 128)[None, :].expand(256, 256), (i >= 128)[None, :].expand(256, 256)
+    mask = torch.stack([torch.stack([first, second]), torch.stack([second, first])])
+    ref = attnpatch.attention(q.double(), k.double(), v.double(), attn_mask=mask, backend="math")
+    assert rel_error(out, ref) < 1e-5
