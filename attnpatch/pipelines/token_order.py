@@ -120,10 +120,14 @@ def _has_paths(model: torch.nn.Module, plan: TokenOrder) -> bool:
 
 
 def img_ids_token_order(model: Any) -> Optional[TokenOrder]:
-    """:data:`IMG_IDS` for a model whose forward takes ``hidden_states`` and ``img_ids``."""
+    """:data:`IMG_IDS` for a model whose forward takes ``hidden_states`` and ``img_ids``; None
+    for a ControlNet (``controlnet_cond``): its conditioning image tokens enter and its
+    per-block residuals leave where the plan does not cover them (per-call order there)."""
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
+        return None
+    if "controlnet_cond" in params:
         return None
     return IMG_IDS if {"hidden_states", "img_ids"} <= set(params) else None
 

@@ -980,7 +980,10 @@ class _DenseSteps:
     advances when the timestep changes (CFG passes of one step share it), and a timestep that
     rises (or the first forward) starts a new pipeline call at step 0. While a forward of one of
     the first ``steps`` steps runs, block_sparse attends densely. Reading the timestep syncs
-    once per forward."""
+    once per forward. Counted per denoiser from its timesteps alone: a second denoiser that
+    takes over mid-call (Wan 2.2's ``transformer_2``) starts its own count, and a call whose
+    first timestep is below the previous call's last (img2img at low strength right after
+    text-to-image) is not seen as a new call."""
 
     def __init__(self, steps: int):
         self.steps = steps
@@ -992,7 +995,9 @@ class _DenseSteps:
             return None
         t = forward_arguments(module, args, kwargs).get("timestep")  # by name or by place
         if torch.is_tensor(t):
-            t = t.flatten()[0].item() if t.numel() else None
+            # the step's noise level: the largest entry (a per-token timestep, as Wan 2.2 TI2V
+            # passes, holds 0 for the conditioning frame's tokens at every step)
+            t = t.detach().amax().item() if t.numel() else None
         value = None if t is None else float(t)
         if value is None:  # no timestep: not a denoising step
             dense = False

@@ -111,6 +111,50 @@ def test_order_once_per_forward_equals_reordering_per_call(case, checkpointing):
     assert (out - dense).abs().max() > 1e-3  # sparse: not the dense model
 
 
+def test_a_flux_controlnet_is_ordered_per_call():
+    """``FluxControlNetModel`` takes ``hidden_states`` and ``img_ids`` like Flux, but its
+    ``controlnet_cond`` image tokens enter and its per-block residuals leave where the Flux
+    plan does not cover them: it gets no per-forward plan, and its calls permute themselves
+    (with the plan, its conditioning was added in the wrong order: 0.07 off)."""
+    from diffusers import FluxControlNetModel
+
+    from attnpatch.pipelines.families import token_order_plan
+    model = seeded(FluxControlNetModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16,
+        axes_dims_rope=[4, 4, 8])).double()
+    _, kw = flux_controlnet()
+    kw = {k: v for k, v in kw.items() if not k.startswith("controlnet_")}
+    kw["controlnet_cond"] = randn(B, kw["hidden_states"].shape[1], 4, seed=7).double()
+    assert token_order_plan(model) is None
+    options = dict(pattern="tile2d", tile=(2, 3), window=(1, 1))
+    outs = {}
+    for reorder in ("auto", "call"):
+        with torch.no_grad(), attnpatch.patch(model, backend=BS, reorder=reorder, **options):
+            blocks, single = model(**kw, return_dict=False)
+        outs[reorder] = torch.cat([*blocks, *single], 1)
+    torch.testing.assert_close(outs["auto"], outs["call"], rtol=1e-12, atol=1e-12)
+
+
+def test_dense_steps_read_a_per_token_timestep_by_its_largest_entry():
+    """Wan 2.2 TI2V passes a timestep per token, 0 for the conditioning frame's tokens at
+    every step: the step is read from the largest entry (from the first, no step ever
+    advanced and every step ran dense)."""
+    model, kw = wan(per_token_timestep=True)
+    tokens = kw["timestep"].shape[1]
+
+    def at(t):
+        timestep = torch.full((B, tokens), float(t), dtype=torch.float64)
+        timestep[:, :30] = 0  # the first frame's tokens
+        return {**kw, "timestep": timestep}
+    with torch.no_grad():
+        dense = [model(**at(t))[0] for t in (900, 500)]
+        with attnpatch.patch(model, backend=BS, pattern="tile3d", tile=(2, 2, 4),
+                             window=(1, 2, 1), dense_steps=1):
+            outs = [model(**at(t))[0] for t in (900, 500)]
+    assert rel_error(outs[0], dense[0]) <= 1e-12 and rel_error(outs[1], dense[1]) > 1e-4
+
+
 def _tile_perm(grid: tuple, tile: tuple) -> torch.Tensor:
     return P.tile_layout(P.Geometry(grid[0] * grid[1] * grid[2], 0, "none", grid), tile,
                          (1, 1, 1), True, "cpu").perm
