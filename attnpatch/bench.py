@@ -98,6 +98,8 @@ class Settings:
     time_limit: Optional[float] = None
     #: set by :func:`run` from ``time_limit``
     deadline: Any = None
+    #: set by :func:`run`: (measured, skipped) rows of that call (not of the whole file)
+    counts: tuple = (0, 0)
 
 
 def timing_options(device: str, quick: bool, budget: Optional[float]) -> dict:
@@ -128,6 +130,10 @@ def _load_previous(path: Path) -> Optional[dict]:
                              f"{old.get('schema_version') if isinstance(old, dict) else None!r}, "
                              f"this bench writes {schema.SCHEMA_VERSION}); {fix}")
     if old["schema_version"] == 1:  # one machine and config for all its suites
+        if not (isinstance(old.get("config"), dict) and isinstance(
+                old["config"].get("suites"), list) and "machine" in old):
+            raise AttnPatchError(f"--out {path.parent}: {path.name} is a schema-1 results "
+                                 f"file without its machine or config.suites; {fix}")
         old = dict(old, schema_version=schema.SCHEMA_VERSION,
                    runs=[{"suite": s, "groups": None, "machine": old["machine"],
                           "config": dict(old["config"], suites=[s])}
@@ -164,6 +170,9 @@ def run(suites: Sequence[str], out: Path, quick: bool = False, device: str = "cp
         suites = list(schema.SUITES)
     suites = [s for s in schema.SUITES if s in suites]
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise AttnPatchError(f"--out {out}: a file, not a folder; give a folder for "
+                             "results.json, report.md and the charts")
     previous = _load_previous(out / "results.json")
     out.mkdir(parents=True, exist_ok=True)
     timing = timing_options(device, quick, settings.budget)
@@ -202,6 +211,12 @@ def run(suites: Sequence[str], out: Path, quick: bool = False, device: str = "cp
     kept = [r for r in (previous["rows"] if previous else [])
             if r["suite"] not in suites or (groups[r["suite"]] is not None
                                             and str(r.get("group")) not in groups[r["suite"]])]
+    # a row this call skipped for its --time-limit keeps what an earlier call measured there
+    measured = {_identity(r): r for r in (previous["rows"] if previous else [])
+                if r["skipped"] is None}
+    settings.counts = (sum(r["skipped"] is None for r in new_rows),
+                       sum(r["skipped"] is not None for r in new_rows))
+    new_rows = [measured.get(_identity(r), r) if _out_of_time(r) else r for r in new_rows]
     rows = sorted(kept + new_rows, key=lambda r: schema.SUITES.index(r["suite"]))  # stable
     all_suites = [s for s in schema.SUITES if any(e["suite"] == s for e in runs)]
     results: dict = {"schema_version": schema.SCHEMA_VERSION, "machine": machine,
@@ -210,13 +225,27 @@ def run(suites: Sequence[str], out: Path, quick: bool = False, device: str = "cp
     return _write(_finite(results), out, previous)
 
 
+def _identity(row: dict) -> tuple:
+    return row["suite"], row["name"], row["variant"], str(row.get("group"))
+
+
+def _out_of_time(row: dict) -> bool:
+    return (row["skipped"] or "").startswith("not measured: this call's --time-limit")
+
+
 def _write(results: dict, out: Path, previous: Optional[dict]) -> dict:
-    """Charts (the former ones removed first), results.json, report.md and the docs section."""
+    """Charts (the former ones removed first), results.json, report.md and the docs section.
+    A chart that fails is logged and left out: the measurements are written regardless."""
     from ._bench import report, schema
 
     for stale in (previous or {}).get("charts", []):
         (out / stale).unlink(missing_ok=True)  # re-drawn below from the whole file
-    results["charts"] = report.charts(results, out)
+    try:
+        results["charts"] = report.charts(results, out)
+    except Exception as exc:  # noqa: BLE001 - charts are a view; never lose the numbers
+        log.error("attnpatch bench: drawing the charts failed (%s: %s); results.json and "
+                  "report.md are written without them", type(exc).__name__, exc)
+        results["charts"] = []
     problems = schema.validate(results)
     if problems:  # a bug of this module, not of the machine
         raise AssertionError("results.json does not match its schema:\n" + "\n".join(problems))
@@ -266,7 +295,7 @@ def _csv_ints(text: str) -> list[int]:
     if not values or any(v < 1 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: give positive integers separated by "
                                          "commas (e.g. --processes 1,2,4)")
-    return values
+    return sorted(set(values))  # each count once
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -326,9 +355,10 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device on this machine")
-    if args.model is not None and not Path(args.model).is_dir():
-        parser.error(f"--model {args.model!r}: no such folder (a local diffusers pipeline "
-                     "folder; nothing is downloaded)")
+    if args.model is not None and not (Path(args.model) / "model_index.json").is_file():
+        parser.error(f"--model {args.model!r}: no diffusers pipeline folder there (a local "
+                     "folder with model_index.json, as save_pretrained writes; nothing is "
+                     "downloaded)")
     models = None
     if args.models is not None:
         models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -370,10 +400,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                       progress=not args.no_progress, settings=settings)
     except AttnPatchError as exc:
         parser.error(str(exc))
-    rows = [r for r in results["rows"]
-            if r["suite"] in (SUITE_CHOICES[:-1] if args.suite == "all" else (args.suite,))]
-    skipped = sum(r["skipped"] is not None for r in rows)
-    print(f"attnpatch bench: {len(rows) - skipped} rows measured, {skipped} skipped "
+    measured, skipped = settings.counts
+    print(f"attnpatch bench: {measured} rows measured, {skipped} skipped "
           f"({args.suite} on {device}); {Path(args.out) / 'results.json'} holds "
           f"{', '.join(results['config']['suites'])}")
     for name in ("results.json", "report.md", *results["charts"]):

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Data-parallel generation: each process generates its share of the prompts, only the main
-# process writes files. On a GPU machine: NUM_PROCESSES=8 MODEL=/path/to/flux BACKEND=flash.
+# process writes files (to OUT_DIR, default ./generated, relative to the current folder). On a GPU machine: NUM_PROCESSES=8 MODEL=/path/to/flux BACKEND=flash.
 # Without GPUs it runs the same way on CPU processes (gloo), with a tiny random-weight pipeline.
 #
 #   bash examples/multi_gpu_generate.sh [OUT_DIR]
 set -euo pipefail
+OUT="$(realpath -m "${1:-generated}")"  # relative to where it is run, before the cd below
 cd "$(dirname "$0")/.."
-OUT="${1:-generated}"
 NUM_PROCESSES="${NUM_PROCESSES:-2}"
 BACKEND="${BACKEND:-sdpa}"
 if [ -n "${MODEL:-}" ]; then SRC=(--model "$MODEL"); else SRC=(--tiny sd --steps 2 --height 64 --width 64); fi

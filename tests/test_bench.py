@@ -571,3 +571,72 @@ def test_alternating_rounds_drop_a_variant_that_fails_and_time_the_others():
                                0.0, warmup=1, min_reps=5)
     assert stats["b"] == {"error": "OutOfMemoryError: round 3"}
     assert stats["a"]["reps"] == 5 and stats["paired"] == {}
+
+
+def test_a_time_limit_keeps_the_rows_an_earlier_call_measured(quick_all, tmp_path, capsys):
+    """A call into an accumulating --out that runs out of time keeps what an earlier call
+    measured for the rows it skipped (they used to be overwritten with 'not measured'), and
+    its summary counts its own rows, not the file's."""
+    src, before = quick_all
+    out = _copy(src, tmp_path / "bench")
+    capsys.readouterr()
+    assert attnpatch.cli.main(["bench", "--quick", "--suite", "models", "--models", "flux",
+                               "--device", "cpu", "--no-progress", "--time-limit", "1e-9",
+                               "--out", str(out)]) == 0
+    assert "attnpatch bench: 0 rows measured" in capsys.readouterr().out
+    after = json.loads((out / "results.json").read_text())
+    assert schema.validate(after) == []
+    key = lambda r: (r["suite"], r["name"], r["variant"], r.get("group"))  # noqa: E731
+    old = {key(r): r for r in before["rows"]}
+    flux = [r for r in after["rows"] if r["suite"] == "models" and r.get("group") == "flux"]
+    assert flux and all(r == old[key(r)] for r in flux if old[key(r)]["skipped"] is None)
+    assert any(r["skipped"] is None for r in flux)
+
+
+def test_a_non_finite_error_loses_no_results(quick_all, tmp_path):
+    """A sparse row whose error was not finite (stored as null) used to crash the chart step
+    after the former charts were deleted and before results.json was written."""
+    src, before = quick_all
+    out = _copy(src, tmp_path / "bench")
+    results = json.loads((out / "results.json").read_text())
+    row = next(r for r in results["rows"] if r["suite"] == "sparse"
+               and "rel_err_vs_dense" in r["metrics"] and "speedup" in r["metrics"])
+    row["metrics"]["rel_err_vs_dense"] = None
+    (out / "results.json").write_text(json.dumps(results))
+    assert attnpatch.cli.main(["bench", "--render-only", "--out", str(out)]) == 0
+    after = json.loads((out / "results.json").read_text())
+    assert after["rows"] == results["rows"]
+    assert "sparse_speedup_vs_error.png" in after["charts"]
+
+
+def test_out_problems_are_errors_naming_the_fix(quick_all, tmp_path, capsys):
+    from attnpatch._bench.report import DOCS_BEGIN, DOCS_END
+    from attnpatch.bench import _csv_ints
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        attnpatch.cli.main(["bench", "--quick", "--suite", "kernels", "--device", "cpu",
+                            "--no-progress", "--out", str(tmp_path / "file")])
+    assert exc.value.code == 2 and "--out" in capsys.readouterr().err
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "results.json").write_text('{"schema_version": 1}')
+    with pytest.raises(SystemExit):
+        attnpatch.cli.main(["bench", "--render-only", "--out", str(tmp_path / "v1")])
+    assert "schema-1 results file without its machine" in capsys.readouterr().err
+    src, _ = quick_all
+    out = _copy(src, tmp_path / "docs" / "bench")
+    (tmp_path / "docs" / "BENCHMARKS.md").write_text(f"{DOCS_END}\n{DOCS_BEGIN}\n")
+    with pytest.raises(SystemExit):
+        attnpatch.cli.main(["bench", "--render-only", "--out", str(out)])
+    assert "put the begin marker first" in capsys.readouterr().err
+    assert _csv_ints("4,2,2,1") == [1, 2, 4]  # each process count once
+
+
+def test_sparse_on_cpu_runs_the_tiny_shapes_and_says_why_not_the_full_ones(tmp_path):
+    out = tmp_path / "out"
+    assert attnpatch.cli.main(["bench", "--suite", "sparse", "--device", "cpu",
+                               "--no-progress", "--budget", "0.01", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    full = [r for r in rows if "2048" in r["name"] or "720p" in r["name"]]
+    assert full and all("need a CUDA device" in r["skipped"] for r in full)
+    assert any(r["skipped"] is None and "tiny" in r["name"] for r in rows)

@@ -6,6 +6,8 @@ import logging
 from pathlib import Path
 from typing import Any, Optional
 
+from .._errors import AttnPatchError
+
 log = logging.getLogger(__name__)
 
 #: per suite: (column title, metric key) of its Markdown table
@@ -205,7 +207,8 @@ def charts(results: dict, out: Path) -> list[str]:
     if sparse:
         def error(r):
             m = r["metrics"]
-            return max(m.get("rel_err_vs_dense", m.get("rel_err_vs_unpatched")), 1e-12)
+            err = m.get("rel_err_vs_dense", m.get("rel_err_vs_unpatched"))
+            return None if err is None else max(err, 1e-12)  # None: not finite (stored null)
 
         def kind(r):
             return f"{r['variant']}, {'model output' if 'rel_err_vs_unpatched' in r['metrics'] else 'attention call'}"
@@ -305,6 +308,10 @@ def update_docs(results: dict, out: Path) -> Optional[Path]:
     if DOCS_BEGIN not in text or DOCS_END not in text:
         return None
     before, rest = text.split(DOCS_BEGIN, 1)
+    if DOCS_END not in rest:
+        raise AttnPatchError(f"{page}: its '{DOCS_END}' line comes before its '{DOCS_BEGIN}' "
+                             "line; put the begin marker first (results.json and report.md "
+                             "are written)")
     _, after = rest.split(DOCS_END, 1)
     body = headline(results, prefix=f"{Path(out).resolve().name}/")
     page.write_text(f"{before}{DOCS_BEGIN}\n\n{body}\n{DOCS_END}{after}")
