@@ -83,7 +83,7 @@ def bench_shapes(shapes, backends, dtype):
             rows.append(row)
             print(f"{label:10s} {name:15s} {ms:9.3f} ms {row['tflops']:7.1f} TFLOP/s",
                   file=sys.stderr, flush=True)
-        del q, k, v
+        q = k = v = None  # free them before the next shape
         torch.cuda.empty_cache()
     return rows
 
