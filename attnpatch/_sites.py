@@ -30,18 +30,12 @@ class _Missing:
     def __repr__(self) -> str:
         return "MISSING"
 
-    def __copy__(self) -> "_Missing":
-        return self
-
     def __deepcopy__(self, memo: dict) -> "_Missing":
         return self
 
-    def __reduce__(self) -> str:
-        return "MISSING"
 
-
-#: "nothing was there" in a site's saved values: one object that copy, deepcopy and pickle keep
-#: (a deep copy of a patched model compares its copied saved values against this same object)
+#: "nothing was there" in a site's saved values: one object that deepcopy keeps (a deep copy
+#: of a patched model compares its copied saved values against this same object)
 MISSING = _Missing()
 
 

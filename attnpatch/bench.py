@@ -230,7 +230,8 @@ def _identity(row: dict) -> tuple:
 
 
 def _out_of_time(row: dict) -> bool:
-    return (row["skipped"] or "").startswith("not measured: this call's --time-limit")
+    from ._bench.timing import OUT_OF_TIME
+    return (row["skipped"] or "").startswith(OUT_OF_TIME)
 
 
 def _write(results: dict, out: Path, previous: Optional[dict]) -> dict:

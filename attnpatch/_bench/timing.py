@@ -211,6 +211,10 @@ def patched_forwards(model, kw: dict, variants: dict, device: str, budget_s: flo
     return result
 
 
+#: how :meth:`Deadline.reason` begins (a row skipped for the time limit starts with it)
+OUT_OF_TIME = "not measured: this call's --time-limit"
+
+
 class Deadline:
     """The wall-clock limit of one ``attnpatch bench`` call (``--time-limit``): once spent,
     the suites skip what is left with :meth:`reason`, and the results are still written."""
@@ -227,7 +231,7 @@ class Deadline:
         """None while time is left; else why a row is not measured."""
         if self.end is None or time.monotonic() < self.end:
             return None
-        return (f"not measured: this call's --time-limit of {self.seconds:g} s was spent "
+        return (f"{OUT_OF_TIME} of {self.seconds:g} s was spent "
                 "(run it again for this part: fewer --models or --processes, a smaller "
                 "--budget, or --resolutions 1)")
 

@@ -59,20 +59,19 @@ def _causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-def _block_mask(mask_mod: Optional[Callable], causal: bool, batch: int, heads: int, seq_q: int,
-                seq_k: int, device: torch.device):
+def _block_mask(mask_mod: Optional[Callable], causal: bool, batch: Optional[int],
+                heads: Optional[int], seq_q: int, seq_k: int, device: torch.device):
     """The cached BlockMask of the user's ``mask_mod`` (None: none) with ``causal`` on top.
     A user mask_mod may read b and h: its mask is built per batch element and head (one for
     (b, h) = (0, 0) alone makes the compiled kernel skip the others' blocks); the causal
     pattern alone reads neither and is built once for all."""
+    if mask_mod is None:
+        batch = heads = None
     key = (mask_mod, causal, batch, heads, seq_q, seq_k, device)
     block_mask = _BLOCK_MASKS.get(key)
     if block_mask is None:
-        if mask_mod is None:
-            fn, batch_, heads_ = _causal, None, None
-        else:
-            fn, batch_, heads_ = _and_causal(mask_mod) if causal else mask_mod, batch, heads
-        block_mask = _flex_module.create_block_mask(fn, batch_, heads_, seq_q, seq_k,
+        fn = _causal if mask_mod is None else _and_causal(mask_mod) if causal else mask_mod
+        block_mask = _flex_module.create_block_mask(fn, batch, heads, seq_q, seq_k,
                                                     device=device)
         _BLOCK_MASKS.put(key, block_mask)
     return block_mask

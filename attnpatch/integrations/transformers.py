@@ -2,11 +2,11 @@
 
 ``ATTN_NAME`` is registered in ``AttentionInterface`` (the attention call) and in
 ``AttentionMaskInterface`` (:func:`attnpatch_mask`: models then build a 4-D bool mask, True =
-attend; without it transformers silently drops padding masks for unknown implementations). A patched
-model's configs are switched to ``ATTN_NAME`` with ``set_attn_implementation``; each config's
-previous ``_attn_implementation`` is restored exactly on unpatch, and the global registrations
-(a :class:`Registration` site on the module-level :data:`REGISTRY`, counted per patch) are
-removed again when the last patch holding them lets go.
+attend; without it transformers silently drops padding masks for unknown implementations). A
+patched model's configs are switched to ``ATTN_NAME`` with ``set_attn_implementation``; each
+config's previous ``_attn_implementation`` is restored exactly on unpatch, and the global
+registrations (a :class:`Registration` site on the module-level :data:`REGISTRY`, counted per
+patch) are removed again when the last patch holding them lets go.
 
 The function gets ``module``, so records (and backends) are per attention module. It follows
 ``sdpa_attention_forward``'s conventions: ``is_causal`` from the call or ``module.is_causal``

@@ -28,8 +28,9 @@ import torch
 from .._layout import ForwardInfo
 from .families import model_family
 
-__all__ = ["GRID_SOURCES", "forward_info", "forward_arguments", "positional_names", "patch_sizes", "grid_from_latents",
-           "grid_from_img_shapes", "grid_from_img_ids", "grid_from_thwl_ids"]
+__all__ = ["GRID_SOURCES", "forward_info", "forward_arguments", "positional_names",
+           "patch_sizes", "grid_from_latents", "grid_from_img_shapes", "grid_from_img_ids",
+           "grid_from_thwl_ids"]
 
 #: (model, hidden_states, forward kwargs, text tokens) -> ForwardInfo, or None when the source
 #: does not describe this forward

@@ -1186,8 +1186,8 @@ def _move_inputs(owner: _TileOrder, points: tuple, path: str, module: torch.nn.M
         if p.path != path or p.output:
             continue
         index = p.index
-        if index is None and p.name is not None and args:  # passed by place?
-            names = positional_names(module)
+        if index is None and p.name is not None and p.name not in kwargs and args:
+            names = positional_names(module)  # passed by place?
             index = names.index(p.name) if p.name in names else None
         if p.name is not None and p.name in kwargs:
             slot, key = kwargs, p.name
