@@ -37,6 +37,12 @@ tail: Flux's and Wan's pattern sets; 3.8x faster than ``index_select`` on the H2
   ``index_add_`` of the weighted outputs);
 - ``compile=True`` (default on CUDA): one ``torch.compile``'d gather merge that reads every
   part's output at the rows it keeps and writes the output once (fp32 inside, no fp32 buffer).
+- ``cuda_graph`` (default: on CUDA for calls with no ``attn_mask`` and a query of at most
+  2**26 elements): a call's launches (the copies, the kernels, the merge; in backward the
+  kernels' backward and the gradient sums) replay as one CUDA graph per signature, from its
+  second call on. At Flux sizes the ~100 launches of a forward take the host longer than the
+  GPU takes to run them (host-bound); larger calls hide them, and a graph would hold their
+  buffers (several times the query's size) until ``attnpatch._clear_caches()``.
 
 Gradients are exact like :func:`attnpatch.merge_partials`: every part's kernel runs its own
 backward with the *merged* out and lse at its rows, and the gradients are summed back (fp32).
@@ -55,6 +61,7 @@ from typing import Any, Optional
 import torch
 
 from .._caches import BoundedCache
+from .._cuda_graphs import captured, signature
 from .._errors import AttnPatchError, BackendUnavailableError
 from ..backends.math import reference_attention
 from ..call import AttentionCall
@@ -134,7 +141,9 @@ class DilatedOptions:
     ``grid``), equal lengths, positive, each rate at most its segment length. ``inner``: the
     kernel that runs the parts ("auto" or a backend that returns the lse). ``detach_weights``:
     torchscale's backward. ``grid``: None, "2d" or "3d". ``compile``: the fused gather merge
-    (default: on CUDA).
+    (default: on CUDA). ``cuda_graph``: replay each signature's launches as a CUDA graph
+    (default: on CUDA for a query of at most 2**26 elements; calls with an ``attn_mask`` run
+    without one, since a graph would keep the first call's mask).
     """
 
     segment_lengths: Any = (2048, 4096, 8192, 16384)
@@ -143,6 +152,7 @@ class DilatedOptions:
     detach_weights: bool = False
     grid: Optional[str] = None
     compile: Optional[bool] = None
+    cuda_graph: Optional[bool] = None
 
     def __post_init__(self):
         if self.grid not in _AXES:
@@ -171,6 +181,10 @@ class DilatedOptions:
         if self.compile is not None and not isinstance(self.compile, bool):
             raise AttnPatchError(f"dilated: compile must be True, False or None (on CUDA only), "
                                  f"got {self.compile!r}")
+        if self.cuda_graph is not None and not isinstance(self.cuda_graph, bool):
+            raise AttnPatchError(f"dilated: cuda_graph must be True, False or None (default: on "
+                                 f"CUDA for calls of up to 2**26 query elements), got "
+                                 f"{self.cuda_graph!r}")
 
     def patterns(self) -> tuple:
         """((w per axis, r per axis), ...) on the axes the plan uses: (N,) for the sequence,
@@ -863,6 +877,65 @@ class _Run:
         return tuple(grads)
 
 
+#: query elements up to which ``cuda_graph=None`` captures (Flux 2048² has 1 x 24 x 16 896 x 128
+#: = 52M): below it the launches outlast the kernels; a graph holds a few times the query's size
+GRAPH_MAX_ELEMENTS = 2**26
+
+
+def _graphed(call: AttentionCall, opts: DilatedOptions) -> bool:
+    """Whether ``call`` runs through CUDA graphs (see ``cuda_graph``)."""
+    if call.device.type != "cuda" or call.attn_mask is not None:
+        return False
+    if opts.cuda_graph is not None:
+        return opts.cuda_graph
+    return call.query.numel() <= GRAPH_MAX_ELEMENTS
+
+
+class _GraphedRun:
+    """A :class:`_Run` whose forward and backward replay CUDA graphs, one per signature (see
+    :mod:`attnpatch._cuda_graphs`); a signature's first call, and every call of one that could
+    not be captured, runs the :class:`_Run` itself."""
+
+    def __init__(self, run: _Run):
+        self.run = run
+        call = run.call
+        self.key = (NAME, run.plan, run.opts, run.fused, call.scale, call.softcap)
+
+    @property
+    def backends(self) -> list:
+        return self.run.backends
+
+    def _twin(self, q, k, v) -> _Run:
+        """The same run on the graph's own input buffers."""
+        run = self.run
+        twin = _Run(run.call.replace(query=q, key=k, value=v), run.plan, run.opts, run.fused)
+        twin.backends = run.backends
+        return twin
+
+    def forward(self, q, k, v, grad: bool):
+        def fn(q, k, v):
+            twin = self._twin(q, k, v)
+            out, lse, own = twin.forward(q, k, v, grad)
+            return (out, lse, *own), twin.backends
+
+        got = captured((*self.key, "forward", grad, signature(q, k, v)), fn, (q, k, v))
+        if got is None:
+            return self.run.forward(q, k, v, grad)
+        (out, lse, *own), self.run.backends = got
+        return out, lse, own
+
+    def backward(self, q, k, v, out, lse, grad_out, own):
+        def fn(q, k, v, out, lse, grad_out, *own):
+            return self._twin(q, k, v).backward(q, k, v, out, lse, grad_out, list(own)), None
+
+        inputs = (q, k, v, out, lse, grad_out, *own)
+        got = captured((*self.key, "backward", tuple(map(id, self.run.backends)),
+                        signature(*inputs)), fn, inputs)
+        if got is None:
+            return self.run.backward(q, k, v, out, lse, grad_out, own)
+        return got[0]
+
+
 class _DilatedFunction(torch.autograd.Function):
     """Exact backward of the merge: each part's kernel backward from the merged (out, lse)."""
 
@@ -936,6 +1009,8 @@ class DilatedAttention(Strategy):
         else:
             fused = opts.compile if opts.compile is not None else call.device.type == "cuda"
             run = _Run(call, plan, opts, fused)
+            if _graphed(call, opts):
+                run = _GraphedRun(run)
             if call.requires_grad:
                 out, lse = _DilatedFunction.apply(run, call.query, call.key, call.value)
             else:

@@ -569,6 +569,7 @@ def test_detach_weights_is_torchscales_backward():
     (dict(inner="nope"), "inner='nope': unknown backend"),
     (dict(detach_weights=1), "detach_weights must be"),
     (dict(compile="yes"), "compile must be"),
+    (dict(cuda_graph="yes"), "cuda_graph must be"),
 ])
 def test_bad_options_are_named(options, match):
     q, k, v, _ = make_inputs(batch=1, heads=2, seq_q=8, head_dim=4)

@@ -1,0 +1,114 @@
+"""Replaying a strategy's many small launches as one CUDA graph.
+
+A strategy such as ``dilated`` runs a dozen kernels and a few hundred small tensor ops per call.
+At Flux sizes their GPU time (~2 ms) is below the host's time to issue them, so the call is
+host-bound. :class:`CapturedCall` captures such a function once per signature and replays it:
+its inputs are copied into the graph's own buffers, and its outputs are cloned out of them
+(the next replay overwrites those).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Sequence
+
+import torch
+
+from ._caches import BoundedCache
+
+__all__ = ["CapturedCall", "captured", "signature"]
+
+logger = logging.getLogger(__name__)
+
+#: signature -> CapturedCall, or None where capture failed (that signature stays eager). Each
+#: entry holds its graph's memory (inputs, outputs, intermediates) until the cache is cleared.
+_CAPTURED = BoundedCache(16)
+#: signatures seen once: the first call of a signature runs eagerly (it builds plans, compiles
+#: the merge and warms the kernels' own caches, none of which a graph may capture)
+_SEEN = BoundedCache(256)
+_LOCK = threading.Lock()
+
+
+class CapturedCall:
+    """``fn(*inputs) -> (tensors, extra)`` captured into a CUDA graph on tensors laid out like
+    ``inputs`` (same shapes, strides, dtypes, device). Calling it copies new inputs in, replays
+    the graph and returns (clones of the output tensors, ``extra`` from the capture).
+
+    Raises what ``fn`` or the capture raises (an op that syncs with the host cannot be
+    captured)."""
+
+    def __init__(self, fn: Callable, inputs: Sequence[torch.Tensor]):
+        self.inputs = [torch.empty_strided(t.shape, _buffer_strides(t), dtype=t.dtype,
+                                           device=t.device) for t in inputs]
+        for buf, t in zip(self.inputs, inputs):
+            buf.copy_(t)
+        # torch's recipe: run once on a side stream before capturing, so that lazy
+        # initialisation (cuBLAS/cuDNN handles, workspaces) happens outside the graph
+        side = torch.cuda.Stream(device=self.inputs[0].device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            self.outputs, self.extra = fn(*self.inputs)
+        # copy-in, replay and clone-out of one caller must not interleave with another's on the
+        # same buffers (the GPU runs them in stream order, the host decides that order)
+        self._lock = threading.Lock()
+
+    def __call__(self, *inputs: torch.Tensor):
+        with self._lock:
+            for buf, t in zip(self.inputs, inputs):
+                buf.copy_(t)
+            self.graph.replay()
+            return tuple(o.clone() for o in self.outputs), self.extra
+
+
+def _buffer_strides(t: torch.Tensor) -> tuple:
+    """The strides of ``t``'s graph buffer: its own where its elements fill their memory one to
+    one, else contiguous (a fused projection's slice has gaps, an expanded gradient overlaps)."""
+    return t.stride() if _dense(t) else torch.empty(t.shape, device="meta").stride()
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s dims, by increasing stride, tile its memory with no gap or overlap."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def signature(*tensors: torch.Tensor) -> tuple:
+    """What a captured graph is specific to, for ``tensors``: shape, buffer strides, dtype,
+    device, and the current stream (a graph's buffers serve one stream's calls in order)."""
+    stream = torch.cuda.current_stream(tensors[0].device)
+    return (stream.cuda_stream,
+            *((t.shape, _buffer_strides(t), t.dtype, t.device) for t in tensors))
+
+
+def captured(key, fn: Callable, inputs: Sequence[torch.Tensor]):
+    """``fn(*inputs)`` through the CUDA graph cached under ``key`` (which must include
+    :func:`signature` of ``inputs`` and whatever else ``fn`` bakes in). Returns None where the
+    call should run eagerly instead: the first time ``key`` is seen, while another graph is
+    being captured, and where capture failed (logged once, that key then stays eager)."""
+    entry = _CAPTURED.get(key)
+    if entry is not None:
+        return entry(*inputs)
+    if key in _CAPTURED or torch.cuda.is_current_stream_capturing():
+        return None
+    with _LOCK:
+        if _SEEN.get(key) is None:
+            _SEEN.put(key, True)
+            return None
+        try:
+            entry = CapturedCall(fn, inputs)
+        except Exception as exc:  # noqa: BLE001  (any failure: run eagerly, say why once)
+            logger.warning("attnpatch: could not capture a CUDA graph (%s: %s); these calls "
+                           "run without one", type(exc).__name__, str(exc)[:200])
+            _CAPTURED.put(key, None)
+            return None
+        _CAPTURED.put(key, entry)
+    return entry(*inputs)
