@@ -156,6 +156,25 @@ class AttentionCall:
         sub.token_layout = self.token_layout  # the token structure of the call it is part of
         return sub
 
+    def with_tensors(self, query: torch.Tensor, key: torch.Tensor,
+                     value: torch.Tensor) -> "AttentionCall":
+        """This call on other (B, H, S, D) tensors of the same shapes and dtypes, without
+        validating again: a strategy's sub-call, built once by :meth:`replace`, repeated on new
+        inputs (the mask, flags and options stay). Raises :class:`AttnPatchError` when a
+        shape or dtype differs (build that call with :meth:`replace`)."""
+        for name, new, old in (("query", query, self.query), ("key", key, self.key),
+                               ("value", value, self.value)):
+            if new.shape != old.shape or new.dtype != old.dtype:
+                raise AttnPatchError(
+                    f"AttentionCall.with_tensors(): {name} is {tuple(new.shape)} {new.dtype}, "
+                    f"the call's {tuple(old.shape)} {old.dtype}: build a call of another shape "
+                    "with replace()")
+        sub = AttentionCall.__new__(AttentionCall)
+        for name in AttentionCall.__slots__:
+            setattr(sub, name, getattr(self, name))
+        sub.query, sub.key, sub.value = query, key, value
+        return sub
+
     def signature(self) -> tuple:
         """Everything that decides which backend can run this call (hashable): every tensor's
         shape, dtype, device and requires-grad (the mask's too), the flags, the grad mode."""

@@ -5,6 +5,7 @@ import torch
 
 import attnpatch
 from attnpatch import AttnPatchError
+from attnpatch.call import build_call
 
 from .conftest import make_inputs
 
@@ -103,3 +104,18 @@ def test_normalization_does_not_copy_inputs():
 def test_mask_kinds(mask, kind):
     q, k, v, m = make_inputs(mask=mask)
     assert attnpatch.explain(q, k, v, attn_mask=m).call.mask_kind == kind
+
+
+def test_with_tensors_keeps_the_call_and_refuses_another_shape():
+    q, k, v = (torch.randn(1, 2, 5, 4) for _ in range(3))
+    mask = torch.rand(1, 1, 5, 5) > 0.3
+    call = build_call(q, k, v, mask, False, 0.3, 0.0, "bhsd", True, False, softcap=5.0)
+    new = [torch.randn(1, 2, 5, 4) for _ in range(3)]
+    sub = call.with_tensors(*new)
+    assert (sub.query, sub.key, sub.value) == tuple(new) and sub.attn_mask is mask
+    assert (sub.scale, sub.softcap, sub.return_lse, sub.mask_kind) == (0.3, 5.0, True, "bool")
+    assert call.query is q  # the original is untouched
+    with pytest.raises(AttnPatchError, match="key is .* build a call of another shape"):
+        call.with_tensors(new[0], torch.randn(1, 2, 6, 4), new[2])
+    with pytest.raises(AttnPatchError, match="query is .*float64"):
+        call.with_tensors(new[0].double(), new[1], new[2])

@@ -189,9 +189,10 @@ def flux_inputs(config: dict, rows: int, cols: int, text: int, device, dtype) ->
 
 def patched_forwards(model, kw: dict, variants: dict, device: str, budget_s: float) -> dict:
     """One forward of ``model(**kw)`` under ``attnpatch.patch(model, **variants[name])`` per
-    variant (two: the dense reference first): ``{name}_ms`` (median), ``{name}_notes`` (the
-    report's notes) or ``{name}_error``; with both run, ``rel_err_vs_dense`` and ``speedup``
-    of the second against the first."""
+    variant (the dense reference first): ``{name}_ms`` (median), ``{name}_notes`` (the
+    report's notes) or ``{name}_error``; for each later variant that ran with the first,
+    ``{name}_rel_err_vs_dense`` and ``{name}_speedup`` against it (the second one's also as
+    ``rel_err_vs_dense`` and ``speedup``)."""
     result, outputs = {}, {}
     reps = (1, 1) if device != "cuda" else (2, 3)  # (warm-up, repetitions): CPU runs are smoke
     with torch.no_grad():
@@ -204,10 +205,13 @@ def patched_forwards(model, kw: dict, variants: dict, device: str, budget_s: flo
                                                       for n in r.notes})
             except Exception as exc:  # report it, keep measuring the others
                 result[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-    if len(outputs) == 2:
-        dense, other = outputs
-        result["rel_err_vs_dense"] = rel(outputs[other], outputs[dense])
-        result["speedup"] = result[f"{dense}_ms"] / result[f"{other}_ms"]
+    names = list(outputs)
+    for i, other in enumerate(names[1:]):
+        err = rel(outputs[other], outputs[names[0]])
+        speedup = result[f"{names[0]}_ms"] / result[f"{other}_ms"]
+        result[f"{other}_rel_err_vs_dense"], result[f"{other}_speedup"] = err, speedup
+        if i == 0:
+            result["rel_err_vs_dense"], result["speedup"] = err, speedup
     return result
 
 

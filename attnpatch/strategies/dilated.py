@@ -754,12 +754,23 @@ class _Run:
 
     def sub_calls(self, q, k, v, grad: bool):
         rq, rk, rv = _rows(q), _rows(k), _rows(v)
+        # without a user mask a part's sub-call differs between calls of one signature only in
+        # its tensors: built (and validated) once, then copied with the new ones
+        key = None if self.call.attn_mask is not None else ("sub", self.call.signature(), grad)
         for part, mask in zip(self.plan.parts, self.masks):
-            sub = self.call.replace(query=_take(q, rq, part, "q", self.group),
-                                    key=_take(k, rk, part, "k", self.group),
-                                    value=_take(v, rv, part, "k", self.group),
+            tensors = (_take(q, rq, part, "q", self.group), _take(k, rk, part, "k", self.group),
+                       _take(v, rv, part, "k", self.group))
+            template = None if key is None else part._cache.get(key)
+            if template is not None:
+                yield part, template.with_tensors(*tensors)
+                continue
+            sub = self.call.replace(query=tensors[0], key=tensors[1], value=tensors[2],
                                     attn_mask=mask, is_causal=part.causal, return_lse=True)
             sub.requires_grad = sub.backward_from_lse = grad
+            if key is not None and not torch.compiler.is_dynamo_compiling():
+                # the template keeps the shapes, not the memory
+                part._cache[key] = sub.with_tensors(*(torch.empty_like(t, device="meta")
+                                                      for t in tensors))
             yield part, sub
 
     def forward(self, q, k, v, grad: bool):
