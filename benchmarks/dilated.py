@@ -87,7 +87,7 @@ def plain_dilated(q, k, v, segments, rates, inner):
     return merged.to(q.dtype)
 
 
-def bench_shape(label, config, device, dtype, budget_s, quick):
+def bench_shape(label, config, device, dtype, budget_s, quick, skip=()):
     b, h, s, d = config["shape"]
     grid = config.get("grid")
     options = config["options"]
@@ -124,6 +124,7 @@ def bench_shape(label, config, device, dtype, budget_s, quick):
         variants.append((f"plain gather/scatter/merge, inner={inner}", fraction,
                          dict(plain=True)))
 
+    variants = [v for v in variants if not any(word in v[0] for word in skip)]
     # references: dense attention (the approximation), and the dilated function in fp32
     dense = attnpatch.attention(q, k, v, layout="bshd", backend=dense_name)
     exact_inner = "sdpa_efficient" if device == "cuda" else "math"
@@ -254,6 +255,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds of timed runs per measurement (default 1, quick 0.2)")
+    parser.add_argument("--skip", default="",
+                        help="comma-separated words: skip the variants whose name contains one "
+                             "(e.g. 'plain,torch.compile' on the long Wan shapes)")
     parser.add_argument("--no-transformer", action="store_true",
                         help="skip the full-size Flux transformer forward")
     parser.add_argument("--no-kernels", action="store_true",
@@ -277,7 +281,8 @@ def main(argv=None) -> dict:
     if unknown:
         parser.error(f"unknown shape(s) {unknown}; choose from {sorted(configs)}")
     for label in [] if args.no_kernels else chosen:
-        result["rows"] += bench_shape(label, configs[label], args.device, dtype, budget, quick)
+        result["rows"] += bench_shape(label, configs[label], args.device, dtype, budget, quick,
+                                      [w for w in args.skip.split(",") if w])
     if not args.no_transformer:
         inner = "sdpa_cudnn" if args.device == "cuda" else "auto"
         try:
