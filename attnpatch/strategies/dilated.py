@@ -399,10 +399,12 @@ class _Part:
 class _Plan:
     """The parts of one dilated call (or ``dense``: cross-attention through the inner kernel)."""
 
-    __slots__ = ("dense", "parts", "summary", "__weakref__")
+    __slots__ = ("dense", "parts", "summary", "merges", "__weakref__")
 
     def __init__(self, dense: bool, parts: list, summary: str):
         self.dense, self.parts, self.summary = dense, parts, summary
+        #: the fused merge's signature -> (its compiled function, out maps, lse maps)
+        self.merges: dict = {}
 
 
 def _axis_classes(length: int, w: int, r: int, o: int, device) -> list[tuple]:
@@ -815,14 +817,19 @@ class _Run:
         bshd = _order(call.query)[0] == 1
         outs = [_row_view(o, batch) for o in outs]
         lses = [_row_view(lse.unsqueeze(-1), batch) for lse in lses]
-        parts = self.plan.parts
-        out_maps = [p.row_map("q", heads, seq, bshd, st) for p, (_, st) in zip(parts, outs)]
-        lse_maps = [p.row_map("q", heads, seq, bshd, st) for p, (_, st) in zip(parts, lses)]
         signature = (batch, call.dtype, call.head_dim_v, bshd,
                      tuple(st for _, st in outs), tuple(st for _, st in lses))
-        out, lse = _compiled(_gather_merge, self.plan, signature)(
-            [o for o, _ in outs], [lse[..., 0] for lse, _ in lses], out_maps, lse_maps,
-            call.dtype, False)
+        merge = self.plan.merges.get(signature)
+        if merge is None:
+            parts = self.plan.parts
+            merge = (_compiled(_gather_merge, self.plan, signature),
+                     [p.row_map("q", heads, seq, bshd, st) for p, (_, st) in zip(parts, outs)],
+                     [p.row_map("q", heads, seq, bshd, st) for p, (_, st) in zip(parts, lses)])
+            if not torch.compiler.is_dynamo_compiling():
+                self.plan.merges[signature] = merge
+        compiled, out_maps, lse_maps = merge
+        out, lse = compiled([o for o, _ in outs], [lse[..., 0] for lse, _ in lses], out_maps,
+                            lse_maps, call.dtype, False)
         return (out.transpose(1, 2), lse.transpose(1, 2)) if bshd else (out, lse)
 
     def backward(self, q, k, v, out, lse, grad_out, own):
