@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..call import AttentionCall, cast_bias
-from ..registry import Backend, register_backend
+from ..registry import Backend, get_backend, register_backend
 from ._lse import with_lse_gradient
 from ._padding import aligned_bias, pad_head_dim
 
@@ -178,6 +178,20 @@ class SDPAFlashBackend(_ForcedSDPA):
         if call.device.type == "cuda" and call.return_lse and call.attn_mask is not None:
             reasons.append("return_lse=True with attn_mask not supported by the CUDA flash kernel")
         return reasons
+
+    def auto_reasons(self, call: AttentionCall) -> list[str]:
+        # auto reaches this backend only for calls plain `sdpa` cannot run (the lse of a
+        # strategy's partial). On Hopper torch's FlashAttention-2 kernel ran at 248-362
+        # TFLOP/s forward where cuDNN's ran at 383-616, in every shape of the kernels suite
+        # (H200, docs/bench); dilated's parts on `auto` took 0.53x of dense time against
+        # 0.36x on cuDNN (benchmarks/results, session 11)
+        if call.device.type != "cuda" or torch.cuda.get_device_capability(call.device) < (9, 0):
+            return []
+        cudnn = get_backend("sdpa_cudnn")
+        if cudnn.availability_reasons() or cudnn.not_supported_reasons(call):
+            return []
+        return ["auto prefers sdpa_cudnn where it runs the call on compute capability 9.0 and "
+                "newer (1.5-1.9x faster on the H200)"]
 
     @staticmethod
     def _cpu_bias(call: AttentionCall, q: torch.Tensor) -> Optional[torch.Tensor]:
