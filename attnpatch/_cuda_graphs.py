@@ -39,6 +39,14 @@ class CapturedCall:
     captured)."""
 
     def __init__(self, fn: Callable, inputs: Sequence[torch.Tensor]):
+        self.device = inputs[0].device
+        with torch.cuda.device(self.device):  # a layer on another GPU than the current one
+            self._capture(fn, inputs)
+        # copy-in, replay and clone-out of one caller must not interleave with another's on the
+        # same buffers (the GPU runs them in stream order, the host decides that order)
+        self._lock = threading.Lock()
+
+    def _capture(self, fn: Callable, inputs: Sequence[torch.Tensor]):
         self.inputs = [torch.empty_strided(t.shape, _buffer_strides(t), dtype=t.dtype,
                                            device=t.device) for t in inputs]
         for buf, t in zip(self.inputs, inputs):
@@ -53,12 +61,9 @@ class CapturedCall:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.outputs, self.extra = fn(*self.inputs)
-        # copy-in, replay and clone-out of one caller must not interleave with another's on the
-        # same buffers (the GPU runs them in stream order, the host decides that order)
-        self._lock = threading.Lock()
 
     def __call__(self, *inputs: torch.Tensor):
-        with self._lock:
+        with self._lock, torch.cuda.device(self.device):
             for buf, t in zip(self.inputs, inputs):
                 buf.copy_(t)
             self.graph.replay()
@@ -83,9 +88,12 @@ def _dense(t: torch.Tensor) -> bool:
 
 def signature(*tensors: torch.Tensor) -> tuple:
     """What a captured graph is specific to, for ``tensors``: shape, buffer strides, dtype,
-    device, and the current stream (a graph's buffers serve one stream's calls in order)."""
+    device, the current stream, inference mode and autocast (a graph's buffers serve one stream's calls in order)."""
     stream = torch.cuda.current_stream(tensors[0].device)
-    return (stream.cuda_stream,
+    # inference mode: buffers made in it cannot be written outside it; autocast: the captured
+    # kernels' dtypes
+    return (stream.cuda_stream, torch.is_inference_mode_enabled(),
+            torch.is_autocast_enabled("cuda"),
             *((t.shape, _buffer_strides(t), t.dtype, t.device) for t in tensors))
 
 
