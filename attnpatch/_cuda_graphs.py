@@ -53,13 +53,19 @@ class CapturedCall:
             buf.copy_(t)
         # torch's recipe: run once on a side stream before capturing, so that lazy
         # initialisation (cuBLAS/cuDNN handles, workspaces) happens outside the graph
-        side = torch.cuda.Stream(device=self.inputs[0].device)
-        side.wait_stream(torch.cuda.current_stream())
+        caller = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(device=self.device)
+        side.wait_stream(caller)
         with torch.cuda.stream(side):
             fn(*self.inputs)
-        torch.cuda.current_stream().wait_stream(side)
+        caller.wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+        # a capture stream of this device (torch's default one belongs to the device current
+        # at the process's first capture); the outer context puts the caller's stream back even
+        # where a failed capture leaves torch.cuda.graph's own context unrestored
+        capture = torch.cuda.Stream(device=self.device)
+        with torch.cuda.stream(caller), torch.cuda.graph(
+                self.graph, stream=capture, capture_error_mode="thread_local"):
             self.outputs, self.extra = fn(*self.inputs)
 
     def __call__(self, *inputs: torch.Tensor):
@@ -72,8 +78,16 @@ class CapturedCall:
 
 def _buffer_strides(t: torch.Tensor) -> tuple:
     """The strides of ``t``'s graph buffer: its own where its elements fill their memory one to
-    one, else contiguous (a fused projection's slice has gaps, an expanded gradient overlaps)."""
-    return t.stride() if _dense(t) else torch.empty(t.shape, device="meta").stride()
+    one, else dense ones in the same order of dims (a fused projection's slice has gaps, an
+    expanded gradient overlaps), so that outputs keep the memory order eager calls give."""
+    if _dense(t):
+        return t.stride()
+    strides = [0] * t.dim()
+    size = 1
+    for dim in sorted(range(t.dim()), key=lambda d: (t.stride(d), -d)):
+        strides[dim] = size
+        size *= t.shape[dim]
+    return tuple(strides)
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -88,7 +102,8 @@ def _dense(t: torch.Tensor) -> bool:
 
 def signature(*tensors: torch.Tensor) -> tuple:
     """What a captured graph is specific to, for ``tensors``: shape, buffer strides, dtype,
-    device, the current stream, inference mode and autocast (a graph's buffers serve one stream's calls in order)."""
+    device; the current stream (a graph's buffers serve one stream's calls in order),
+    inference mode and autocast."""
     stream = torch.cuda.current_stream(tensors[0].device)
     # inference mode: buffers made in it cannot be written outside it; autocast: the captured
     # kernels' dtypes
@@ -102,12 +117,17 @@ def captured(key, fn: Callable, inputs: Sequence[torch.Tensor]):
     :func:`signature` of ``inputs`` and whatever else ``fn`` bakes in). Returns None where the
     call should run eagerly instead: the first time ``key`` is seen, while another graph is
     being captured, and where capture failed (logged once, that key then stays eager)."""
+    if torch.cuda.is_current_stream_capturing():  # inside the caller's own capture: eager
+        return None
     entry = _CAPTURED.get(key)
     if entry is not None:
         return entry(*inputs)
-    if key in _CAPTURED or torch.cuda.is_current_stream_capturing():
+    if key in _CAPTURED:
         return None
     with _LOCK:
+        if key in _CAPTURED:  # another thread captured it meanwhile
+            entry = _CAPTURED[key]
+            return None if entry is None else entry(*inputs)
         if _SEEN.get(key) is None:
             _SEEN.put(key, True)
             return None

@@ -106,7 +106,7 @@ def bench_shape(label, config, device, dtype, budget_s, quick, skip=()):
     dil = dict(backend="dilated", token_layout=layout, **options)
     fused = device == "cuda" or not quick
     variants += [(f"dilated eager merge, inner={inner}", fraction,
-                  dict(dil, inner=inner, compile=False))]
+                  dict(dil, inner=inner, compile=False, cuda_graph=False))]
     if device == "cuda":
         variants += [(f"dilated fused merge + CUDA graph, inner={inner}", fraction,
                       dict(dil, inner=inner, compile=True, cuda_graph=True))]

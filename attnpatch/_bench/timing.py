@@ -205,10 +205,11 @@ def patched_forwards(model, kw: dict, variants: dict, device: str, budget_s: flo
                                                       for n in r.notes})
             except Exception as exc:  # report it, keep measuring the others
                 result[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-    names = list(outputs)
-    for i, other in enumerate(names[1:]):
-        err = rel(outputs[other], outputs[names[0]])
-        speedup = result[f"{names[0]}_ms"] / result[f"{other}_ms"]
+    dense = next(iter(variants))
+    names = [n for n in outputs if n != dense] if dense in outputs else []
+    for i, other in enumerate(names):
+        err = rel(outputs[other], outputs[dense])
+        speedup = result[f"{dense}_ms"] / result[f"{other}_ms"]
         result[f"{other}_rel_err_vs_dense"], result[f"{other}_speedup"] = err, speedup
         if i == 0:
             result["rel_err_vs_dense"], result["speedup"] = err, speedup

@@ -42,7 +42,10 @@ tail: Flux's and Wan's pattern sets; 3.8x faster than ``index_select`` on the H2
   kernels' backward and the gradient sums) replay as one CUDA graph per signature, from its
   second call on. At Flux sizes the ~100 launches of a forward take the host longer than the
   GPU takes to run them (host-bound); larger calls hide them, and a graph would hold their
-  buffers (several times the query's size) until ``attnpatch._clear_caches()``.
+  buffers (its inputs, the parts' copies and outputs, the merged output: several times the
+  query's size) until ``attnpatch._clear_caches()``. Parts whose inner kernel is not one of
+  :data:`GRAPH_SAFE_INNERS` (math's and flex's masks live in caches a graph cannot hold) run
+  without one.
 
 Gradients are exact like :func:`attnpatch.merge_partials`: every part's kernel runs its own
 backward with the *merged* out and lse at its rows, and the gradients are summed back (fp32).
@@ -142,8 +145,9 @@ class DilatedOptions:
     kernel that runs the parts ("auto" or a backend that returns the lse). ``detach_weights``:
     torchscale's backward. ``grid``: None, "2d" or "3d". ``compile``: the fused gather merge
     (default: on CUDA). ``cuda_graph``: replay each signature's launches as a CUDA graph
-    (default: on CUDA for a query of at most 2**26 elements; calls with an ``attn_mask`` run
-    without one, since a graph would keep the first call's mask).
+    (default: on CUDA for a query of at most 2**26 elements; calls with an ``attn_mask``, and
+    calls whose parts run on an inner kernel outside :data:`GRAPH_SAFE_INNERS`, run without
+    one).
     """
 
     segment_lengths: Any = (2048, 4096, 8192, 16384)
@@ -762,7 +766,7 @@ class _Run:
         for part, mask in zip(self.plan.parts, self.masks):
             tensors = (_take(q, rq, part, "q", self.group), _take(k, rk, part, "k", self.group),
                        _take(v, rv, part, "k", self.group))
-            template = None if key is None else part._cache.get(key)
+            template = None if key is None else _TEMPLATES.get((part, key))
             if template is not None:
                 yield part, template.with_tensors(*tensors)
                 continue
@@ -771,8 +775,8 @@ class _Run:
             sub.requires_grad = sub.backward_from_lse = grad
             if key is not None and not torch.compiler.is_dynamo_compiling():
                 # the template keeps the shapes, not the memory
-                part._cache[key] = sub.with_tensors(*(torch.empty_like(t, device="meta")
-                                                      for t in tensors))
+                _TEMPLATES.put((part, key), sub.with_tensors(
+                    *(torch.empty_like(t, device="meta") for t in tensors)))
             yield part, sub
 
     def forward(self, q, k, v, grad: bool):
@@ -896,8 +900,16 @@ class _Run:
 
 
 #: query elements up to which ``cuda_graph=None`` captures (Flux 2048² has 1 x 24 x 16 896 x 128
-#: = 52M): below it the launches outlast the kernels; a graph holds a few times the query's size
+#: = 52M): below it the launches outlast the kernels; a graph holds several times the query's size
 GRAPH_MAX_ELEMENTS = 2**26
+#: inner kernels a graph may capture: they read their inputs only (math's causal masks and
+#: flex's block masks live in bounded caches, which may free them while a graph still reads them)
+GRAPH_SAFE_INNERS = frozenset({"sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flash2", "flash3",
+                               "flash4"})
+#: graph keys whose parts ran on another inner kernel: they stay eager
+_NOT_GRAPHED = BoundedCache(256)
+#: (part, call signature, grad) -> the part's validated sub-call, on meta tensors
+_TEMPLATES = BoundedCache(1024)
 
 
 def _graphed(call: AttentionCall, opts: DilatedOptions) -> bool:
@@ -907,6 +919,10 @@ def _graphed(call: AttentionCall, opts: DilatedOptions) -> bool:
     if opts.cuda_graph is not None:
         return opts.cuda_graph
     return call.query.numel() <= GRAPH_MAX_ELEMENTS
+
+
+def _graph_safe(backends: list) -> bool:
+    return all(b.name in GRAPH_SAFE_INNERS for b in backends)
 
 
 class _GraphedRun:
@@ -936,9 +952,13 @@ class _GraphedRun:
             out, lse, own = twin.forward(q, k, v, grad)
             return (out, lse, *own), twin.backends
 
-        got = captured((*self.key, "forward", grad, signature(q, k, v)), fn, (q, k, v))
+        key = (*self.key, "forward", grad, signature(q, k, v))
+        got = None if key in _NOT_GRAPHED else captured(key, fn, (q, k, v))
         if got is None:
-            return self.run.forward(q, k, v, grad)
+            result = self.run.forward(q, k, v, grad)
+            if not _graph_safe(self.run.backends):
+                _NOT_GRAPHED.put(key, True)
+            return result
         (out, lse, *own), self.run.backends = got
         return out, lse, own
 
@@ -947,8 +967,9 @@ class _GraphedRun:
             return self._twin(q, k, v).backward(q, k, v, out, lse, grad_out, list(own)), None
 
         inputs = (q, k, v, out, lse, grad_out, *own)
-        got = captured((*self.key, "backward", tuple(map(id, self.run.backends)),
-                        signature(*inputs)), fn, inputs)
+        got = None if not _graph_safe(self.run.backends) else captured(
+            (*self.key, "backward", tuple(map(id, self.run.backends)), signature(*inputs)),
+            fn, inputs)
         if got is None:
             return self.run.backward(q, k, v, out, lse, grad_out, own)
         return got[0]
