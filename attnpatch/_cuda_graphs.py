@@ -17,7 +17,7 @@ import torch
 
 from ._caches import BoundedCache
 
-__all__ = ["CapturedCall", "captured", "signature"]
+__all__ = ["CapturedCall", "captured", "captured_graphs", "signature"]
 
 logger = logging.getLogger(__name__)
 
@@ -140,3 +140,8 @@ def captured(key, fn: Callable, inputs: Sequence[torch.Tensor]):
             return None
         _CAPTURED.put(key, entry)
     return entry(*inputs)
+
+
+def captured_graphs() -> int:
+    """How many CUDA graphs are held now (for tests and reports)."""
+    return sum(entry is not None for entry in list(_CAPTURED.values()))

@@ -12,6 +12,7 @@ import torch
 
 import attnpatch
 from attnpatch import TokenLayout, registry
+from attnpatch._cuda_graphs import captured_graphs
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
                                                   reason="needs a CUDA device")]
@@ -47,6 +48,7 @@ def test_graph_replays_equal_the_eager_path_call_after_call(kv):
             eager = _call(q, k, v, False)
             graphed = _call(q, k, v, True)
         torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+    assert captured_graphs() == 1  # the graph ran (not a silent fallback to the eager path)
     call = attnpatch.explain(q, k, v, layout="bshd", backend="dilated", token_layout=LAYOUT,
                              **OPTIONS).call
     ref, _ = registry.get_backend("dilated").reference(call, call.options)
@@ -67,6 +69,7 @@ def test_graph_backward_equals_the_eager_backward():
         torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
         for a, b in zip(graphed_grads, eager_grads):  # cuDNN's dQ sums in no fixed order
             assert _rel(a, b) < 2e-3
+    assert captured_graphs() == 2  # forward with grad and backward
 
 
 def test_an_expanded_gradient_and_a_mask_take_the_eager_way_correctly():
