@@ -242,8 +242,8 @@ def flux_transformer(size, device, dtype, budget_s, inner):
     result.update(patched_forwards(model, kw, {
         "sdpa": dict(backend="sdpa"),
         "dilated": dict(backend="dilated", inner=inner, **spec["patterns"]),
-        "dilated, no CUDA graph": dict(backend="dilated", inner=inner, cuda_graph=False,
-                                       **spec["patterns"])}, device, budget_s))
+        "dilated, CUDA graph": dict(backend="dilated", inner=inner, cuda_graph=True,
+                                    **spec["patterns"])}, device, budget_s))
     return result
 
 

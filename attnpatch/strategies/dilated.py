@@ -37,15 +37,17 @@ tail: Flux's and Wan's pattern sets; 3.8x faster than ``index_select`` on the H2
   ``index_add_`` of the weighted outputs);
 - ``compile=True`` (default on CUDA): one ``torch.compile``'d gather merge that reads every
   part's output at the rows it keeps and writes the output once (fp32 inside, no fp32 buffer).
-- ``cuda_graph`` (default: on CUDA for calls with no ``attn_mask`` and a query of at most
-  2**26 elements): a call's launches (the copies, the kernels, the merge; in backward the
-  kernels' backward and the gradient sums) replay as one CUDA graph per signature, from its
-  second call on. At Flux sizes the ~100 launches of a forward take the host longer than the
-  GPU takes to run them (host-bound); larger calls hide them, and a graph would hold their
-  buffers (its inputs, the parts' copies and outputs, the merged output: several times the
-  query's size) until ``attnpatch._clear_caches()``. Parts whose inner kernel is not one of
-  :data:`GRAPH_SAFE_INNERS` (math's and flex's masks live in caches a graph cannot hold) run
-  without one.
+- ``cuda_graph=True`` (opt-in, CUDA): a call's launches (the copies, the kernels, the merge; in
+  backward the kernels' backward and the gradient sums) replay as one CUDA graph per
+  signature, from its second call on. At Flux sizes the ~100 launches of an eager call take
+  the host about as long as the GPU takes to run them, so a call on its own follows the
+  host's speed; a graph makes it GPU-bound, at the cost of copying q, k, v in and the output
+  out, and of holding its buffers (its inputs, the parts' copies and outputs, the merged
+  output: several times the query's size) until ``attnpatch._clear_caches()``. Off by
+  default: in a model the host issues the next layers' launches while the GPU runs, and a
+  full Flux transformer ran no faster with it. Calls with an ``attn_mask``, and parts whose
+  inner kernel is not one of :data:`GRAPH_SAFE_INNERS` (math's and flex's masks live in caches
+  a graph cannot hold), run without one.
 
 Gradients are exact like :func:`attnpatch.merge_partials`: every part's kernel runs its own
 backward with the *merged* out and lse at its rows, and the gradients are summed back (fp32).
@@ -145,9 +147,8 @@ class DilatedOptions:
     kernel that runs the parts ("auto" or a backend that returns the lse). ``detach_weights``:
     torchscale's backward. ``grid``: None, "2d" or "3d". ``compile``: the fused gather merge
     (default: on CUDA). ``cuda_graph``: replay each signature's launches as a CUDA graph
-    (default: on CUDA for a query of at most 2**26 elements; calls with an ``attn_mask``, and
-    calls whose parts run on an inner kernel outside :data:`GRAPH_SAFE_INNERS`, run without
-    one).
+    (default False; calls with an ``attn_mask``, and calls whose parts run on an inner kernel
+    outside :data:`GRAPH_SAFE_INNERS`, run without one).
     """
 
     segment_lengths: Any = (2048, 4096, 8192, 16384)
@@ -156,7 +157,7 @@ class DilatedOptions:
     detach_weights: bool = False
     grid: Optional[str] = None
     compile: Optional[bool] = None
-    cuda_graph: Optional[bool] = None
+    cuda_graph: bool = False
 
     def __post_init__(self):
         if self.grid not in _AXES:
@@ -185,9 +186,9 @@ class DilatedOptions:
         if self.compile is not None and not isinstance(self.compile, bool):
             raise AttnPatchError(f"dilated: compile must be True, False or None (on CUDA only), "
                                  f"got {self.compile!r}")
-        if self.cuda_graph is not None and not isinstance(self.cuda_graph, bool):
-            raise AttnPatchError(f"dilated: cuda_graph must be True, False or None (default: on "
-                                 f"CUDA for calls of up to 2**26 query elements), got "
+        if not isinstance(self.cuda_graph, bool):
+            raise AttnPatchError(f"dilated: cuda_graph must be True (replay each call signature "
+                                 f"as a CUDA graph) or False (the default), got "
                                  f"{self.cuda_graph!r}")
 
     def patterns(self) -> tuple:
@@ -899,9 +900,6 @@ class _Run:
         return tuple(grads)
 
 
-#: query elements up to which ``cuda_graph=None`` captures (Flux 2048² has 1 x 24 x 16 896 x 128
-#: = 52M): below it the launches outlast the kernels; a graph holds several times the query's size
-GRAPH_MAX_ELEMENTS = 2**26
 #: inner kernels a graph may capture: they read their inputs only (math's causal masks and
 #: flex's block masks live in bounded caches, which may free them while a graph still reads them)
 GRAPH_SAFE_INNERS = frozenset({"sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flash2", "flash3",
@@ -914,11 +912,7 @@ _TEMPLATES = BoundedCache(1024)
 
 def _graphed(call: AttentionCall, opts: DilatedOptions) -> bool:
     """Whether ``call`` runs through CUDA graphs (see ``cuda_graph``)."""
-    if call.device.type != "cuda" or call.attn_mask is not None:
-        return False
-    if opts.cuda_graph is not None:
-        return opts.cuda_graph
-    return call.query.numel() <= GRAPH_MAX_ELEMENTS
+    return opts.cuda_graph and call.device.type == "cuda" and call.attn_mask is None
 
 
 def _graph_safe(backends: list) -> bool:
