@@ -17,17 +17,33 @@ import torch
 
 from ._caches import BoundedCache
 
-__all__ = ["CapturedCall", "captured", "captured_graphs", "signature"]
+__all__ = ["CapturedCall", "NotCapturable", "captured", "captured_graphs", "signature"]
 
 logger = logging.getLogger(__name__)
 
-#: signature -> CapturedCall, or None where capture failed (that signature stays eager). Each
-#: entry holds its graph's memory (inputs, outputs, intermediates) until the cache is cleared.
+#: key -> CapturedCall. Each entry holds its graph's memory (inputs, outputs, intermediates)
+#: until the cache is cleared.
 _CAPTURED = BoundedCache(16)
-#: signatures seen once: the first call of a signature runs eagerly (it builds plans, compiles
-#: the merge and warms the kernels' own caches, none of which a graph may capture)
+#: keys whose function refused capture in its warm-up (:class:`NotCapturable`): they run eagerly
+_EAGER = BoundedCache(1024)
+#: keys seen once: the first call of a key runs eagerly (it builds plans, compiles the merge and
+#: warms the kernels' own caches, none of which a graph may capture)
 _SEEN = BoundedCache(256)
+#: devices where a capture failed, -> why: torch leaves its allocator routing that device's
+#: frees to the failed graph (``capture_end`` raises before it ends that), so no further
+#: capture is tried there in this process
+_FAILED: dict = {}
 _LOCK = threading.Lock()
+
+
+class NotCapturable(Exception):
+    """Raised by a captured function during its warm-up (before any capture begins) when this
+    call must not be captured (e.g. a kernel that reads tensors from a cache a graph cannot
+    hold); that key then runs eagerly."""
+
+
+class _WarmUpFailed(Exception):
+    """The function failed in the warm-up, before capture began (no graph state touched)."""
 
 
 class CapturedCall:
@@ -56,8 +72,11 @@ class CapturedCall:
         caller = torch.cuda.current_stream(self.device)
         side = torch.cuda.Stream(device=self.device)
         side.wait_stream(caller)
-        with torch.cuda.stream(side):
-            fn(*self.inputs)
+        try:
+            with torch.cuda.stream(side):
+                fn(*self.inputs)
+        except Exception as exc:
+            raise _WarmUpFailed(exc) from exc
         caller.wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         # a capture stream of this device (torch's default one belongs to the device current
@@ -84,7 +103,8 @@ def _buffer_strides(t: torch.Tensor) -> tuple:
         return t.stride()
     strides = [0] * t.dim()
     size = 1
-    for dim in sorted(range(t.dim()), key=lambda d: (t.stride(d), -d)):
+    # dims of stride 0 (expanded) outermost, so that the last dim keeps stride 1
+    for dim in sorted(range(t.dim()), key=lambda d: (t.stride(d) == 0, t.stride(d), -d)):
         strides[dim] = size
         size *= t.shape[dim]
     return tuple(strides)
@@ -115,28 +135,40 @@ def signature(*tensors: torch.Tensor) -> tuple:
 def captured(key, fn: Callable, inputs: Sequence[torch.Tensor]):
     """``fn(*inputs)`` through the CUDA graph cached under ``key`` (which must include
     :func:`signature` of ``inputs`` and whatever else ``fn`` bakes in). Returns None where the
-    call should run eagerly instead: the first time ``key`` is seen, while another graph is
-    being captured, and where capture failed (logged once, that key then stays eager)."""
+    call should run eagerly instead: the first time ``key`` is seen, inside the caller's own
+    capture, where ``fn`` raised :class:`NotCapturable` (or failed) in its warm-up, and on a
+    device where a capture failed (logged once; no capture is tried there again)."""
     if torch.cuda.is_current_stream_capturing():  # inside the caller's own capture: eager
         return None
     entry = _CAPTURED.get(key)
     if entry is not None:
         return entry(*inputs)
-    if key in _CAPTURED:
+    device = inputs[0].device
+    if key in _EAGER or device in _FAILED:
         return None
     with _LOCK:
-        if key in _CAPTURED:  # another thread captured it meanwhile
-            entry = _CAPTURED[key]
-            return None if entry is None else entry(*inputs)
+        entry = _CAPTURED.get(key)
+        if entry is not None:  # another thread captured it meanwhile
+            return entry(*inputs)
+        if key in _EAGER or device in _FAILED:
+            return None
         if _SEEN.get(key) is None:
             _SEEN.put(key, True)
             return None
         try:
             entry = CapturedCall(fn, inputs)
-        except Exception as exc:  # noqa: BLE001  (any failure: run eagerly, say why once)
-            logger.warning("attnpatch: could not capture a CUDA graph (%s: %s); these calls "
-                           "run without one", type(exc).__name__, str(exc)[:200])
-            _CAPTURED.put(key, None)
+        except _WarmUpFailed as exc:
+            if not isinstance(exc.__cause__, NotCapturable):
+                logger.warning("attnpatch: a call to be captured in a CUDA graph failed in its "
+                               "warm-up (%s: %s); it runs without one",
+                               type(exc.__cause__).__name__, str(exc.__cause__)[:200])
+            _EAGER.put(key, True)
+            return None
+        except Exception as exc:  # noqa: BLE001  (the capture itself failed: stop capturing)
+            _FAILED[device] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            logger.warning("attnpatch: could not capture a CUDA graph on %s (%s); no graph is "
+                           "captured there again in this process, these calls run without one",
+                           device, _FAILED[device])
             return None
         _CAPTURED.put(key, entry)
     return entry(*inputs)

@@ -66,7 +66,7 @@ from typing import Any, Optional
 import torch
 
 from .._caches import BoundedCache
-from .._cuda_graphs import captured, signature
+from .._cuda_graphs import NotCapturable, captured, signature
 from .._errors import AttnPatchError, BackendUnavailableError
 from ..backends.math import reference_attention
 from ..call import AttentionCall
@@ -904,8 +904,6 @@ class _Run:
 #: flex's block masks live in bounded caches, which may free them while a graph still reads them)
 GRAPH_SAFE_INNERS = frozenset({"sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flash2", "flash3",
                                "flash4"})
-#: graph keys whose parts ran on another inner kernel: they stay eager
-_NOT_GRAPHED = BoundedCache(256)
 #: (part, call signature, grad) -> the part's validated sub-call, on meta tensors
 _TEMPLATES = BoundedCache(1024)
 
@@ -944,15 +942,13 @@ class _GraphedRun:
         def fn(q, k, v):
             twin = self._twin(q, k, v)
             out, lse, own = twin.forward(q, k, v, grad)
+            if not _graph_safe(twin.backends):  # in the warm-up, before any capture
+                raise NotCapturable(f"parts on {[b.name for b in twin.backends]}")
             return (out, lse, *own), twin.backends
 
-        key = (*self.key, "forward", grad, signature(q, k, v))
-        got = None if key in _NOT_GRAPHED else captured(key, fn, (q, k, v))
+        got = captured((*self.key, "forward", grad, signature(q, k, v)), fn, (q, k, v))
         if got is None:
-            result = self.run.forward(q, k, v, grad)
-            if not _graph_safe(self.run.backends):
-                _NOT_GRAPHED.put(key, True)
-            return result
+            return self.run.forward(q, k, v, grad)
         (out, lse, *own), self.run.backends = got
         return out, lse, own
 
