@@ -91,6 +91,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", type=pathlib.Path, default=None, help="folder for merge.json")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("merge.py needs a CUDA device (it times kernels that run only there)")
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
               "correctness": [r for dt in (torch.bfloat16, torch.float16) for r in correctness(dt)],
               "speed": [speed(torch.bfloat16, inner) for inner in ("sdpa_cudnn", "sdpa_flash")]}
