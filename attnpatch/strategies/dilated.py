@@ -762,23 +762,26 @@ class _Run:
     def sub_calls(self, q, k, v, grad: bool):
         rq, rk, rv = _rows(q), _rows(k), _rows(v)
         # without a user mask a part's sub-call differs between calls of one signature only in
-        # its tensors: built (and validated) once, then copied with the new ones
-        key = None if self.call.attn_mask is not None else ("sub", self.call.signature(), grad)
-        for part, mask in zip(self.plan.parts, self.masks):
+        # its tensors: the plan's sub-calls are built (and validated) once, then copied with
+        # the new ones (one lookup per call)
+        key = None if self.call.attn_mask is not None else (
+            self.plan, self.call.signature(), grad)
+        templates = None if key is None else _TEMPLATES.get(key)
+        made = []
+        for i, (part, mask) in enumerate(zip(self.plan.parts, self.masks)):
             tensors = (_take(q, rq, part, "q", self.group), _take(k, rk, part, "k", self.group),
                        _take(v, rv, part, "k", self.group))
-            template = None if key is None else _TEMPLATES.get((part, key))
-            if template is not None:
-                yield part, template.with_tensors(*tensors)
+            if templates is not None:
+                yield part, templates[i].with_tensors(*tensors)
                 continue
             sub = self.call.replace(query=tensors[0], key=tensors[1], value=tensors[2],
                                     attn_mask=mask, is_causal=part.causal, return_lse=True)
             sub.requires_grad = sub.backward_from_lse = grad
-            if key is not None and not torch.compiler.is_dynamo_compiling():
-                # the template keeps the shapes, not the memory
-                _TEMPLATES.put((part, key), sub.with_tensors(
-                    *(torch.empty_like(t, device="meta") for t in tensors)))
+            # the template keeps the shapes, not the memory
+            made.append(sub.with_tensors(*(torch.empty_like(t, device="meta") for t in tensors)))
             yield part, sub
+        if key is not None and templates is None and not torch.compiler.is_dynamo_compiling():
+            _TEMPLATES.put(key, made)
 
     def forward(self, q, k, v, grad: bool):
         """(out, lse, own): own = every part's (out, lse) when detach_weights needs them."""
@@ -904,8 +907,8 @@ class _Run:
 #: flex's block masks live in bounded caches, which may free them while a graph still reads them)
 GRAPH_SAFE_INNERS = frozenset({"sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "flash2", "flash3",
                                "flash4"})
-#: (part, call signature, grad) -> the part's validated sub-call, on meta tensors
-_TEMPLATES = BoundedCache(1024)
+#: (plan, call signature, grad) -> the plan's validated sub-calls, on meta tensors
+_TEMPLATES = BoundedCache(256)
 
 
 def _graphed(call: AttentionCall, opts: DilatedOptions) -> bool:
