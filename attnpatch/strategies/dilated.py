@@ -39,11 +39,11 @@ tail: Flux's and Wan's pattern sets; 3.8x faster than ``index_select`` on the H2
   part's output at the rows it keeps and writes the output once (fp32 inside, no fp32 buffer).
 - ``cuda_graph=True`` (opt-in, CUDA): a call's launches (the copies, the kernels, the merge; in
   backward the kernels' backward and the gradient sums) replay as one CUDA graph per
-  signature, from its second call on. At Flux sizes the ~100 launches of an eager call take
+  signature, from its second call on. At Flux sizes the launches of an eager call take
   the host about as long as the GPU takes to run them, so a call on its own follows the
   host's speed; a graph makes it GPU-bound, at the cost of copying q, k, v in and the output
   out, and of holding its buffers (its inputs, the parts' copies and outputs, the merged
-  output: several times the query's size) until ``attnpatch._clear_caches()``. Off by
+  output; their memory was not measured) until ``attnpatch._clear_caches()``. Off by
   default: in a model the host issues the next layers' launches while the GPU runs, and a
   full Flux transformer ran no faster with it. Calls with an ``attn_mask``, and parts whose
   inner kernel is not one of :data:`GRAPH_SAFE_INNERS` (math's and flex's masks live in caches
