@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from attnpatch._bench.timing import (available, flux_inputs, patched_forwards, rel, timer,
-                                     timer_stats)
+from attnpatch._bench.timing import (alternating_rounds, available, flux_inputs,
+                                     patched_forwards, rel, timer, timer_stats)
 
-__all__ = ["available", "flux_inputs", "patched_forwards", "rel", "timer", "timer_stats"]
+__all__ = ["alternating_rounds", "available", "flux_inputs", "patched_forwards", "rel", "timer",
+           "timer_stats"]
