@@ -289,10 +289,10 @@ class _FlashAttention(Backend):
 
 # Priorities: `auto` ranks backends by speed measured on the GPU machine, not by reputation
 # (benchmarks/results/kernels_h100.json, H100, bf16, torch 2.11): torch's SDPA (cuDNN) beats
-# SDPA's FA2 kernel by ~1.8x; flash4 beats SDPA on long head_dim-128 sequences (647-665 vs
-# 571-638 TFLOP/s at 16896-75600 tokens) and loses on shorter ones (474 vs 602 at 4608; 256 vs
-# 414 at SDXL's 4096 x 64), so it comes first (90) but passes itself over below that length.
-# flash3/flash2/xformers are unmeasured here (not installable on the GPU machine): after sdpa.
+# SDPA's FA2 kernel by ~1.8x; flash4 beats cuDNN on large calls and loses on small ones, so it
+# comes first (90) but passes itself over below a size per head_dim (Flash4Backend's
+# auto_min_scores). flash3/flash2/xformers are unmeasured here (not installable on the GPU
+# machine): after sdpa.
 @register_backend
 class Flash4Backend(_FlashAttention):
     """FlashAttention-4 (package flash-attn-4, module ``flash_attn.cute``; CuTe DSL, JIT-compiled
@@ -302,9 +302,15 @@ class Flash4Backend(_FlashAttention):
     aliases = ("fa4", "flash_4")
     description = "FlashAttention-4 (flash_attn.cute), sm90/sm100"
     priority = 90
-    #: where auto prefers flash4 over sdpa (measured on H100; see the priority note above)
-    auto_min_seq_len_kv = 12288
-    auto_head_dims = (128,)
+    #: head_dim -> the least attention scores (batch x heads x queries x keys) from which auto
+    #: prefers flash4 to cuDNN SDPA. Measured on the H200 (bf16, non-causal, alternating rounds,
+    #: benchmarks/results/flash4_vs_sdpa_h200_session12.*), flash4's time / cuDNN's, forward and
+    #: forward + backward: head_dim 64: SDXL's (2, 10, 4096) 1.12 / 1.40 and (2, 20, 1024) 3.1 /
+    #: 1.8 (3.4e8 scores and fewer), but SD3's (1, 24, 4429) 0.89 / 0.87, (2, 24, 4429) 0.82 /
+    #: 0.79, (2, 10, 9216) 0.96 / 0.85 (4.7e8 and more); head_dim 128: (1, 24, 4608) 1.03 / 0.93
+    #: (5.1e8), (2, 24, 8192) 0.93 / 0.83 and (1, 24, 12288) 0.92 / 0.81 (3.2e9 and more). Other
+    #: head dims were not measured: sdpa.
+    auto_min_scores = {64: 4 * 10**8, 128: 2 * 10**9}
 
     def padded_size(self, head_dim: int) -> int:
         # flash-attn-4 4.0.0b36's sm90 backward fails to compile for head_dim 104 and 112
@@ -324,9 +330,15 @@ class Flash4Backend(_FlashAttention):
     backward_entries = ("_flash_attn_bwd", "_flash_attn_bwd")
 
     def auto_reasons(self, call):
-        if call.seq_len_kv < self.auto_min_seq_len_kv or call.head_dim not in self.auto_head_dims:
-            return [f"auto prefers sdpa unless head_dim is {self.auto_head_dims} and there are "
-                    f">= {self.auto_min_seq_len_kv} keys (measured faster there on H100)"]
+        least = self.auto_min_scores.get(call.head_dim)
+        if least is None:
+            return [f"auto prefers sdpa at head_dim {call.head_dim} (flash4 measured faster than "
+                    f"cuDNN only at head_dim {sorted(self.auto_min_scores)}, on large calls)"]
+        scores = call.batch_size * call.num_heads * call.seq_len_q * call.seq_len_kv
+        if scores < least:
+            return [f"auto prefers sdpa below {least:.0e} attention scores (batch x heads x "
+                    f"queries x keys) at head_dim {call.head_dim}: this call has {scores:.2g} "
+                    "(cuDNN measured faster on such calls on the H200)"]
         return []
 
     def device_reasons(self, call, capability):

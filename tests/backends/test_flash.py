@@ -290,18 +290,30 @@ def test_cli_lists_them_with_reasons(capsys):
             assert " no " in lines[name] and NO_CUDA in lines[name], lines[name]
 
 
-def test_auto_prefers_flash4_only_where_it_measured_faster():
+@pytest.mark.parametrize("shape,flash4_first", [
+    ((1, 24, 16896, 128), True),   # Flux 2048²
+    ((2, 24, 8192, 128), True),
+    ((1, 24, 4608, 128), False),   # Flux 1024²: cuDNN measured faster in forward
+    ((2, 24, 4429, 64), True),     # SD3 1024² with CFG
+    ((1, 24, 4429, 64), True),
+    ((2, 10, 9216, 64), True),     # SDXL 1536², first level
+    ((2, 10, 4096, 64), False),    # SDXL 1024², first level
+    ((2, 20, 1024, 64), False),    # SDXL 1024², second level
+    ((1, 24, 16896, 96), False),   # a head_dim not measured
+])
+def test_auto_prefers_flash4_only_where_it_measured_faster(shape, flash4_first):
+    """auto's flash4 rule (the H200 measurements in Flash4Backend.auto_min_scores), on the
+    shapes it was measured at: a reason names the rule where cuDNN stays first."""
     from attnpatch.call import build_call
     flash4 = registry.get_backend("flash4")
-    short = build_call(*(torch.empty(1, 24, 4608, 128, device="meta"),) * 3, None, False, None,
-                       0.0, "bhsd", False, False)
-    long = build_call(*(torch.empty(1, 24, 16896, 128, device="meta"),) * 3, None, False, None,
-                      0.0, "bhsd", False, False)
-    sdxl = build_call(*(torch.empty(2, 10, 16896, 64, device="meta"),) * 3, None, False, None,
-                      0.0, "bhsd", False, False)
-    assert flash4.auto_reasons(long) == []
-    assert "auto prefers sdpa" in flash4.auto_reasons(short)[0]
-    assert "auto prefers sdpa" in flash4.auto_reasons(sdxl)[0]
+    call = build_call(*(torch.empty(*shape, device="meta"),) * 3, None, False, None, 0.0, "bhsd",
+                      False, False)
+    reasons = flash4.auto_reasons(call)
+    if flash4_first:
+        assert reasons == []
+    else:
+        assert len(reasons) == 1 and reasons[0].startswith("auto prefers sdpa"), reasons
+        assert f"head_dim {shape[-1]}" in reasons[0]
 
 
 # --- softcap: the kernels' own softcap=, exercised through stand-in entry points ----------------
