@@ -330,6 +330,20 @@ def _alternating(results: list, timed: dict, device: str, budget_s: float, pipel
             torch.cuda.empty_cache()
 
 
+def _timing_table(rows: list, kind: str, title: str) -> None:
+    """Prints the rows' ``kind`` ("pipelined" or "alternating") times and speed-ups, if any."""
+    if not any(f"fwd_ms_{kind}" in row for row in rows):
+        return
+    print(f"\n{title}\n{'shape':14s} {'variant':40s} {'fwd ms':>9s} {'speedup':>7s} "
+          f"{'fwd+bwd':>9s} {'speedup':>7s}")
+    for row in rows:
+        if f"fwd_ms_{kind}" in row:
+            print(f"{row['shape']:14s} {row['variant']:40s} {row[f'fwd_ms_{kind}']:9.3f} "
+                  f"{row.get(f'fwd_{kind}_speedup_vs_dense', math.nan):6.2f}x "
+                  f"{row.get(f'fwd_bwd_ms_{kind}', math.nan):9.3f} "
+                  f"{row.get(f'fwd_bwd_{kind}_speedup_vs_dense', math.nan):6.2f}x")
+
+
 def _line(row, base) -> str:
     if "error" in row:
         return f"{row['shape']:14s} {row['variant']:40s} ERROR {row['error']}"
@@ -477,29 +491,11 @@ def main(argv=None) -> dict:
     for row in result["rows"]:
         base = row if base is None or base["shape"] != row["shape"] else base
         print(_line(row, base))
-    if any("fwd_ms_pipelined" in row for row in result["rows"]):
-        print(f"\npipelined ({args.pipelined} calls back to back per time)\n"
-              f"{'shape':14s} {'variant':40s} {'fwd ms':>9s} {'speedup':>7s} {'fwd+bwd':>9s} "
-              f"{'speedup':>7s}")
-        for row in result["rows"]:
-            if "fwd_ms_pipelined" in row:
-                print(f"{row['shape']:14s} {row['variant']:40s} "
-                      f"{row['fwd_ms_pipelined']:9.3f} "
-                      f"{row.get('fwd_pipelined_speedup_vs_dense', math.nan):6.2f}x "
-                      f"{row.get('fwd_bwd_ms_pipelined', math.nan):9.3f} "
-                      f"{row.get('fwd_bwd_pipelined_speedup_vs_dense', math.nan):6.2f}x")
-    if any("fwd_ms_alternating" in row for row in result["rows"]):
-        print(f"\nalternating rounds ({max(1, args.pipelined)} call(s) per time; speed-up: the "
-              f"median of the per-round ratios to dense)\n"
-              f"{'shape':14s} {'variant':40s} {'fwd ms':>9s} {'speedup':>7s} {'fwd+bwd':>9s} "
-              f"{'speedup':>7s}")
-        for row in result["rows"]:
-            if "fwd_ms_alternating" in row:
-                print(f"{row['shape']:14s} {row['variant']:40s} "
-                      f"{row['fwd_ms_alternating']:9.3f} "
-                      f"{row.get('fwd_alternating_speedup_vs_dense', math.nan):6.2f}x "
-                      f"{row.get('fwd_bwd_ms_alternating', math.nan):9.3f} "
-                      f"{row.get('fwd_bwd_alternating_speedup_vs_dense', math.nan):6.2f}x")
+    _timing_table(result["rows"], "pipelined",
+                  f"pipelined ({args.pipelined} calls back to back per time)")
+    _timing_table(result["rows"], "alternating",
+                  f"alternating rounds ({max(1, args.pipelined)} call(s) per time; speed-up: the "
+                  "median of the per-round ratios to dense)")
     for row in result["rows"]:
         if "fwd_vs_direct_flash4" in row:
             print(f"  {row['shape']}: {row['variant']} / direct flash4 = "
