@@ -421,7 +421,7 @@ def dispatch_traced(query, key, value, attn_mask, is_causal, scale, dropout_p, b
 
     Batch and sequence lengths do not enter that choice (dynamo may make them symbolic: one
     graph then serves every size), so ``auto`` under compile never takes a backend that it
-    prefers only for long sequences (flash4). A later ``attention_backend`` block or
+    prefers only for large calls (flash4). A later ``attention_backend`` block or
     ``$ATTNPATCH_BACKEND`` change does not retrace a compiled graph; a patch's
     ``set_attention_backend`` does (dynamo guards on it).
 

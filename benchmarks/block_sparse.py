@@ -15,10 +15,12 @@ For each: dense cuDNN SDPA, dense flash4, ``block_sparse`` through ``attnpatch.a
 ``kernel="flex"`` (compiled), ``"flash4"`` and ``"auto"`` (every permute, list lookup and launch
 included), and FlashAttention-4 called directly on the same block lists with the tokens already
 in tile order (the kernel alone). Forward and forward + backward, CUDA events after warm-up,
-median: each call timed alone (synchronized, so the host's time before its first launch counts)
-and "pipelined" (``--pipelined`` calls back to back per time, as in a model, where the host runs
-ahead of the GPU). Errors: against dense attention (the approximation) and against fp32 attention under
-the layout's element mask on sampled query rows (correctness). Then, unless
+median: each call timed alone (synchronized, so the host's time before its first launch
+counts), "pipelined" (``--pipelined`` calls back to back per time, as in a model, where the
+host runs ahead of the GPU), and every variant again in alternating rounds (speed-ups as the
+median of paired per-round ratios to dense). Errors: against dense attention (the
+approximation) and against fp32 attention under the layout's element mask on sampled query
+rows (correctness). Then, unless
 ``--no-transformer``: one forward of a full-size Flux transformer at 2048² (random weights,
 ``tile2d`` 7x5 on all but the first and last two double blocks and the last two single blocks)
 and of a Wan 14B-width transformer (2 layers, 720p, 81 frames: 21x45x80 = 75600 tokens,
@@ -175,7 +177,8 @@ def bench_shape(label, config, device, dtype, budget_s, quick, pipelined=PIPELIN
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     reps = (1, 2) if quick else (3, 5)  # (warm-up, least timed runs)
     results = []
-    timed = {"fwd": {}, "fwd_bwd": {}}  # name -> fn, for the alternating rounds
+    # name -> fn, for the alternating rounds (they keep every variant's inputs until the shape ends)
+    timed = {"fwd": {}, "fwd_bwd": {}}
     for name, kw in variants:
         row = {"shape": label, "B,H,S,D": [b, h, s, d], "grid": layout.grid,
                "text_tokens": layout.text_tokens, "variant": name,
@@ -231,14 +234,14 @@ def bench_shape(label, config, device, dtype, budget_s, quick, pipelined=PIPELIN
                     row["fwd_ms_pipelined"] = timer(
                         lambda: [call(*inputs) for _ in range(pipelined)], device, budget_s,
                         *reps) / pipelined
+            # bound now: the alternating rounds call every variant after the loop
+            timed["fwd"][name] = lambda call=call, inputs=inputs: call(*inputs)
             if device == "cuda" or "flex" not in name:  # Flex has no CPU backward
 
-                # bound now: the alternating rounds call every variant's step after the loop
                 def step(call=call, leaves=tiled_leaves, grad_out=tiled_grad):
                     out = call(*leaves)
                     torch.autograd.grad(out, leaves, grad_out)
                 row["fwd_bwd_ms"] = timer(step, device, budget_s, *reps)
-                timed["fwd"][name] = lambda call=call, inputs=inputs: call(*inputs)
                 timed["fwd_bwd"][name] = step
                 if device == "cuda" and pipelined:
                     row["fwd_bwd_ms_pipelined"] = timer(
@@ -461,6 +464,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--shapes", default=None,
                         help="comma-separated subset of the kernel shapes (default: all)")
     args = parser.parse_args(argv)
+    if args.pipelined < 0:
+        parser.error(f"--pipelined must be 0 (no pipelined rows) or more, got {args.pipelined}")
     quick = args.quick
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     budget = args.budget if args.budget is not None else (0.05 if quick else 1.0)

@@ -287,12 +287,12 @@ class _FlashAttention(Backend):
         raise NotImplementedError
 
 
-# Priorities: `auto` ranks backends by speed measured on the GPU machine, not by reputation
-# (benchmarks/results/kernels_h100.json, H100, bf16, torch 2.11): torch's SDPA (cuDNN) beats
-# SDPA's FA2 kernel by ~1.8x; flash4 beats cuDNN on large calls and loses on small ones, so it
-# comes first (90) but passes itself over below a size per head_dim (Flash4Backend's
-# auto_min_scores). flash3/flash2/xformers are unmeasured here (not installable on the GPU
-# machine): after sdpa.
+# Priorities: `auto` ranks backends by speed measured on the GPU machine, not by reputation:
+# torch's SDPA (cuDNN) beats SDPA's FA2 kernel by ~1.8x (benchmarks/results/kernels_h100.json,
+# H100, bf16, torch 2.11; 1.4-2.0x on the H200); flash4 beats cuDNN on large calls and loses on
+# small ones (benchmarks/results/flash4_vs_sdpa_h200_session12.*), so it comes first (90) but
+# passes itself over below a size per head_dim (Flash4Backend's auto_min_scores).
+# flash3/flash2/xformers are unmeasured here (not installable on the GPU machine): after sdpa.
 @register_backend
 class Flash4Backend(_FlashAttention):
     """FlashAttention-4 (package flash-attn-4, module ``flash_attn.cute``; CuTe DSL, JIT-compiled
@@ -305,11 +305,11 @@ class Flash4Backend(_FlashAttention):
     #: head_dim -> the least attention scores (batch x heads x queries x keys) from which auto
     #: prefers flash4 to cuDNN SDPA. Measured on the H200 (bf16, non-causal, alternating rounds,
     #: benchmarks/results/flash4_vs_sdpa_h200_session12.*), flash4's time / cuDNN's, forward and
-    #: forward + backward: head_dim 64: SDXL's (2, 10, 4096) 1.12 / 1.40 and (2, 20, 1024) 3.1 /
-    #: 1.8 (3.4e8 scores and fewer), but SD3's (1, 24, 4429) 0.89 / 0.87, (2, 24, 4429) 0.82 /
-    #: 0.79, (2, 10, 9216) 0.96 / 0.85 (4.7e8 and more); head_dim 128: (1, 24, 4608) 1.03 / 0.93
-    #: (5.1e8), (2, 24, 8192) 0.93 / 0.83 and (1, 24, 12288) 0.92 / 0.81 (3.2e9 and more). Other
-    #: head dims were not measured: sdpa.
+    #: forward + backward. head_dim 64: SDXL's (2, 10, 4096) 1.12 / 1.40 and (2, 20, 1024)
+    #: 3.1 / 1.8 (3.4e8 scores and fewer), but SD3's (1, 24, 4429) 0.89 / 0.87 and
+    #: (2, 24, 4429) 0.82 / 0.79, SDXL 1536²'s (2, 10, 9216) 0.96 / 0.85 (4.7e8 and more).
+    #: head_dim 128: (1, 24, 4608) 1.03 / 0.93 (5.1e8), (2, 24, 8192) 0.93 / 0.83 and
+    #: (1, 24, 12288) 0.92 / 0.81 (3.2e9 and more). Other head dims were not measured: sdpa.
     auto_min_scores = {64: 4 * 10**8, 128: 2 * 10**9}
 
     def padded_size(self, head_dim: int) -> int:

@@ -43,9 +43,9 @@ tail: Flux's and Wan's pattern sets; 3.8x faster than ``index_select`` on the H2
   the host about as long as the GPU takes to run them, so a call on its own follows the
   host's speed; a graph makes it GPU-bound, at the cost of copying q, k, v in and the output
   out, and of holding its buffers (its inputs, the parts' copies and outputs, the merged
-  output) until ``attnpatch._clear_caches()``: at Flux 2048² (q of 99 MB, bf16) a forward
-  graph held 0.5 GB allocated (0.8-1.0 GB reserved), and the forward-in-autograd and backward
-  graphs another 1.25 GB (2.5 GB reserved), per call signature. Off by
+  output) until ``attnpatch._clear_caches()``: at Flux 2048² (q of 99 MiB, bf16) a forward
+  graph held 500-531 MiB allocated (814-984 MiB reserved), and the forward-in-autograd and
+  backward graphs another 1247 MiB (2460-2506 MiB reserved), per call signature. Off by
   default: in a model the host issues the next layers' launches while the GPU runs, and a
   full Flux transformer ran no faster with it. Calls with an ``attn_mask``, and parts whose
   inner kernel is not one of :data:`GRAPH_SAFE_INNERS` (math's and flex's masks live in caches
