@@ -176,4 +176,4 @@ def captured(key, fn: Callable, inputs: Sequence[torch.Tensor]):
 
 def captured_graphs() -> int:
     """How many CUDA graphs are held now (for tests and reports)."""
-    return sum(entry is not None for entry in list(_CAPTURED.values()))
+    return len(_CAPTURED)

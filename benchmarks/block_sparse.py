@@ -45,19 +45,13 @@ import torch
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout this script is in, not another install
 import attnpatch  # noqa: E402
-from benchmarks._timing import (alternating_rounds, available, flux_inputs,  # noqa: E402
-                                patched_forwards, rel, timer)
+from benchmarks._timing import (PIPELINED, alternating_rounds, available,  # noqa: E402
+                                flux_inputs, patched_forwards, pipelined_timer, rel, timer)
 from attnpatch.strategies import block_sparse as BSP  # noqa: E402
 
 # the shapes and patterns live in the package, shared with `attnpatch bench`
 from attnpatch._bench.sparse import BLOCK_SPARSE_FULL as FULL  # noqa: E402
 from attnpatch._bench.sparse import BLOCK_SPARSE_QUICK as QUICK  # noqa: E402
-
-#: default calls issued back to back between the two CUDA events of a "pipelined" time (as in a
-#: model, where the host launches the next calls while the GPU runs: the host's own time per call,
-#: ours and flash-attn-4's, is hidden unless it exceeds the GPU's); the plain time syncs after
-#: every call, so it counts the host's time before the first launch too
-PIPELINED = 10
 
 
 def plan_of(q, k, v, options, layout):
@@ -231,9 +225,8 @@ def bench_shape(label, config, device, dtype, budget_s, quick, pipelined=PIPELIN
                 del out
                 row["fwd_ms"] = timer(lambda: call(*inputs), device, budget_s, *reps)
                 if device == "cuda" and pipelined:
-                    row["fwd_ms_pipelined"] = timer(
-                        lambda: [call(*inputs) for _ in range(pipelined)], device, budget_s,
-                        *reps) / pipelined
+                    row["fwd_ms_pipelined"] = pipelined_timer(
+                        lambda: call(*inputs), pipelined, device, budget_s, *reps)
             # bound now: the alternating rounds call every variant after the loop
             timed["fwd"][name] = lambda call=call, inputs=inputs: call(*inputs)
             if device == "cuda" or "flex" not in name:  # Flex has no CPU backward
@@ -244,9 +237,8 @@ def bench_shape(label, config, device, dtype, budget_s, quick, pipelined=PIPELIN
                 row["fwd_bwd_ms"] = timer(step, device, budget_s, *reps)
                 timed["fwd_bwd"][name] = step
                 if device == "cuda" and pipelined:
-                    row["fwd_bwd_ms_pipelined"] = timer(
-                        lambda: [step() for _ in range(pipelined)], device, budget_s,
-                        *reps) / pipelined
+                    row["fwd_bwd_ms_pipelined"] = pipelined_timer(step, pipelined, device,
+                                                                  budget_s, *reps)
         except Exception as exc:  # report it, keep measuring the others
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         results.append(row)
@@ -273,8 +265,8 @@ def bench_shape(label, config, device, dtype, budget_s, quick, pipelined=PIPELIN
         row = {"shape": label, "variant": "token permute (q, k, v) + inverse (out)",
                "density": density, "fwd_ms": timer(reorder, device, budget_s, *reps)}
         if device == "cuda" and pipelined:
-            row["fwd_ms_pipelined"] = timer(lambda: [reorder() for _ in range(pipelined)],
-                                            device, budget_s, *reps) / pipelined
+            row["fwd_ms_pipelined"] = pipelined_timer(reorder, pipelined, device, budget_s,
+                                                      *reps)
         results.append(row)
     by_name = {r["variant"]: r for r in results}
     direct = by_name.get("flash4 direct, tokens in tile order")

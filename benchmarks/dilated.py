@@ -35,13 +35,10 @@ import torch._dynamo
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout this script is in, not another install
 import attnpatch  # noqa: E402
-from benchmarks._timing import available, flux_inputs, patched_forwards, rel, timer  # noqa: E402
+from benchmarks._timing import (PIPELINED, available, flux_inputs,  # noqa: E402
+                                patched_forwards, pipelined_timer, rel, timer)
 from attnpatch import TokenLayout  # noqa: E402
 
-#: calls issued back to back between the two CUDA events of a "pipelined" time (as in a model,
-#: where the host launches the next calls while the GPU runs: the host's own time per call is
-#: hidden unless it exceeds the GPU's); the plain time syncs after every call
-PIPELINED = 10
 # the shapes, patterns and FLOPs count live in the package, shared with `attnpatch bench`
 from attnpatch._bench.sparse import DILATED_FULL as FULL  # noqa: E402
 from attnpatch._bench.sparse import DILATED_QUICK as QUICK  # noqa: E402
@@ -159,16 +156,15 @@ def bench_shape(label, config, device, dtype, budget_s, quick, skip=()):
                 del out
                 row["fwd_ms"] = timer(lambda: call(q, k, v), device, budget_s)
                 if device == "cuda":
-                    row["fwd_ms_pipelined"] = timer(lambda: [call(q, k, v) for _ in range(
-                        PIPELINED)], device, budget_s) / PIPELINED
+                    row["fwd_ms_pipelined"] = pipelined_timer(lambda: call(q, k, v), PIPELINED,
+                                                              device, budget_s)
 
             def step():
                 out = call(*leaves)
                 torch.autograd.grad(out, leaves, grad)
             row["fwd_bwd_ms"] = timer(step, device, budget_s)
             if device == "cuda":
-                row["fwd_bwd_ms_pipelined"] = timer(lambda: [step() for _ in range(
-                    PIPELINED)], device, budget_s) / PIPELINED
+                row["fwd_bwd_ms_pipelined"] = pipelined_timer(step, PIPELINED, device, budget_s)
         except Exception as exc:  # report it, keep measuring the others
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
         rows.append(row)

@@ -23,10 +23,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout this script is in, not another install
 import attnpatch  # noqa: E402
 from attnpatch._bench.sparse import FLUX_PATTERNS  # noqa: E402
-from benchmarks._timing import timer  # noqa: E402
+from benchmarks._timing import PIPELINED, pipelined_timer, timer  # noqa: E402
 
-#: calls back to back between the CUDA events of a pipelined time (as `benchmarks/dilated.py`)
-PIPELINED = 10
 #: seconds of timed runs per measurement
 BUDGET_S = 0.5
 
@@ -36,7 +34,7 @@ def timing(fn, n: int = 30) -> tuple[float, float, float]:
     one call, around ``PIPELINED`` calls back to back (per call), and the host's own time of
     one call (no sync)."""
     synced = timer(fn, "cuda", BUDGET_S, min_reps=n)
-    pipelined = timer(lambda: [fn() for _ in range(PIPELINED)], "cuda", BUDGET_S) / PIPELINED
+    pipelined = pipelined_timer(fn, PIPELINED, "cuda", BUDGET_S)
     host = []
     for _ in range(n):
         torch.cuda.synchronize()
