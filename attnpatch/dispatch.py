@@ -185,7 +185,9 @@ def dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, ba
                         call, "; ".join(f"{n}: {', '.join(r)}" for n, r in
                                         selection.rejected.items()))
         kernel = None
-        if attn_mask is None and not return_lse and not reads and (
+        # a backend that reads the token layout may specialize too: its kernel serves only
+        # calls whose layout equals this one (read_layout, checked on every hit above)
+        if attn_mask is None and not return_lse and (
                 softcap is None or selection.backend.supports_softcap):
             kernel = selection.backend.specialize(call)
         # the first call of a signature runs forward() and checks what it returns; cached only
@@ -193,12 +195,13 @@ def dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, ba
         result = _first_forward(selection, call, options, record, query, key, layout)
         if key_ is not None:
             _CACHE.put(key_, (selection, call.scale, call.is_gqa, kernel, call.options,
-                              call.token_layout if reads else _UNREAD))
+                              call.token_layout if reads else _UNREAD,
+                              getattr(kernel, "bshd", False) is True))
     else:
-        selection, resolved_scale, is_gqa, kernel, validated, read_layout = entry
+        selection, resolved_scale, is_gqa, kernel, validated, read_layout, kernel_bshd = entry
         if kernel is not None:  # a plain kernel call: no AttentionCall, no layout context
             try:  # costs nothing unless it raises (CPython 3.11+)
-                if layout == "bhsd":
+                if (layout == "bshd") is kernel_bshd:  # the kernel takes the caller's layout
                     result = kernel(query, key, value)
                 else:
                     result = kernel(query.transpose(1, 2), key.transpose(1, 2),
@@ -397,7 +400,7 @@ def _select_traced(name, option_names, sig, layout_fields):
         if layout_fields is not None:
             call.token_layout = TokenLayout(*layout_fields)
         entry = _CACHE.put(key_, (registry.select(name, call, option_names), call.scale,
-                                  call.is_gqa, None, None, _UNREAD))
+                                  call.is_gqa, None, None, _UNREAD, False))
     return entry[0].backend.name
 
 
@@ -548,7 +551,8 @@ def run_selected(backend: str, call: AttentionCall, options: dict):
     chosen = selection.backend
     if not checked:
         result = _first_forward(selection, call, options, None, call.query, call.key, "bhsd")
-        _CACHE.put(key_, (selection, call.scale, call.is_gqa, None, call.options, _UNREAD))
+        _CACHE.put(key_, (selection, call.scale, call.is_gqa, None, call.options, _UNREAD,
+                          False))
         return result, chosen
     try:
         return chosen.forward(call, **options), chosen

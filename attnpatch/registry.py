@@ -260,8 +260,11 @@ class Backend:
         an :class:`AttentionCall` (the per-call Python that shows in launch-bound models). Only
         for a backend whose ``forward`` is a plain kernel call for that signature: ``fn`` runs
         outside the token-layout context, so a backend that reads
-        :func:`attnpatch.current_token_layout` must not specialize (one that declares
-        ``reads_token_layout`` is never asked).
+        :func:`attnpatch.current_token_layout` must not specialize. One that declares
+        ``reads_token_layout`` may bake ``call.token_layout`` into ``fn``: the dispatcher uses
+        ``fn`` only for calls with that token layout. An ``fn`` whose attribute ``bshd`` is True
+        takes (B, S, H, D) tensors and returns (B, Sq, H, Dv) instead (a kernel that needs that
+        memory order: a ``layout="bshd"`` caller's tensors then reach it untransposed).
         """
         return None
 

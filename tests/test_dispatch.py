@@ -193,7 +193,8 @@ def test_warm_calls_keep_gradients():
 
 
 def test_option_values_are_never_baked_into_a_specialized_kernel():
-    """The cache key holds option names only, so calls with options always run forward()."""
+    """Option values are part of the cache key: a kernel specialized for one value never runs a
+    call with another."""
 
     class Scaled(attnpatch.Backend):
         name = "scaled_test"
@@ -218,6 +219,62 @@ def test_option_values_are_never_baked_into_a_specialized_kernel():
         assert torch.equal(attnpatch.attention(q, k, v, backend="scaled_test"), plain)
     finally:
         attnpatch.unregister_backend("scaled_test")
+
+
+def test_a_layout_reading_backend_specializes_per_token_layout_and_may_take_bshd():
+    """A backend that reads the token layout may specialize: each kernel serves only calls with
+    the layout it was built for. A kernel with ``bshd = True`` gets a ``layout="bshd"`` caller's
+    tensors as they are (and a "bhsd" caller's transposed)."""
+    seen = []
+
+    class Kernel:
+        bshd = True
+
+        def __init__(self, text_tokens):
+            self.text_tokens = text_tokens
+
+        def __call__(self, q, k, v):
+            seen.append((self.text_tokens, tuple(q.shape), q.stride()))
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            return out.transpose(1, 2) * self.text_tokens
+
+    class TextScaled(attnpatch.Backend):
+        name = "text_scaled_test"
+        priority = None
+        reads_token_layout = True
+
+        def forward(self, call):
+            return torch.nn.functional.scaled_dot_product_attention(
+                call.query, call.key, call.value) * call.token_layout.text_tokens
+
+        def specialize(self, call):
+            return Kernel(call.token_layout.text_tokens)
+
+    attnpatch.register_backend(TextScaled)
+    try:
+        q, k, v, _ = make_inputs(batch=1, heads=2, seq_q=8, head_dim=16)
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        layouts = [attnpatch.TokenLayout(2, "first", 1, 2, 3),
+                   attnpatch.TokenLayout(4, "first", 1, 2, 2)]
+        for layout in ("bhsd", "bshd"):
+            args = (q, k, v) if layout == "bhsd" else tuple(
+                t.transpose(1, 2).contiguous() for t in (q, k, v))
+            for token_layout in layouts + layouts:  # each layout cold, then warm
+                seen.clear()
+                for _ in range(2):
+                    out = attnpatch.attention(*args, layout=layout, backend="text_scaled_test",
+                                              token_layout=token_layout)
+                    if layout == "bshd":
+                        out = out.transpose(1, 2)
+                    assert torch.allclose(out, want * token_layout.text_tokens, atol=1e-6)
+                # the kernel of this layout ran the warm call, on (B, S, H, D) views
+                assert seen and seen[-1][0] == token_layout.text_tokens
+                assert seen[-1][1] == (1, 8, 2, 16)
+                assert seen[-1][2] == (args[0] if layout == "bshd"
+                                       else args[0].transpose(1, 2)).stride()
+    finally:
+        attnpatch.unregister_backend("text_scaled_test")
 
 
 def test_explain_prints_every_backend():

@@ -716,22 +716,81 @@ def _run_flash4(call: AttentionCall, plan: _Plan, full: torch.Tensor, partial: t
                              call.batch_size, call.num_heads, backward)
         if static:
             plan.lists["fa4"] = cached
+    kw = {} if call.default_scale else {"softmax_scale": call.scale}
+    result = _launch_flash4(flash_attn_func, plan, cached, *call.bshd(), kw, call.return_lse)
+    if call.return_lse:
+        return result[0].transpose(1, 2), result[1]
+    return result.transpose(1, 2)
+
+
+def _launch_flash4(flash_attn_func: Callable, plan: _Plan, cached: tuple, query: torch.Tensor,
+                   key: torch.Tensor, value: torch.Tensor, kw: dict, return_lse: bool):
+    """``flash_attn_func`` on (B, S, H, D) ``query``/``key``/``value`` with the plan's token
+    order and ``cached`` lists (:func:`_fa4_inputs`); ``kw``: its scale, if not the default.
+    Returns out (B, Sq, H, Dv) in the call's token order (and the float32 lse (B, H, Sq))."""
     tensors, mask_mod, aux = cached
     perm = plan.groups.perm
     inv = None if perm is None else _inverse(plan)
-    q, k, v = (_permute(t.transpose(1, 2), perm, 1, inv)
-               for t in (call.query, call.key, call.value))
+    q, k, v = (_permute(t, perm, 1, inv) for t in (query, key, value))
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    kw = {} if call.default_scale else {"softmax_scale": call.scale}
     if mask_mod is not None:
-        kw.update(mask_mod=mask_mod, aux_tensors=aux)
+        kw = dict(kw, mask_mod=mask_mod, aux_tensors=aux)
     out, lse = flash_attn_func(q, k, v, block_sparse_tensors=tensors[0],
-                               block_sparse_tensors_bwd=tensors[1],
-                               return_lse=call.return_lse, **kw)
-    out = _permute(out, inv, 1, perm).transpose(1, 2)
-    if call.return_lse:
+                               block_sparse_tensors_bwd=tensors[1], return_lse=return_lse, **kw)
+    out = _permute(out, inv, 1, perm)
+    if return_lse:
         return out, _permute(lse, inv, 2, perm).float()
     return out
+
+
+class _Flash4Kernel:
+    """The dispatcher's kernel (:meth:`BlockSparseAttention.specialize`) for one call signature
+    of a static layout that runs on flash-attn-4: what :meth:`~BlockSparseAttention.run` does for
+    such a call, minus what it would repeat per call (an :class:`AttentionCall`, the plan lookup,
+    the strategy's context). That host time is what a call timed alone shows before its kernel
+    starts. A dense step, a plan whose kernel fell back to Flex, or a flash-attn-4 error under
+    ``kernel="auto"`` goes through ``forward`` instead, which handles them."""
+
+    __slots__ = ("backend", "call", "plan", "flash_attn_func", "kw", "dense_steps", "explicit")
+    #: takes and returns (B, S, H, D) tensors, flash-attn-4's order: a ``layout="bshd"``
+    #: caller's tensors (diffusers') reach the kernel without transposes
+    bshd = True
+
+    def __init__(self, backend: "BlockSparseAttention", call: AttentionCall, plan: _Plan,
+                 opts: BlockSparseOptions, flash_attn_func: Callable):
+        self.backend, self.call, self.plan = backend, call, plan
+        self.flash_attn_func = flash_attn_func
+        self.kw = {} if call.default_scale else {"softmax_scale": call.scale}
+        self.dense_steps = bool(opts.dense_steps)
+        self.explicit = opts.kernel == "flash4"
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        """Attention of (B, S, H, D) tensors; returns (B, Sq, H, Dv)."""
+        plan = self.plan
+        if self.dense_steps and _DENSE_NOW.get():
+            return self._forward(query, key, value)
+        order = _PREORDERED.get()
+        if order is not None and plan.groups.perm is not None:
+            plan = _preordered(plan, order)
+        if plan.kernel[0] != "flash4":
+            return self._forward(query, key, value)
+        cached = plan.lists.get("fa4")
+        if cached is None:
+            full, partial = _lists(plan, "partial")
+            cached = plan.lists["fa4"] = _fa4_inputs(
+                plan.groups, full, partial, plan.groups.allow, query.shape[0], query.shape[2])
+        try:
+            return _launch_flash4(self.flash_attn_func, plan, cached, query, key, value,
+                                  self.kw, False)
+        except Exception as err:  # noqa: BLE001 - run() decides: raise, or fall back to Flex
+            if self.explicit or isinstance(err, torch.OutOfMemoryError):
+                raise
+            return self._forward(query, key, value)
+
+    def _forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+        call = self.call.with_tensors(query.transpose(1, 2), key.transpose(1, 2),
+                                      value.transpose(1, 2))
+        return self.backend.forward(call).transpose(1, 2)
 
 
 #: the largest tile flash-attn-4 uses along a sequence (SM90/SM100 forward and backward)
@@ -1331,6 +1390,22 @@ class BlockSparseAttention(Strategy):
                                call.scale)
             note += f"; chosen density {plan.groups.density(allow):.3f} on the first call"
         return note
+
+    def specialize(self, call: AttentionCall) -> Optional[Callable]:
+        """For a static layout on flash-attn-4 (no mask, lse or softcap: the dispatcher asks
+        only then, and only for this call's token layout): a kernel that skips the per-call
+        Python :meth:`run` repeats (:class:`_Flash4Kernel`). None for anything else."""
+        opts = call.options
+        if not isinstance(opts, BlockSparseOptions) or call.softcap is not None:
+            return None
+        plan = _plan(call, opts)
+        if plan.reasons or plan.mode != "groups" or plan.kernel[0] != "flash4":
+            return None
+        try:
+            from flash_attn.cute import flash_attn_func
+        except ImportError:  # forward() meets it too, and says so (auto falls back to Flex)
+            return None
+        return _Flash4Kernel(self, call, plan, opts, flash_attn_func)
 
     def forward(self, call: AttentionCall, **options):
         if torch.compiler.is_dynamo_compiling():  # no ContextVar in a trace: run() directly

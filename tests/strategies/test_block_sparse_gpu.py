@@ -161,6 +161,64 @@ def test_auto_picks_flash4_for_full_blocks():
     assert "kernel flash4" in note, note
 
 
+@pytest.mark.parametrize("case", [FLUX, RAGGED], ids=["full_blocks", "partial_blocks"])
+@pytest.mark.parametrize("layout_arg", ["bhsd", "bshd"])
+def test_warm_calls_run_the_specialized_flash4_kernel_as_the_first_call_does(case, layout_arg):
+    """After the first call of a signature, the dispatcher runs block_sparse's specialized
+    flash-attn-4 kernel: same output (bit for bit), same gradients, the pre-ordered plan under
+    a tile-order hook's order, and dense attention on a dense step."""
+    from attnpatch.strategies import block_sparse as BSP
+    if "flash4" not in _kernels():
+        pytest.skip("flash-attn-4 not installed")
+    layout = case["layout"]
+    pattern = "tile2d" if len(case["tile"]) == 2 else "tile3d"
+    q, k, v = _inputs(layout, heads=4, kv=2)
+    if layout_arg == "bshd":  # (B, S, H, D) memory, as diffusers passes it
+        q, k, v = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+    seq_dim = 2 if layout_arg == "bhsd" else 1
+    kw = dict(backend="block_sparse", pattern=pattern, tile=case["tile"], window=case["window"],
+              token_layout=layout, layout=layout_arg, scale=0.1, dense_steps=1)
+
+    def kernels():
+        return [e[3] for e in attnpatch.dispatch._CACHE.values()
+                if e[0].backend.name == "block_sparse" and e[3] is not None]
+    attnpatch.dispatch._CACHE.clear()
+    first = attnpatch.attention(q, k, v, **kw)
+    warm = attnpatch.attention(q, k, v, **kw)
+    (kernel,) = kernels()
+    assert isinstance(kernel, BSP._Flash4Kernel)
+    assert torch.equal(first, warm)
+
+    grads = []
+    for _ in range(2):  # cold (a new signature: requires grad), then warm
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        out = attnpatch.attention(*leaves, **kw)
+        grads.append((out, *torch.autograd.grad(out, leaves, torch.ones_like(out))))
+    assert len(kernels()) == 2
+    for cold, hot in zip(*grads):
+        cold, hot = cold.detach().float(), hot.detach().float()
+        assert float((cold - hot).norm() / cold.norm()) < 1e-3
+
+    plan = BSP._plan(attnpatch.explain(q, k, v, **kw).call,
+                     attnpatch.explain(q, k, v, **kw).call.options)
+    perm = plan.groups.perm
+    tiled = [t.index_select(seq_dim, perm) for t in (q, k, v)]
+    token = BSP._PREORDERED.set(plan.order)
+    try:
+        pre = attnpatch.attention(*tiled, **kw)
+    finally:
+        BSP._PREORDERED.reset(token)
+    assert torch.equal(pre, first.index_select(seq_dim, perm))
+
+    token = BSP._DENSE_NOW.set(True)
+    try:
+        dense_step = attnpatch.attention(q, k, v, **kw)
+    finally:
+        BSP._DENSE_NOW.reset(token)
+    dense = attnpatch.attention(q, k, v, layout=layout_arg, scale=0.1)
+    assert torch.equal(dense_step, dense)
+
+
 def test_block_lists_for_75600_tokens_build_in_under_50_ms():
     from attnpatch.strategies import _block_patterns as P
     from attnpatch.strategies import block_sparse as BSP
