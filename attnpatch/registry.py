@@ -252,9 +252,10 @@ class Backend:
     def specialize(self, call: AttentionCall) -> Optional[Callable]:
         """A kernel ``fn(query, key, value) -> out`` on (B, H, S, D) tensors that computes exactly
         what :meth:`forward` computes for *every* call with ``call``'s signature (shapes, dtypes,
-        flags, scale; never asked for calls with a mask, options or ``return_lse``, nor for calls
-        with a ``softcap`` unless the backend declares ``supports_softcap``: then ``fn`` must
-        apply ``call.softcap``), or None.
+        flags, scale and option values: ``call.options`` holds them, and a call with other
+        values is another signature; never asked for calls with a mask or ``return_lse``, nor
+        for calls with a ``softcap`` unless the backend declares ``supports_softcap``: then
+        ``fn`` must apply ``call.softcap``), or None.
 
         Asked once per signature; the dispatcher then calls ``fn`` directly, without building
         an :class:`AttentionCall` (the per-call Python that shows in launch-bound models). Only

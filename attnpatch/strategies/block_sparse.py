@@ -57,6 +57,9 @@ through a CuTe ``mask_mod`` that looks the token groups up in aux tensors; with 
 FlexAttention (compiled on CUDA) with a ``BlockMask`` built from the block lists
 (``BlockMask.from_kv_blocks``: full blocks skip the mask, partial blocks run a ``mask_mod`` that
 looks the groups up). ``auto``: flash4 on CUDA where it can, else flex; the mask path on CPU.
+After the first call of a signature, a static layout on flash4 (no mask) runs through the
+dispatcher's specialized kernel (:meth:`BlockSparseAttention.specialize`): the same computation,
+without the per-call Python that a call timed alone shows before its kernel starts.
 
 **Token order.** A tile pattern permutes the tokens into tile order before the kernel and
 back after, per call (full tiles first, ragged edge tiles last: with tiles of a multiple of 128
@@ -758,7 +761,10 @@ class _Flash4Kernel:
 
     def __init__(self, backend: "BlockSparseAttention", call: AttentionCall, plan: _Plan,
                  opts: BlockSparseOptions, flash_attn_func: Callable):
-        self.backend, self.call, self.plan = backend, call, plan
+        self.backend, self.plan = backend, plan
+        # the signature's call without its tensors (a cached kernel must not keep them alive)
+        self.call = call.with_tensors(*(torch.empty_like(t, device="meta")
+                                        for t in (call.query, call.key, call.value)))
         self.flash_attn_func = flash_attn_func
         self.kw = {} if call.default_scale else {"softmax_scale": call.scale}
         self.dense_steps = bool(opts.dense_steps)
