@@ -185,9 +185,11 @@ def dispatch_eager(query, key, value, attn_mask, is_causal, scale, dropout_p, ba
                         call, "; ".join(f"{n}: {', '.join(r)}" for n, r in
                                         selection.rejected.items()))
         kernel = None
-        # a backend that reads the token layout may specialize too: its kernel serves only
-        # calls whose layout equals this one (read_layout, checked on every hit above)
+        # a backend that reads the token layout specializes only if it bakes the layout in:
+        # its kernel serves only calls whose layout equals this one (read_layout, checked on
+        # every hit above)
         if attn_mask is None and not return_lse and (
+                not reads or selection.backend.specializes_per_token_layout) and (
                 softcap is None or selection.backend.supports_softcap):
             kernel = selection.backend.specialize(call)
         # the first call of a signature runs forward() and checks what it returns; cached only

@@ -79,8 +79,13 @@ class Backend:
     supports_softcap: ClassVar[bool] = False
     #: reads ``call.token_layout`` (which tokens are text, the image grid): the dispatcher then
     #: resolves the layout for every call (eager and compiled), re-selects when it changes, and
-    #: never replaces ``forward`` with a :meth:`specialize` kernel
+    #: replaces ``forward`` with a :meth:`specialize` kernel only if the backend also sets
+    #: ``specializes_per_token_layout``
     reads_token_layout: ClassVar[bool] = False
+    #: a backend that reads the token layout and whose :meth:`specialize` bakes
+    #: ``call.token_layout`` into its kernel (the dispatcher uses that kernel only for calls with
+    #: the same layout); without it such a backend is never asked to specialize
+    specializes_per_token_layout: ClassVar[bool] = False
     #: ``patch(pipe, backend=name)`` on a pipeline gives this backend to the denoiser
     #: components only, and ``auto`` to the rest (text encoders, VAE): context parallelism,
     #: whose shards only the denoiser's hooks make
@@ -262,8 +267,9 @@ class Backend:
         for a backend whose ``forward`` is a plain kernel call for that signature: ``fn`` runs
         outside the token-layout context, so a backend that reads
         :func:`attnpatch.current_token_layout` must not specialize. One that declares
-        ``reads_token_layout`` may bake ``call.token_layout`` into ``fn``: the dispatcher uses
-        ``fn`` only for calls with that token layout. An ``fn`` whose attribute ``bshd`` is True
+        ``reads_token_layout`` is asked only if it sets ``specializes_per_token_layout``: it
+        bakes ``call.token_layout`` into ``fn``, and the dispatcher uses ``fn`` only for calls
+        with that token layout. An ``fn`` whose attribute ``bshd`` is True
         takes (B, S, H, D) tensors and returns (B, Sq, H, Dv) instead (a kernel that needs that
         memory order: a ``layout="bshd"`` caller's tensors then reach it untransposed).
         """

@@ -205,8 +205,11 @@ def test_option_values_are_never_baked_into_a_specialized_kernel():
             return factor * torch.nn.functional.scaled_dot_product_attention(
                 call.query, call.key, call.value)
 
-        def specialize(self, call):
-            return torch.nn.functional.scaled_dot_product_attention
+        def specialize(self, call):  # the option's value is baked in, as the contract says
+            factor = getattr(call.options, "factor", None)
+            factor = 1.0 if factor is None else factor
+            return lambda q, k, v: factor * torch.nn.functional.scaled_dot_product_attention(
+                q, k, v)
 
     attnpatch.register_backend(Scaled)
     try:
@@ -222,8 +225,9 @@ def test_option_values_are_never_baked_into_a_specialized_kernel():
 
 
 def test_a_layout_reading_backend_specializes_per_token_layout_and_may_take_bshd():
-    """A backend that reads the token layout may specialize: each kernel serves only calls with
-    the layout it was built for. A kernel with ``bshd = True`` gets a ``layout="bshd"`` caller's
+    """A backend that reads the token layout specializes only when it declares
+    ``specializes_per_token_layout``: each kernel then serves only calls with the layout it was
+    built for. A kernel with ``bshd = True`` gets a ``layout="bshd"`` caller's
     tensors as they are (and a "bhsd" caller's transposed)."""
     seen = []
 
@@ -243,6 +247,7 @@ def test_a_layout_reading_backend_specializes_per_token_layout_and_may_take_bshd
         name = "text_scaled_test"
         priority = None
         reads_token_layout = True
+        specializes_per_token_layout = True
 
         def forward(self, call):
             return torch.nn.functional.scaled_dot_product_attention(
@@ -251,7 +256,15 @@ def test_a_layout_reading_backend_specializes_per_token_layout_and_may_take_bshd
         def specialize(self, call):
             return Kernel(call.token_layout.text_tokens)
 
+    class NotPerLayout(TextScaled):  # reads the layout, never said its kernel bakes it in
+        name = "not_per_layout_test"
+        specializes_per_token_layout = False
+
+        def specialize(self, call):
+            raise AssertionError("a layout-reading backend was asked to specialize")
+
     attnpatch.register_backend(TextScaled)
+    attnpatch.register_backend(NotPerLayout)
     try:
         q, k, v, _ = make_inputs(batch=1, heads=2, seq_q=8, head_dim=16)
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v)
@@ -273,8 +286,13 @@ def test_a_layout_reading_backend_specializes_per_token_layout_and_may_take_bshd
                 assert seen[-1][1] == (1, 8, 2, 16)
                 assert seen[-1][2] == (args[0] if layout == "bshd"
                                        else args[0].transpose(1, 2)).stride()
+        for _ in range(2):
+            out = attnpatch.attention(q, k, v, backend="not_per_layout_test",
+                                      token_layout=layouts[0])
+            assert torch.allclose(out, want * 2, atol=1e-6)
     finally:
         attnpatch.unregister_backend("text_scaled_test")
+        attnpatch.unregister_backend("not_per_layout_test")
 
 
 def test_explain_prints_every_backend():

@@ -727,7 +727,8 @@ def _run_flash4(call: AttentionCall, plan: _Plan, full: torch.Tensor, partial: t
 
 
 def _launch_flash4(flash_attn_func: Callable, plan: _Plan, cached: tuple, query: torch.Tensor,
-                   key: torch.Tensor, value: torch.Tensor, kw: dict, return_lse: bool):
+                   key: torch.Tensor, value: torch.Tensor, kw: dict,
+                   return_lse: bool) -> Any:
     """``flash_attn_func`` on (B, S, H, D) ``query``/``key``/``value`` with the plan's token
     order and ``cached`` lists (:func:`_fa4_inputs`); ``kw``: its scale, if not the default.
     Returns out (B, Sq, H, Dv) in the call's token order (and the float32 lse (B, H, Sq))."""
@@ -744,6 +745,15 @@ def _launch_flash4(flash_attn_func: Callable, plan: _Plan, cached: tuple, query:
     if return_lse:
         return out, _permute(lse, inv, 2, perm).float()
     return out
+
+
+def _flash4_failed(plan: _Plan, err: Exception, call: Any) -> None:
+    """``kernel="auto"``'s flash-attn-4 refused this configuration: the plan runs on Flex from
+    now on, and the warning says why."""
+    why = f"flash4 failed: {type(err).__name__}: {str(err)[:200]}"
+    logger.warning("block_sparse: %s; running %s on flex", why, call)
+    plan.kernel = ("flex", why)
+    plan.lists.pop("fa4", None)
 
 
 class _Flash4Kernel:
@@ -770,7 +780,8 @@ class _Flash4Kernel:
         self.dense_steps = bool(opts.dense_steps)
         self.explicit = opts.kernel == "flash4"
 
-    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    def __call__(self, query: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor) -> torch.Tensor:
         """Attention of (B, S, H, D) tensors; returns (B, Sq, H, Dv)."""
         plan = self.plan
         if self.dense_steps and _DENSE_NOW.get():
@@ -780,20 +791,23 @@ class _Flash4Kernel:
             plan = _preordered(plan, order)
         if plan.kernel[0] != "flash4":
             return self._forward(query, key, value)
-        cached = plan.lists.get("fa4")
-        if cached is None:
-            full, partial = _lists(plan, "partial")
-            cached = plan.lists["fa4"] = _fa4_inputs(
-                plan.groups, full, partial, plan.groups.allow, query.shape[0], query.shape[2])
         try:
+            cached = plan.lists.get("fa4")
+            if cached is None:
+                full, partial = _lists(plan, "partial")
+                cached = plan.lists["fa4"] = _fa4_inputs(
+                    plan.groups, full, partial, plan.groups.allow, query.shape[0],
+                    query.shape[2])
             return _launch_flash4(self.flash_attn_func, plan, cached, query, key, value,
                                   self.kw, False)
-        except Exception as err:  # noqa: BLE001 - run() decides: raise, or fall back to Flex
+        except Exception as err:  # noqa: BLE001 - as run(): raise, or fall back to Flex
             if self.explicit or isinstance(err, torch.OutOfMemoryError):
                 raise
+            _flash4_failed(plan, err, self.call)
             return self._forward(query, key, value)
 
-    def _forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    def _forward(self, query: torch.Tensor, key: torch.Tensor,
+                 value: torch.Tensor) -> torch.Tensor:
         call = self.call.with_tensors(query.transpose(1, 2), key.transpose(1, 2),
                                       value.transpose(1, 2))
         return self.backend.forward(call).transpose(1, 2)
@@ -1326,6 +1340,7 @@ class BlockSparseAttention(Strategy):
     supports_lse = True
     supports_softcap = True
     reads_token_layout = True
+    specializes_per_token_layout = True  # _Flash4Kernel: the plan of its call's layout
     #: patch(pipe, ...) sparsifies the denoiser; text encoders and VAE stay on auto
     denoiser_only = True
 
@@ -1398,9 +1413,10 @@ class BlockSparseAttention(Strategy):
         return note
 
     def specialize(self, call: AttentionCall) -> Optional[Callable]:
-        """For a static layout on flash-attn-4 (no mask, lse or softcap: the dispatcher asks
-        only then, and only for this call's token layout): a kernel that skips the per-call
-        Python :meth:`run` repeats (:class:`_Flash4Kernel`). None for anything else."""
+        """For a static layout on flash-attn-4 without a softcap (the dispatcher asks only for
+        calls without a mask or lse, and uses the kernel only for this call's token layout): a
+        kernel that skips the per-call Python :meth:`run` repeats (:class:`_Flash4Kernel`).
+        None for anything else."""
         opts = call.options
         if not isinstance(opts, BlockSparseOptions) or call.softcap is not None:
             return None
@@ -1444,11 +1460,7 @@ class BlockSparseAttention(Strategy):
             except Exception as err:  # noqa: BLE001 - any refusal: auto falls back, says why
                 if opts.kernel == "flash4" or isinstance(err, torch.OutOfMemoryError):
                     raise
-                # auto's choice: flash-attn-4 refused this configuration; Flex from now on
-                why = f"flash4 failed: {type(err).__name__}: {str(err)[:200]}"
-                logger.warning("block_sparse: %s; running %s on flex", why, call)
-                plan.kernel = ("flex", why)
-                plan.lists.pop("fa4", None)
+                _flash4_failed(plan, err, call)
             kernel = "flex"
         if kernel == "flex":
             return _run_flex(call, plan, allow)
