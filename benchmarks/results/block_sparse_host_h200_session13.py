@@ -1,5 +1,6 @@
 """Session 13: the host time of block_sparse's pre-ordered call before and after the dispatcher's
-specialized flash-attn-4 kernel, on the GPU machine (the stamp makes every variant's host time a little longer). Flux 2048² tile2d 7x5, bf16, (B, S, H, D)
+specialized flash-attn-4 kernel, on the GPU machine (the stamp at FA4's entry adds a little to the two attention() variants'
+host time; the direct call keeps the unwrapped function). Flux 2048² tile2d 7x5, bf16, (B, S, H, D)
 memory. Variants in alternating rounds (1 call and 10 back to back per time): FA4 called
 directly (the bench's lists), attnpatch.attention pre-ordered (specialized kernel), the same
 through forward() every call (a registered subclass whose specialize() returns None: the
