@@ -192,7 +192,7 @@ def test_warm_calls_keep_gradients():
         assert torch.equal(cold, warm)
 
 
-def test_option_values_are_never_baked_into_a_specialized_kernel():
+def test_a_kernel_for_one_option_value_never_serves_another():
     """Option values are part of the cache key: a kernel specialized for one value never runs a
     call with another."""
 

@@ -791,10 +791,11 @@ class _Flash4Kernel:
             plan = _preordered(plan, order)
         if plan.kernel[0] != "flash4":
             return self._forward(query, key, value)
-        try:
-            cached = plan.lists.get("fa4")
+        cached = plan.lists.get("fa4")
+        if cached is None:
+            full, partial = _lists(plan, "partial")
+        try:  # as run(): flash-attn-4's own lists and launch; a refusal falls back under auto
             if cached is None:
-                full, partial = _lists(plan, "partial")
                 cached = plan.lists["fa4"] = _fa4_inputs(
                     plan.groups, full, partial, plan.groups.allow, query.shape[0],
                     query.shape[2])

@@ -171,7 +171,7 @@ def test_selection_sees_the_layout():
         attnpatch.unregister_backend("needs_grid")
 
 
-def test_layout_readers_are_never_specialized():
+def test_layout_readers_without_specializes_per_token_layout_are_never_specialized():
     q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
     with layout_reader():
         for _ in range(3):

@@ -796,6 +796,48 @@ def test_auto_falls_back_to_flex_when_flash4_fails(caplog):
     assert rel_error(out, masked_reference(q, k, v, element)[0]) <= 1e-5
 
 
+@pytest.mark.parametrize("preordered", [False, True])
+def test_specialized_flash4_kernel_falls_back_to_flex_once_when_flash4_fails(caplog,
+                                                                           preordered):
+    """The dispatcher's specialized flash-attn-4 kernel under kernel="auto", when flash-attn-4
+    refuses (here: not importable, so its block lists can't be built): the call runs on Flex,
+    the plan it used (the pre-ordered copy under a tile-order hook's order) is marked Flex with
+    one warning, and the next call goes to forward() without trying flash-attn-4 again."""
+    from attnpatch.strategies import block_sparse as BSP
+    layout = LAYOUTS["text_first"]
+    q, k, v = _qkv(layout, seed=9, dtype=torch.float32)
+    opts = dict(pattern="tile2d", tile=(3, 4), window=(1, 2), token_layout=layout)
+    call = attnpatch.explain(q, k, v, backend=BS, **opts).call
+    plan = BSP._plan(call, call.options)
+    plan.kernel = ("flash4", "forced by the test")
+    used = BSP._preordered(plan, plan.order) if preordered else plan
+    if preordered:
+        perm = plan.groups.perm
+        q, k, v = (t.index_select(2, perm) for t in (q, k, v))
+
+    def never(*args, **kwargs):  # the lists fail first: the launch is never reached
+        raise AssertionError("flash_attn_func called")
+    kernel = BSP._Flash4Kernel(registry.get_backend(BS), call, plan, call.options, never)
+    element = with_text(tile_mask(layout.grid, (1, 3, 4), (1, 1, 2)), layout, q.shape[2])
+    if preordered:
+        element = element[perm][:, perm]
+    token = BSP._PREORDERED.set(plan.order) if preordered else None
+    try:
+        with caplog.at_level("WARNING", logger=BSP.__name__):
+            outs = [kernel(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+                    for _ in range(2)]
+    finally:
+        if token is not None:
+            BSP._PREORDERED.reset(token)
+    assert used.kernel[0] == "flex" and "fa4" not in used.lists
+    assert caplog.text.count("flash4 failed") == 1
+    if preordered:
+        assert plan.kernel[0] == "flash4"  # only the plan that ran is marked
+    want = masked_reference(q, k, v, element)[0]
+    for out in outs:
+        assert rel_error(out, want) <= 1e-5
+
+
 def test_dense_steps_in_two_threads_at_once_keep_each_forwards_own_state():
     """Two threads inside one patched denoiser at once, the one that entered first leaving
     first: each forward's dense/sparse state is reset in its own context, never the other's."""
