@@ -710,20 +710,27 @@ def _run_flash4(call: AttentionCall, plan: _Plan, full: torch.Tensor, partial: t
     (``allow``: a top-k layout of this call, else the plan's)."""
     from flash_attn.cute import flash_attn_func
 
-    static = allow is None
-    cached = plan.lists.get("fa4") if static else None
-    if cached is None:
-        # a top-k layout is built per call: its backward lists only when a backward can follow
-        backward = static or call.requires_grad
-        cached = _fa4_inputs(plan.groups, full, partial, plan.groups.allow if static else allow,
-                             call.batch_size, call.num_heads, backward)
-        if static:
-            plan.lists["fa4"] = cached
+    if allow is None:
+        cached = _static_fa4_inputs(plan, full, partial, call.batch_size, call.num_heads)
+    else:  # a top-k layout is built per call: its backward lists only when a backward can follow
+        cached = _fa4_inputs(plan.groups, full, partial, allow, call.batch_size, call.num_heads,
+                             call.requires_grad)
     kw = {} if call.default_scale else {"softmax_scale": call.scale}
     result = _launch_flash4(flash_attn_func, plan, cached, *call.bshd(), kw, call.return_lse)
     if call.return_lse:
         return result[0].transpose(1, 2), result[1]
     return result.transpose(1, 2)
+
+
+def _static_fa4_inputs(plan: _Plan, full: torch.Tensor, partial: torch.Tensor, batch: int,
+                       heads: int) -> tuple:
+    """:func:`_fa4_inputs` of the plan's static layout (forward and backward lists), built
+    once and cached on the plan."""
+    cached = plan.lists.get("fa4")
+    if cached is None:
+        cached = plan.lists["fa4"] = _fa4_inputs(plan.groups, full, partial, plan.groups.allow,
+                                                 batch, heads)
+    return cached
 
 
 def _launch_flash4(flash_attn_func: Callable, plan: _Plan, cached: tuple, query: torch.Tensor,
@@ -796,9 +803,7 @@ class _Flash4Kernel:
             full, partial = _lists(plan, "partial")
         try:  # as run(): flash-attn-4's own lists and launch; a refusal falls back under auto
             if cached is None:
-                cached = plan.lists["fa4"] = _fa4_inputs(
-                    plan.groups, full, partial, plan.groups.allow, query.shape[0],
-                    query.shape[2])
+                cached = _static_fa4_inputs(plan, full, partial, query.shape[0], query.shape[2])
             return _launch_flash4(self.flash_attn_func, plan, cached, query, key, value,
                                   self.kw, False)
         except Exception as err:  # noqa: BLE001 - as run(): raise, or fall back to Flex
